@@ -1,0 +1,106 @@
+//! Engine configuration: the `[model]`, `[cache]` and `[scheduler]` sections of
+//! `configs/default.toml`. Every field has a default, so a partial file is fine.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    pub model: ModelConfig,
+    pub cache: CacheConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelConfig::default(),
+            cache: CacheConfig::default(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A `.gguf` file or a Hugging Face model directory.
+    pub path: String,
+    /// Context length to serve; 0 = the model's own (capped by the KV pool).
+    pub max_model_len: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            max_model_len: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Token slots per KV block.
+    pub block_size: usize,
+    /// Size the pool by bytes (all layers, K and V) ...
+    pub kv_cache_bytes: u64,
+    /// ... or by block count (wins when > 0).
+    pub num_blocks: usize,
+    /// Share full prompt blocks between requests with the same prefix.
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_cache_bytes: 512 * 1024 * 1024,
+            num_blocks: 0,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Sequences running at once.
+    pub max_num_seqs: usize,
+    /// Tokens computed in one step (decode tokens + prefill chunks).
+    pub max_num_batched_tokens: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 512,
+        }
+    }
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError(m.to_string()));
+        if self.cache.block_size == 0 || self.cache.block_size > 1024 {
+            return err("cache.block_size must be in 1..=1024");
+        }
+        if self.cache.num_blocks == 0 && self.cache.kv_cache_bytes == 0 {
+            return err("set cache.kv_cache_bytes or cache.num_blocks");
+        }
+        if self.scheduler.max_num_seqs == 0 {
+            return err("scheduler.max_num_seqs must be at least 1");
+        }
+        if self.scheduler.max_num_batched_tokens < self.scheduler.max_num_seqs {
+            return err("scheduler.max_num_batched_tokens must be >= scheduler.max_num_seqs");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! Wiring: loads the model and tokenizer, sizes the KV pool, and starts the five actors.
+//! [`Engine`] is the in-process handle front ends (the CLI, the NATS gateway) talk to.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::mpsc;
+
+use crate::block_manager::{BlockManager, BlockManagerActor, BlockManagerConfig, BlockStats, InspectPool};
+use crate::config::EngineConfig;
+use crate::detokenizer::DetokenizerActor;
+use crate::executor::models::llama::Llama;
+use crate::executor::weights::LoadError;
+use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
+use crate::protocol::{GenerateRequest, StreamEvent};
+use crate::scheduler::{GetSchedulerStats, SchedulerActor, SchedulerLimits, SchedulerPolicy, SchedulerStats};
+use crate::tokenizer::{tokenizer_from_gguf_file, tokenizer_from_hf_dir};
+use crate::tokenizer_actor::{Submit, TokenizerActor};
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] crate::scheduler::SchedulerError),
+    #[error("block manager: {0}")]
+    Blocks(#[from] crate::block_manager::BlockError),
+    #[error("the model's vocabulary ({model}) is smaller than the tokenizer's ({tokenizer})")]
+    VocabMismatch { model: usize, tokenizer: usize },
+    #[error("engine: {0}")]
+    Other(String),
+}
+
+/// What the engine serves.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub model_path: String,
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub max_model_len: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+/// Handle to a running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tokenizer: Addr<TokenizerActor>,
+    scheduler: Addr<SchedulerActor>,
+    block_manager: Addr<BlockManagerActor>,
+    pub info: Arc<EngineInfo>,
+}
+
+impl Engine {
+    /// Loads everything and starts the actors. Must run inside an actix `System`. Loading
+    /// is synchronous (seconds for a small model).
+    pub fn start(cfg: &EngineConfig) -> Result<Self, EngineError> {
+        cfg.validate()?;
+        let path = Path::new(&cfg.model.path);
+        let (mut src, model_cfg) = open_model(path)?;
+        let parts = if path.is_dir() {
+            tokenizer_from_hf_dir(path)?
+        } else {
+            tokenizer_from_gguf_file(path)?
+        };
+        let tok_vocab = parts.tokenizer.get_vocab_size(true);
+        if tok_vocab > model_cfg.vocab_size {
+            return Err(EngineError::VocabMismatch {
+                model: model_cfg.vocab_size,
+                tokenizer: tok_vocab,
+            });
+        }
+        let template = Arc::new(parts.compile_chat_template()?);
+        let model = Llama::load(&mut src, model_cfg.clone())?;
+        drop(src);
+
+        let block_size = cfg.cache.block_size;
+        let num_blocks = num_kv_blocks(cfg, &model_cfg);
+        let capacity = num_blocks * block_size;
+        let model_len = match cfg.model.max_model_len {
+            0 => model_cfg.max_position_embeddings,
+            n => n.min(model_cfg.max_position_embeddings),
+        };
+        let max_model_len = model_len.min(capacity);
+        if max_model_len < model_len {
+            tracing::warn!(
+                max_model_len,
+                model_len,
+                "the KV pool holds fewer tokens than the model's context; sequences are capped"
+            );
+        }
+        let bm_cfg = BlockManagerConfig::new(num_blocks, block_size, cfg.cache.enable_prefix_caching);
+        let manager = BlockManager::new(bm_cfg.clone())?;
+        let eos_ids = parts.special.eos_ids.clone();
+        let policy = SchedulerPolicy::new(
+            SchedulerLimits {
+                max_num_seqs: cfg.scheduler.max_num_seqs,
+                max_num_batched_tokens: cfg.scheduler.max_num_batched_tokens,
+                max_model_len,
+            },
+            bm_cfg,
+            eos_ids.clone(),
+        )?;
+        let info = Arc::new(EngineInfo {
+            model_path: cfg.model.path.clone(),
+            architecture: model_cfg.architecture.clone(),
+            vocab_size: model_cfg.vocab_size,
+            max_model_len,
+            num_blocks,
+            block_size,
+        });
+
+        let executor = Executor::new(model, num_blocks, block_size, eos_ids);
+        // The executor's thread: forward passes block it for milliseconds at a time.
+        let exec_arbiter = Arbiter::new();
+        let executor = ExecutorActor::start_in_arbiter(&exec_arbiter.handle(), move |_| ExecutorActor {
+            executor,
+        });
+        let block_manager = BlockManagerActor::new(manager).start();
+        let decoder = Arc::new(parts.tokenizer.clone());
+        let mut detok_addr = None;
+        let bm = block_manager.clone();
+        let scheduler = SchedulerActor::create(|ctx| {
+            let detok = DetokenizerActor::new(decoder, ctx.address().recipient()).start();
+            detok_addr = Some(detok.clone());
+            SchedulerActor::new(policy, bm, executor, detok.clone().recipient(), detok.recipient())
+        });
+        let detokenizer = detok_addr.ok_or_else(|| EngineError::Other("detokenizer did not start".into()))?;
+        let tokenizer = TokenizerActor::new(
+            Arc::new(parts),
+            template,
+            model_cfg.vocab_size,
+            max_model_len,
+            scheduler.clone(),
+            detokenizer,
+        )
+        .start();
+        tracing::info!(
+            model = %info.model_path,
+            architecture = %info.architecture,
+            max_model_len,
+            num_blocks,
+            block_size,
+            "engine ready"
+        );
+        Ok(Self {
+            tokenizer,
+            scheduler,
+            block_manager,
+            info,
+        })
+    }
+
+    /// Submits a request; its events arrive on the returned channel, ending with exactly
+    /// one `Finished` or `Error`.
+    pub fn generate(&self, request: GenerateRequest) -> mpsc::UnboundedReceiver<StreamEvent> {
+        let (sink, rx) = mpsc::unbounded_channel();
+        self.tokenizer.do_send(Submit { request, sink });
+        rx
+    }
+
+    /// Block pool statistics, after checking the pool's invariants.
+    pub async fn pool_stats(&self) -> Result<BlockStats, String> {
+        self.block_manager
+            .send(InspectPool)
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    pub async fn scheduler_stats(&self) -> Result<SchedulerStats, String> {
+        self.scheduler
+            .send(GetSchedulerStats)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

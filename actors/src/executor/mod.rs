@@ -1,0 +1,240 @@
+//! The executor: owns the model weights, the KV pool and the per-sequence samplers, and runs
+//! one engine step (forward + sampling for the whole batch). It is CPU-heavy, so its actor
+//! lives on an `Arbiter` (thread) of its own, never on the async reactor.
+
+pub mod kv_pool;
+pub mod linear;
+pub mod models;
+pub mod sampler;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use actix::{Actor, Context, Handler, Message};
+use pagoda_kernels::attention::{AttnSeq, KvShape};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::EngineConfig;
+use crate::messages::{SamplingParams, SeqId, TokenId};
+use crate::scheduler::{SampledToken, ScheduledBatch, ScheduledSeq, StepOutput};
+use kv_pool::KvPool;
+use linear::ForwardError;
+use models::llama::{BatchInput, Llama, LlamaConfig};
+use sampler::Sampler;
+use weights::{LoadError, WeightSource};
+
+/// Opens a model path: a GGUF file, or a Hugging Face directory with `config.json`.
+pub fn open_model(path: &Path) -> Result<(WeightSource, LlamaConfig), LoadError> {
+    if !path.exists() {
+        return Err(LoadError::NotFound(path.to_path_buf()));
+    }
+    if path.is_dir() {
+        let config = LlamaConfig::from_hf_config(&path.join("config.json"))?;
+        let src = WeightSource::open_safetensors(path)?;
+        Ok((src, config))
+    } else {
+        let src = WeightSource::open_gguf(path)?;
+        let md = src
+            .gguf_metadata()
+            .ok_or_else(|| LoadError::Unsupported("not a GGUF source".into()))?;
+        let config = LlamaConfig::from_gguf(md)?;
+        Ok((src, config))
+    }
+}
+
+/// How many KV blocks the configuration asks for, for this model.
+pub fn num_kv_blocks(cfg: &EngineConfig, model: &LlamaConfig) -> usize {
+    if cfg.cache.num_blocks > 0 {
+        return cfg.cache.num_blocks;
+    }
+    let per_block = KvPool::bytes_per_block(
+        model.num_layers,
+        cfg.cache.block_size,
+        model.num_kv_heads,
+        model.head_dim,
+    );
+    ((cfg.cache.kv_cache_bytes as usize) / per_block.max(1)).max(1)
+}
+
+struct SeqState {
+    params: SamplingParams,
+    num_output: usize,
+    sampler: Sampler,
+}
+
+/// Scheduler → executor: run one step. `released` lists sequences that ended since the
+/// previous batch, whose sampler state can go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunBatch {
+    pub batch: ScheduledBatch,
+    pub released: Vec<SeqId>,
+}
+
+impl Message for RunBatch {
+    type Result = Result<StepOutput, String>;
+}
+
+/// Model + KV pool + samplers. Plain struct: the actor below only forwards messages to it.
+pub struct Executor {
+    model: Llama,
+    kv: KvPool,
+    seqs: HashMap<SeqId, SeqState>,
+    /// Tokens that end a sequence, suppressed while it has fewer than `min_tokens` outputs.
+    eos_ids: Vec<TokenId>,
+}
+
+impl Executor {
+    pub fn new(model: Llama, num_blocks: usize, block_size: usize, eos_ids: Vec<TokenId>) -> Self {
+        let c = &model.config;
+        let shape = KvShape {
+            num_blocks,
+            block_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let kv = KvPool::new(c.num_layers, shape);
+        tracing::info!(
+            num_blocks,
+            block_size,
+            kv_mib = (KvPool::bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim)
+                * num_blocks) as f64
+                / (1024.0 * 1024.0),
+            "KV pool allocated"
+        );
+        Self {
+            model,
+            kv,
+            seqs: HashMap::new(),
+            eos_ids,
+        }
+    }
+
+    pub fn model_config(&self) -> &LlamaConfig {
+        &self.model.config
+    }
+
+    /// Runs one step: forward for every scheduled token, then one sampled token for each
+    /// sequence whose run reached its end.
+    pub fn execute(&mut self, msg: RunBatch) -> Result<StepOutput, String> {
+        let RunBatch { batch, released } = msg;
+        for id in &released {
+            self.seqs.remove(id);
+        }
+        let vocab = self.model.config.vocab_size;
+        for s in &batch.seqs {
+            if let Some(new) = &s.new_seq {
+                // A preempted sequence keeps its sampler (its RNG state is part of it).
+                self.seqs.entry(s.seq_id).or_insert_with(|| {
+                    let mut sampler = Sampler::new(&new.params, vocab, &new.prompt_token_ids);
+                    for &t in &new.output_token_ids {
+                        sampler.record(t);
+                    }
+                    SeqState {
+                        params: new.params.clone(),
+                        num_output: new.output_token_ids.len(),
+                        sampler,
+                    }
+                });
+            }
+        }
+        self.run(&batch.seqs).map_err(|e| e.to_string())
+    }
+
+    fn run(&mut self, seqs: &[ScheduledSeq]) -> Result<StepOutput, ForwardError> {
+        if seqs.is_empty() {
+            return Ok(StepOutput::default());
+        }
+        let started = Instant::now();
+        let bs = self.kv.shape().block_size;
+        let total: usize = seqs.iter().map(|s| s.token_ids.len()).sum();
+        let mut tokens = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut slots = Vec::with_capacity(total);
+        let mut attn = Vec::with_capacity(seqs.len());
+        let mut logit_rows = Vec::new();
+        let mut samplers = Vec::new();
+        for s in seqs {
+            let start = tokens.len();
+            for (i, &t) in s.token_ids.iter().enumerate() {
+                let pos = s.start_pos + i;
+                let block = *s.block_table.get(pos / bs).ok_or_else(|| {
+                    ForwardError::Shape(format!(
+                        "sequence {}: block table too short for position {pos}",
+                        s.seq_id
+                    ))
+                })? as usize;
+                if block >= self.kv.num_blocks() {
+                    return Err(ForwardError::Shape(format!("block id {block} out of range")));
+                }
+                tokens.push(t);
+                positions.push(pos);
+                slots.push(block * bs + pos % bs);
+            }
+            attn.push(AttnSeq {
+                query_start: start,
+                query_len: s.token_ids.len(),
+                context_len: s.start_pos + s.token_ids.len(),
+                block_table: &s.block_table,
+            });
+            if s.sample {
+                logit_rows.push(tokens.len() - 1);
+                samplers.push(s.seq_id);
+            }
+        }
+        let input = BatchInput {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            seqs: &attn,
+            logit_rows: &logit_rows,
+        };
+        let mut logits = self.model.forward(&input, &mut self.kv)?;
+        let vocab = self.model.config.vocab_size;
+        let mut out = StepOutput::default();
+        let mut suppress: Vec<TokenId> = Vec::new();
+        for (row, seq_id) in logits.chunks_exact_mut(vocab).zip(samplers) {
+            let st = self.seqs.get_mut(&seq_id).ok_or_else(|| {
+                ForwardError::Shape(format!("sequence {seq_id} has no sampler state"))
+            })?;
+            suppress.clear();
+            if (st.num_output as u32) < st.params.min_tokens {
+                if !st.params.ignore_eos {
+                    suppress.extend_from_slice(&self.eos_ids);
+                }
+                suppress.extend_from_slice(&st.params.stop_token_ids);
+            }
+            let token_id = st
+                .sampler
+                .sample(row, &suppress)
+                .map_err(|e| ForwardError::Shape(format!("sampling: {e}")))?;
+            st.num_output += 1;
+            out.sampled.push(SampledToken { seq_id, token_id });
+        }
+        tracing::debug!(
+            tokens = total,
+            seqs = seqs.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "step"
+        );
+        Ok(out)
+    }
+}
+
+/// The executor actor: a thin shell around [`Executor`] on its own thread.
+pub struct ExecutorActor {
+    pub executor: Executor,
+}
+
+impl Actor for ExecutorActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<RunBatch> for ExecutorActor {
+    type Result = Result<StepOutput, String>;
+    fn handle(&mut self, msg: RunBatch, _: &mut Context<Self>) -> Self::Result {
+        self.executor.execute(msg)
+    }
+}

@@ -1,0 +1,404 @@
+//! The Llama family (Llama 1/2/3, Mistral, Qwen2, SmolLM): pre-norm decoder layers with
+//! RMSNorm, grouped-query attention with rotary embeddings, and a SwiGLU MLP. Covers GGUF
+//! files (weights kept quantized) and Hugging Face safetensors directories.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use pagoda_kernels::attention::{paged_attention, write_kv, AttnSeq};
+use pagoda_kernels::ops::{apply_rope, rms_norm, silu_mul, RopeStyle, RopeTable};
+
+use crate::executor::kv_pool::KvPool;
+use crate::executor::linear::{ForwardError, Linear};
+use crate::executor::weights::{read_text, LoadError, WeightSource};
+
+/// Hyper-parameters of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub max_position_embeddings: usize,
+    pub rope_style: RopeStyle,
+}
+
+fn md<'a>(
+    m: &'a std::collections::HashMap<String, gguf_file::Value>,
+    key: &str,
+) -> Result<&'a gguf_file::Value, LoadError> {
+    m.get(key)
+        .ok_or_else(|| LoadError::MissingMetadata(key.to_string()))
+}
+
+fn md_usize(
+    m: &std::collections::HashMap<String, gguf_file::Value>,
+    key: &str,
+) -> Result<usize, LoadError> {
+    let v = md(m, key)?;
+    v.to_u64()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u32().map(|x| x as usize))
+        .or_else(|_| v.to_i32().map(|x| x as usize))
+        .map_err(|_| LoadError::MissingMetadata(key.to_string()))
+}
+
+fn md_f32(
+    m: &std::collections::HashMap<String, gguf_file::Value>,
+    key: &str,
+) -> Result<f32, LoadError> {
+    let v = md(m, key)?;
+    v.to_f32()
+        .or_else(|_| v.to_f64().map(|x| x as f32))
+        .map_err(|_| LoadError::MissingMetadata(key.to_string()))
+}
+
+impl LlamaConfig {
+    /// From GGUF metadata (`general.architecture` and the `<arch>.*` keys).
+    pub fn from_gguf(
+        m: &std::collections::HashMap<String, gguf_file::Value>,
+    ) -> Result<Self, LoadError> {
+        let arch = md(m, "general.architecture")?
+            .to_string()
+            .map_err(|_| LoadError::MissingMetadata("general.architecture".into()))?
+            .clone();
+        // llama.cpp's converter permutes Q/K rows of llama-style models so that rotary
+        // pairs are adjacent; Qwen2 files keep the Hugging Face (half-split) layout.
+        let rope_style = match arch.as_str() {
+            "llama" | "mistral" => RopeStyle::Interleaved,
+            "qwen2" => RopeStyle::Neox,
+            other => return Err(LoadError::UnsupportedArchitecture(other.to_string())),
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden_size = md_usize(m, &k("embedding_length"))?;
+        let num_heads = md_usize(m, &k("attention.head_count"))?;
+        let num_kv_heads = md_usize(m, &k("attention.head_count_kv")).unwrap_or(num_heads);
+        let head_dim = md_usize(m, &k("attention.key_length"))
+            .or_else(|_| md_usize(m, &k("rope.dimension_count")))
+            .unwrap_or(hidden_size / num_heads.max(1));
+        let vocab_size = match md_usize(m, &k("vocab_size")) {
+            Ok(v) => v,
+            Err(_) => md(m, "tokenizer.ggml.tokens")?
+                .to_vec()
+                .map_err(|_| LoadError::MissingMetadata("tokenizer.ggml.tokens".into()))?
+                .len(),
+        };
+        let cfg = Self {
+            hidden_size,
+            intermediate_size: md_usize(m, &k("feed_forward_length"))?,
+            num_layers: md_usize(m, &k("block_count"))?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: md_f32(m, &k("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: md_f32(m, &k("rope.freq_base")).unwrap_or(10_000.0),
+            max_position_embeddings: md_usize(m, &k("context_length"))?,
+            rope_style,
+            architecture: arch,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// From a Hugging Face `config.json`.
+    pub fn from_hf_config(path: &Path) -> Result<Self, LoadError> {
+        let text = read_text(path)?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::BadConfig {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let bad = |msg: String| LoadError::BadConfig {
+            path: path.to_path_buf(),
+            message: msg,
+        };
+        let arch = v
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+            .or_else(|| v.get("model_type").and_then(|a| a.as_str()))
+            .ok_or_else(|| bad("no 'architectures' or 'model_type'".into()))?
+            .to_string();
+        let arch_name = match arch.as_str() {
+            "LlamaForCausalLM" | "llama" => "llama",
+            "MistralForCausalLM" | "mistral" => "mistral",
+            "Qwen2ForCausalLM" | "qwen2" => "qwen2",
+            other => return Err(LoadError::UnsupportedArchitecture(other.to_string())),
+        };
+        if let Some(rs) = v.get("rope_scaling").filter(|r| !r.is_null()) {
+            return Err(LoadError::Unsupported(format!(
+                "rope_scaling {rs} is not implemented yet"
+            )));
+        }
+        let get = |key: &str| -> Result<usize, LoadError> {
+            v.get(key)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(format!("missing integer '{key}'")))
+        };
+        let hidden_size = get("hidden_size")?;
+        let num_heads = get("num_attention_heads")?;
+        let cfg = Self {
+            architecture: arch_name.to_string(),
+            hidden_size,
+            intermediate_size: get("intermediate_size")?,
+            num_layers: get("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: get("num_key_value_heads").unwrap_or(num_heads),
+            head_dim: get("head_dim").unwrap_or(hidden_size / num_heads.max(1)),
+            vocab_size: get("vocab_size")?,
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1e-6) as f32,
+            rope_theta: v
+                .get("rope_theta")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(10_000.0) as f32,
+            max_position_embeddings: get("max_position_embeddings")?,
+            rope_style: RopeStyle::Neox,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), LoadError> {
+        let ok = self.num_heads > 0
+            && self.num_kv_heads > 0
+            && self.num_heads % self.num_kv_heads == 0
+            && self.head_dim > 0
+            && self.head_dim % 2 == 0
+            && self.num_layers > 0
+            && self.vocab_size > 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(LoadError::Unsupported(format!("inconsistent model config {self:?}")))
+        }
+    }
+}
+
+/// One decoder layer.
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+impl Layer {
+    fn load(src: &mut WeightSource, i: usize, cfg: &LlamaConfig) -> Result<Self, LoadError> {
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let mut lin = |name: &str, rows: usize, cols: usize| -> Result<Linear, LoadError> {
+            let mut l = src.linear(&p(&format!("{name}.weight")), false)?;
+            if l.rows() != rows || l.cols() != cols {
+                return Err(LoadError::Shape(format!(
+                    "blk.{i}.{name}.weight is {}×{}, expected {rows}×{cols}",
+                    l.rows(),
+                    l.cols()
+                )));
+            }
+            let bias = p(&format!("{name}.bias"));
+            if src.has(&bias) {
+                l = l.with_bias(src.vector(&bias)?)?;
+            }
+            Ok(l)
+        };
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let wq = lin("attn_q", cfg.num_heads * hd, h)?;
+        let wk = lin("attn_k", cfg.num_kv_heads * hd, h)?;
+        let wv = lin("attn_v", cfg.num_kv_heads * hd, h)?;
+        let wo = lin("attn_output", h, cfg.num_heads * hd)?;
+        let w_gate = lin("ffn_gate", cfg.intermediate_size, h)?;
+        let w_up = lin("ffn_up", cfg.intermediate_size, h)?;
+        let w_down = lin("ffn_down", h, cfg.intermediate_size)?;
+        Ok(Self {
+            attn_norm: norm(src, &p("attn_norm.weight"), h)?,
+            ffn_norm: norm(src, &p("ffn_norm.weight"), h)?,
+            wq,
+            wk,
+            wv,
+            wo,
+            w_gate,
+            w_up,
+            w_down,
+        })
+    }
+}
+
+fn norm(src: &mut WeightSource, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+    let v = src.vector(name)?;
+    if v.len() != len {
+        return Err(LoadError::Shape(format!(
+            "{name} has {} values, expected {len}",
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+/// One step's worth of token rows, sequence after sequence.
+pub struct BatchInput<'a> {
+    /// Token id of every row.
+    pub tokens: &'a [u32],
+    /// Position of every row in its sequence.
+    pub positions: &'a [usize],
+    /// KV-pool slot of every row (`block * block_size + offset`).
+    pub slots: &'a [usize],
+    /// The sequences, each owning a contiguous range of rows.
+    pub seqs: &'a [AttnSeq<'a>],
+    /// Rows whose logits are wanted (the last row of each sequence that samples).
+    pub logit_rows: &'a [usize],
+}
+
+/// A loaded Llama-family model.
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Linear,
+    layers: Vec<Layer>,
+    final_norm: Vec<f32>,
+    /// None when the output projection is tied to the embedding.
+    lm_head: Option<Linear>,
+    rope: RopeTable,
+}
+
+impl Llama {
+    pub fn load(src: &mut WeightSource, config: LlamaConfig) -> Result<Self, LoadError> {
+        let embed = src.linear("token_embd.weight", true)?;
+        if embed.rows() != config.vocab_size || embed.cols() != config.hidden_size {
+            return Err(LoadError::Shape(format!(
+                "token_embd.weight is {}×{}, expected {}×{}",
+                embed.rows(),
+                embed.cols(),
+                config.vocab_size,
+                config.hidden_size
+            )));
+        }
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            layers.push(Layer::load(src, i, &config)?);
+        }
+        let final_norm = norm(src, "output_norm.weight", config.hidden_size)?;
+        let lm_head = if src.has("output.weight") {
+            Some(src.linear("output.weight", false)?)
+        } else {
+            None
+        };
+        tracing::info!(
+            source = %src.describe(),
+            layers = config.num_layers,
+            hidden = config.hidden_size,
+            heads = config.num_heads,
+            kv_heads = config.num_kv_heads,
+            vocab = config.vocab_size,
+            weights = %layers.first().map(|l| l.wq.format_name()).unwrap_or_default(),
+            tied_embeddings = lm_head.is_none(),
+            "model loaded"
+        );
+        let rope = RopeTable::new(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+        );
+        Ok(Self {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope,
+            config,
+        })
+    }
+
+    /// Runs the batch through the model, writing its K/V into the pool, and returns the
+    /// logits of `input.logit_rows` (row-major, `logit_rows.len() × vocab_size`).
+    pub fn forward(&self, input: &BatchInput<'_>, kv: &mut KvPool) -> Result<Vec<f32>, ForwardError> {
+        let cfg = &self.config;
+        let n = input.tokens.len();
+        if input.positions.len() != n || input.slots.len() != n {
+            return Err(ForwardError::Shape("tokens/positions/slots differ in length".into()));
+        }
+        if let Some(p) = input.positions.iter().find(|&&p| p >= self.rope.max_positions()) {
+            return Err(ForwardError::Shape(format!(
+                "position {p} is beyond the model's context ({})",
+                self.rope.max_positions()
+            )));
+        }
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+
+        let mut x = vec![0f32; n * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(input.tokens) {
+            if t as usize >= cfg.vocab_size {
+                return Err(ForwardError::Shape(format!(
+                    "token id {t} is outside the vocabulary ({})",
+                    cfg.vocab_size
+                )));
+            }
+            self.embed.row(t as usize, row)?;
+        }
+        let mut hbuf = vec![0f32; n * h];
+        let mut q = vec![0f32; n * q_dim];
+        let mut k = vec![0f32; n * kv_dim];
+        let mut v = vec![0f32; n * kv_dim];
+        let mut attn = vec![0f32; n * q_dim];
+        let mut o = vec![0f32; n * h];
+        let mut gate = vec![0f32; n * cfg.intermediate_size];
+        let mut up = vec![0f32; n * cfg.intermediate_size];
+        let shape = kv.shape();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            hbuf.copy_from_slice(&x);
+            rms_norm(&mut hbuf, &layer.attn_norm, cfg.rms_norm_eps);
+            layer.wq.forward(&hbuf, n, &mut q)?;
+            layer.wk.forward(&hbuf, n, &mut k)?;
+            layer.wv.forward(&hbuf, n, &mut v)?;
+            apply_rope(&mut q, input.positions, cfg.num_heads, hd, &self.rope, cfg.rope_style)?;
+            apply_rope(&mut k, input.positions, cfg.num_kv_heads, hd, &self.rope, cfg.rope_style)?;
+            let (k_cache, v_cache) = kv.layer_mut(li);
+            write_kv(&shape, k_cache, v_cache, &k, &v, input.slots)?;
+            let (k_cache, v_cache) = kv.layer(li);
+            paged_attention(&shape, k_cache, v_cache, &q, cfg.num_heads, input.seqs, &mut attn)?;
+            layer.wo.forward(&attn, n, &mut o)?;
+            for (xi, oi) in x.iter_mut().zip(&o) {
+                *xi += oi;
+            }
+
+            hbuf.copy_from_slice(&x);
+            rms_norm(&mut hbuf, &layer.ffn_norm, cfg.rms_norm_eps);
+            layer.w_gate.forward(&hbuf, n, &mut gate)?;
+            layer.w_up.forward(&hbuf, n, &mut up)?;
+            silu_mul(&mut gate, &up);
+            layer.w_down.forward(&gate, n, &mut o)?;
+            for (xi, oi) in x.iter_mut().zip(&o) {
+                *xi += oi;
+            }
+        }
+
+        // Only the rows that sample need the final norm and the (large) output projection.
+        let m = input.logit_rows.len();
+        let mut last = vec![0f32; m * h];
+        for (dst, &r) in last.chunks_exact_mut(h).zip(input.logit_rows) {
+            if r >= n {
+                return Err(ForwardError::Shape(format!("logit row {r} of {n}")));
+            }
+            dst.copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        rms_norm(&mut last, &self.final_norm, cfg.rms_norm_eps);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; m * cfg.vocab_size];
+        head.forward(&last, m, &mut logits)?;
+        Ok(logits)
+    }
+}

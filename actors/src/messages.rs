@@ -1,0 +1,91 @@
+//! Messages that travel between the actors. Every type derives Serialize/Deserialize so the
+//! same values can cross a process boundary as MessagePack (rmp-serde, named fields).
+
+use serde::{Deserialize, Serialize};
+
+/// Engine-internal sequence id (one per request attempt).
+pub type SeqId = u64;
+/// A vocabulary index.
+pub type TokenId = u32;
+
+/// How the next token is chosen, and when generation stops. Defaults mirror vLLM's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus sampling, in (0, 1]; 1 disables it.
+    pub top_p: f32,
+    /// Keep the k most likely tokens; 0 disables it.
+    pub top_k: u32,
+    /// Drop tokens whose probability is below `min_p` × the top probability; 0 disables it.
+    pub min_p: f32,
+    /// Per-request seed: the same seed gives the same output, alone or batched.
+    pub seed: Option<u64>,
+    /// Multiplicative penalty (> 0) on tokens already in the prompt or output; 1 disables it.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+    /// Maximum number of generated tokens.
+    pub max_tokens: u32,
+    /// EOS and stop tokens are ignored until this many tokens were generated.
+    pub min_tokens: u32,
+    /// Stop strings: generation ends before the first occurrence, which is never emitted.
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation (the token is not part of the text).
+    pub stop_token_ids: Vec<TokenId>,
+    /// Keep generating past the model's end-of-sequence token.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            max_tokens: 256,
+            min_tokens: 0,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-sequence token, a stop token id or a stop string.
+    Stop,
+    /// `max_tokens` reached (or the context is full).
+    Length,
+    /// Cancelled by the client, or the engine gave up on it.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch: a timestamp that can cross process boundaries.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

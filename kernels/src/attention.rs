@@ -1,0 +1,503 @@
+//! Paged attention on the CPU.
+//!
+//! The KV cache of one layer is a pool of fixed-size blocks; a sequence owns a
+//! list of block ids (its block table) and its position `p` lives in block
+//! `block_table[p / block_size]` at offset `p % block_size`. Attention walks
+//! the table block by block with an online (running max / running sum)
+//! softmax, so no score buffer larger than one block per head is ever
+//! materialised, whatever the context length.
+
+use rayon::prelude::*;
+
+use crate::error::{check_len, checked_product, KernelError};
+use crate::simd::{self, Level};
+
+/// Shape of one layer's K (or V) cache:
+/// `[num_blocks][block_size][num_kv_heads][head_dim]` f32, row-major.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// Token slots per block.
+    pub block_size: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Dimension of each head.
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Elements in one layer's K (or V) cache:
+    /// `num_blocks × block_size × num_kv_heads × head_dim` (saturating).
+    pub fn layer_len(&self) -> usize {
+        self.num_blocks
+            .saturating_mul(self.block_size)
+            .saturating_mul(self.num_kv_heads)
+            .saturating_mul(self.head_dim)
+    }
+
+    /// Elements per token slot: `num_kv_heads × head_dim`.
+    pub fn slot_len(&self) -> usize {
+        self.num_kv_heads.saturating_mul(self.head_dim)
+    }
+
+    /// Token slots in the pool: `num_blocks × block_size`.
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks.saturating_mul(self.block_size)
+    }
+
+    /// Check every dimension is non-zero and the total fits in `usize`;
+    /// returns the layer length.
+    fn validate(&self) -> Result<usize, KernelError> {
+        for (what, v) in [
+            ("KvShape.block_size", self.block_size),
+            ("KvShape.num_kv_heads", self.num_kv_heads),
+            ("KvShape.head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return Err(KernelError::InvalidShape {
+                    what,
+                    reason: "must be non-zero".into(),
+                });
+            }
+        }
+        checked_product(
+            "KvShape",
+            &[
+                self.num_blocks,
+                self.block_size,
+                self.num_kv_heads,
+                self.head_dim,
+            ],
+        )
+    }
+}
+
+/// Write `n = slots.len()` tokens' keys and values (each `n × num_kv_heads ×
+/// head_dim`) into the cache; token `i` goes to slot `slots[i]`, where
+/// `slot = block_id × block_size + offset`.
+pub fn write_kv(
+    shape: &KvShape,
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    k: &[f32],
+    v: &[f32],
+    slots: &[usize],
+) -> Result<(), KernelError> {
+    let layer_len = shape.validate()?;
+    check_len("k_cache", layer_len, k_cache.len())?;
+    check_len("v_cache", layer_len, v_cache.len())?;
+    let tok = shape.slot_len();
+    let expected = checked_product("write_kv k", &[slots.len(), tok])?;
+    check_len("write_kv k", expected, k.len())?;
+    check_len("write_kv v", expected, v.len())?;
+    let num_slots = shape.num_slots();
+    if let Some(&bad) = slots.iter().find(|&&s| s >= num_slots) {
+        return Err(KernelError::OutOfRange {
+            what: "KV slot",
+            index: bad,
+            bound: num_slots,
+        });
+    }
+    for ((&slot, ks), vs) in slots
+        .iter()
+        .zip(k.chunks_exact(tok))
+        .zip(v.chunks_exact(tok))
+    {
+        let at = slot * tok;
+        k_cache[at..at + tok].copy_from_slice(ks);
+        v_cache[at..at + tok].copy_from_slice(vs);
+    }
+    Ok(())
+}
+
+/// One sequence's share of an attention batch.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSeq<'a> {
+    /// First token row of this sequence in `q` / `out`.
+    pub query_start: usize,
+    /// Number of query rows (1 for decode, the chunk length for prefill).
+    pub query_len: usize,
+    /// Positions `0..context_len` are in the cache, including this chunk.
+    pub context_len: usize,
+    /// Block ids holding positions `0..context_len`, in order.
+    pub block_table: &'a [u32],
+}
+
+/// Causal paged attention for a batch of sequences, with the usual
+/// `1 / sqrt(head_dim)` scale.
+///
+/// `q` and `out` are `total_tokens × num_heads × head_dim`. Query `i` of a
+/// sequence sits at position `context_len − query_len + i` and attends to
+/// positions `0..=` that one. With grouped-query attention, head `h` reads KV
+/// head `h / (num_heads / num_kv_heads)`. Token rows not covered by any
+/// sequence are set to zero. Work is split over (token, KV head) pairs.
+pub fn paged_attention(
+    shape: &KvShape,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    q: &[f32],
+    num_heads: usize,
+    seqs: &[AttnSeq<'_>],
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let scale = 1.0 / (shape.head_dim.max(1) as f32).sqrt();
+    paged_attention_with_scale(shape, k_cache, v_cache, q, num_heads, seqs, scale, out)
+}
+
+/// [`paged_attention`] with an explicit softmax scale.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_with_scale(
+    shape: &KvShape,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    q: &[f32],
+    num_heads: usize,
+    seqs: &[AttnSeq<'_>],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    attention_with(
+        simd::level(),
+        shape,
+        k_cache,
+        v_cache,
+        q,
+        num_heads,
+        seqs,
+        scale,
+        out,
+    )
+}
+
+const NO_SEQ: usize = usize::MAX;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_with(
+    level: Level,
+    shape: &KvShape,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    q: &[f32],
+    num_heads: usize,
+    seqs: &[AttnSeq<'_>],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let layer_len = shape.validate()?;
+    check_len("k_cache", layer_len, k_cache.len())?;
+    check_len("v_cache", layer_len, v_cache.len())?;
+    if num_heads == 0 || num_heads % shape.num_kv_heads != 0 {
+        return Err(KernelError::InvalidShape {
+            what: "num_heads",
+            reason: format!(
+                "{num_heads} query heads cannot be grouped over {} KV heads",
+                shape.num_kv_heads
+            ),
+        });
+    }
+    let hd = shape.head_dim;
+    let row = checked_product("attention q row", &[num_heads, hd])?;
+    if q.len() % row != 0 {
+        return Err(KernelError::InvalidShape {
+            what: "attention q",
+            reason: format!(
+                "length {} is not a multiple of num_heads × head_dim = {row}",
+                q.len()
+            ),
+        });
+    }
+    check_len("attention out", q.len(), out.len())?;
+    let total_tokens = q.len() / row;
+
+    // Map each token row to the sequence that owns it, validating as we go.
+    let mut owner = vec![NO_SEQ; total_tokens];
+    let mut work = 0usize;
+    for (si, s) in seqs.iter().enumerate() {
+        let end = s.query_start.saturating_add(s.query_len);
+        if end > total_tokens {
+            return Err(KernelError::OutOfRange {
+                what: "sequence query end",
+                index: end,
+                bound: total_tokens + 1,
+            });
+        }
+        if s.query_len > s.context_len {
+            return Err(KernelError::InvalidShape {
+                what: "AttnSeq",
+                reason: format!(
+                    "query_len {} exceeds context_len {}",
+                    s.query_len, s.context_len
+                ),
+            });
+        }
+        if s.query_len == 0 {
+            continue;
+        }
+        let blocks = s.context_len.div_ceil(shape.block_size);
+        if s.block_table.len() < blocks {
+            return Err(KernelError::LengthMismatch {
+                what: "block_table",
+                expected: blocks,
+                actual: s.block_table.len(),
+            });
+        }
+        if let Some(&bad) = s.block_table[..blocks]
+            .iter()
+            .find(|&&b| b as usize >= shape.num_blocks)
+        {
+            return Err(KernelError::OutOfRange {
+                what: "block id",
+                index: bad as usize,
+                bound: shape.num_blocks,
+            });
+        }
+        for o in &mut owner[s.query_start..end] {
+            if *o != NO_SEQ {
+                return Err(KernelError::InvalidShape {
+                    what: "AttnSeq",
+                    reason: format!("sequences {} and {si} share query rows", *o),
+                });
+            }
+            *o = si;
+        }
+        work = work.saturating_add(s.query_len.saturating_mul(s.context_len));
+    }
+
+    let nkv = shape.num_kv_heads;
+    let group = num_heads / nkv;
+    let chunk = group * hd;
+    let task = |scratch: &mut Vec<f32>, (c, out_g): (usize, &mut [f32])| {
+        let (t, kv_head) = (c / nkv, c % nkv);
+        let si = owner[t];
+        if si == NO_SEQ {
+            out_g.fill(0.0);
+            return;
+        }
+        let s = &seqs[si];
+        let pos = s.context_len - s.query_len + (t - s.query_start);
+        let job = GroupJob {
+            shape,
+            k_cache,
+            v_cache,
+            q: &q[t * row + kv_head * chunk..t * row + (kv_head + 1) * chunk],
+            block_table: s.block_table,
+            n_keys: pos + 1,
+            kv_head,
+            scale,
+        };
+        match level {
+            // SAFETY: the portable ops need no target features.
+            Level::Scalar => unsafe { attend_group::<PortableOps>(&job, out_g, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => {
+                // SAFETY: Avx2 is only selected when the CPU supports it.
+                unsafe { crate::x86::attend_group_avx2(&job, out_g, scratch) }
+            }
+        }
+    };
+    let macs = work.saturating_mul(num_heads).saturating_mul(hd);
+    if macs < crate::gemm::PARALLEL_MIN_MACS || rayon::current_num_threads() <= 1 {
+        let mut scratch = Vec::new();
+        out.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|item| task(&mut scratch, item));
+    } else {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_init(Vec::new, task);
+    }
+    Ok(())
+}
+
+/// Vector primitives the attention loop is generic over, so each
+/// instruction-set variant is compiled as one inlined unit.
+pub(crate) trait VecOps {
+    /// Dot product over the common length.
+    ///
+    /// # Safety
+    /// The implementation's target features must be available.
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// `out[j] = scale · q · rows[j]` for `j < out.len()`, where row `j` is
+    /// `rows[j * stride..j * stride + q.len()]`.
+    ///
+    /// # Safety
+    /// As for `dot`; `rows` must hold every row addressed.
+    unsafe fn scores(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]);
+    /// `s[i] ← exp(s[i] − shift)` for every element; returns the new sum.
+    ///
+    /// # Safety
+    /// As for `dot`.
+    unsafe fn exp_shift_sum(s: &mut [f32], shift: f32) -> f32;
+    /// `out ← out · corr + Σ_j p[j] · rows[j]`, where row `j` is
+    /// `rows[j * stride..j * stride + out.len()]`.
+    ///
+    /// # Safety
+    /// As for `dot`; `rows` must hold every row addressed.
+    unsafe fn rescale_accumulate(
+        out: &mut [f32],
+        corr: f32,
+        p: &[f32],
+        rows: &[f32],
+        stride: usize,
+    );
+    /// `y ← y · a`.
+    ///
+    /// # Safety
+    /// As for `dot`.
+    unsafe fn scale(y: &mut [f32], a: f32);
+}
+
+/// Portable vector primitives.
+pub(crate) struct PortableOps;
+
+impl VecOps for PortableOps {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        simd::dot_portable(a, b)
+    }
+
+    #[inline(always)]
+    unsafe fn scores(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        let len = q.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = simd::dot_portable(q, &rows[j * stride..j * stride + len]) * scale;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn exp_shift_sum(s: &mut [f32], shift: f32) -> f32 {
+        let mut sum = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - shift).exp();
+            sum += *v;
+        }
+        sum
+    }
+
+    #[inline(always)]
+    unsafe fn rescale_accumulate(
+        out: &mut [f32],
+        corr: f32,
+        p: &[f32],
+        rows: &[f32],
+        stride: usize,
+    ) {
+        let len = out.len();
+        if corr != 1.0 {
+            for o in out.iter_mut() {
+                *o *= corr;
+            }
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            let row = &rows[j * stride..j * stride + len];
+            for (o, &r) in out.iter_mut().zip(row) {
+                *o += pj * r;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn scale(y: &mut [f32], a: f32) {
+        for v in y.iter_mut() {
+            *v *= a;
+        }
+    }
+}
+
+/// The query heads sharing one KV head, for one token.
+pub(crate) struct GroupJob<'a> {
+    shape: &'a KvShape,
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    /// `group × head_dim` query values.
+    q: &'a [f32],
+    block_table: &'a [u32],
+    /// Attend to positions `0..n_keys`.
+    n_keys: usize,
+    kv_head: usize,
+    scale: f32,
+}
+
+/// Online-softmax attention of one query-head group over its KV blocks,
+/// writing `group × head_dim` outputs.
+///
+/// Scores for one block are kept per head; after each block the running
+/// maximum is updated, the partial output and sum are rescaled by
+/// `exp(old_max − new_max)`, and the block's values are accumulated.
+///
+/// # Safety
+/// `O`'s target features must be available.
+#[inline(always)]
+pub(crate) unsafe fn attend_group<O: VecOps>(
+    job: &GroupJob<'_>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let shape = job.shape;
+    let (hd, bs) = (shape.head_dim, shape.block_size);
+    let group = job.q.len() / hd;
+    let stride = shape.slot_len();
+    scratch.clear();
+    scratch.resize(group * bs + 2 * group, 0.0);
+    let (scores, stats) = scratch.split_at_mut(group * bs);
+    let (run_max, run_sum) = stats.split_at_mut(group);
+    run_max.fill(f32::NEG_INFINITY);
+    out.fill(0.0);
+
+    for bi in 0..job.n_keys.div_ceil(bs) {
+        let block = job.block_table[bi] as usize;
+        let count = bs.min(job.n_keys - bi * bs);
+        let base = block * bs * stride + job.kv_head * hd;
+        // Rows j < count of this block, for this KV head, `stride` apart.
+        let rows_end = base + (count - 1) * stride + hd;
+        let k_rows = &job.k_cache[base..rows_end];
+        let v_rows = &job.v_cache[base..rows_end];
+
+        for g in 0..group {
+            let q = &job.q[g * hd..(g + 1) * hd];
+            // SAFETY: the caller runs this with `O`'s features available;
+            // `k_rows` holds `count` rows of `hd`.
+            unsafe {
+                O::scores(
+                    q,
+                    k_rows,
+                    stride,
+                    job.scale,
+                    &mut scores[g * bs..g * bs + count],
+                )
+            };
+        }
+
+        for g in 0..group {
+            let s = &mut scores[g * bs..g * bs + count];
+            let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let new_max = run_max[g].max(block_max);
+            if new_max == f32::NEG_INFINITY {
+                // Every score so far is −inf: nothing carries weight yet.
+                continue;
+            }
+            let corr = if run_max[g] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (run_max[g] - new_max).exp()
+            };
+            run_max[g] = new_max;
+            // SAFETY: as above; `v_rows` holds `count` rows of `hd`.
+            unsafe {
+                run_sum[g] = run_sum[g] * corr + O::exp_shift_sum(s, new_max);
+                O::rescale_accumulate(&mut out[g * hd..(g + 1) * hd], corr, s, v_rows, stride);
+            }
+        }
+    }
+
+    for g in 0..group {
+        let inv = if run_sum[g] > 0.0 {
+            1.0 / run_sum[g]
+        } else {
+            0.0
+        };
+        // SAFETY: as above.
+        unsafe { O::scale(&mut out[g * hd..(g + 1) * hd], inv) };
+    }
+}

@@ -1,0 +1,603 @@
+//! AVX2 + FMA + F16C implementations, selected at run time by
+//! [`crate::simd::level`]. Every function here mirrors a portable one
+//! elsewhere in the crate, which the tests use as its reference.
+
+use std::arch::x86_64::*;
+
+use crate::attention::VecOps;
+use crate::gemm::{self, OutWriter, Tile};
+use crate::quant::{QuantFormat, BLOCK_WEIGHTS};
+
+/// Horizontal sum of eight lanes.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: plain register arithmetic; the caller runs with AVX enabled.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// The AVX2 register tile: `R × T` accumulators of eight lanes each.
+pub(crate) struct Avx2Tile;
+
+impl Tile for Avx2Tile {
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: [*const f32; R],
+        x: [*const f32; T],
+        k: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: the trait contract gives `k` readable floats per pointer
+        // and AVX2/FMA availability.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            let full = k - k % 8;
+            let mut i = 0;
+            while i < full {
+                let xv: [__m256; T] = std::array::from_fn(|j| _mm256_loadu_ps(x[j].add(i)));
+                for r in 0..R {
+                    let wv = _mm256_loadu_ps(w[r].add(i));
+                    for j in 0..T {
+                        acc[r][j] = _mm256_fmadd_ps(wv, xv[j], acc[r][j]);
+                    }
+                }
+                i += 8;
+            }
+            let mut res = [[0f32; T]; R];
+            for r in 0..R {
+                for j in 0..T {
+                    let mut s = hsum(acc[r][j]);
+                    for c in full..k {
+                        s += *w[r].add(c) * *x[j].add(c);
+                    }
+                    res[r][j] = s;
+                }
+            }
+            res
+        }
+    }
+}
+
+/// AVX2 instance of [`gemm::gemm_rows_generic`].
+///
+/// # Safety
+/// Same contract as [`gemm::gemm_rows`], plus AVX2/FMA support.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemm_rows_avx2(
+    w: &[f32],
+    prow: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    r0: usize,
+    out: &OutWriter<'_>,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { gemm::gemm_rows_generic::<Avx2Tile>(w, prow, cols, x, n, r0, out) }
+}
+
+/// Decoding of one quantized block into four vectors of levels plus the
+/// affine parameters: weight = level · d + m.
+trait Block {
+    const BYTES: usize;
+    const HAS_MIN: bool;
+    /// # Safety
+    /// `p` must be valid for `BYTES` reads; AVX2/F16C must be available.
+    unsafe fn load(p: *const u8) -> ([__m256; 4], f32, f32);
+}
+
+#[inline(always)]
+unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+    // SAFETY: the caller guarantees 4 readable bytes at `p` and F16C.
+    unsafe {
+        let bits = std::ptr::read_unaligned(p as *const i32);
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    }
+}
+
+#[inline(always)]
+unsafe fn f16_one(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees 2 readable bytes at `p` and F16C.
+    unsafe {
+        let bits = std::ptr::read_unaligned(p as *const u16);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+}
+
+/// Split 16 bytes of packed nibbles into weights 0..16 (low nibbles) and
+/// 16..32 (high nibbles), subtract `offset`, and widen to four f32 vectors.
+#[inline(always)]
+unsafe fn nibbles(qs: __m128i, offset: i8) -> [__m256; 4] {
+    // SAFETY: register arithmetic under AVX2.
+    unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        let off = _mm_set1_epi8(offset);
+        let lo = _mm_sub_epi8(_mm_and_si128(qs, mask), off);
+        let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(qs), mask), off);
+        let widen = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        [
+            widen(lo),
+            widen(_mm_srli_si128::<8>(lo)),
+            widen(hi),
+            widen(_mm_srli_si128::<8>(hi)),
+        ]
+    }
+}
+
+struct BQ4_0;
+impl Block for BQ4_0 {
+    const BYTES: usize = 18;
+    const HAS_MIN: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> ([__m256; 4], f32, f32) {
+        // SAFETY: 18 readable bytes per the contract.
+        unsafe {
+            let d = f16_one(p);
+            let qs = _mm_loadu_si128(p.add(2) as *const __m128i);
+            (nibbles(qs, 8), d, 0.0)
+        }
+    }
+}
+
+struct BQ4_1;
+impl Block for BQ4_1 {
+    const BYTES: usize = 20;
+    const HAS_MIN: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> ([__m256; 4], f32, f32) {
+        // SAFETY: 20 readable bytes per the contract.
+        unsafe {
+            let (d, m) = f16_pair(p);
+            let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
+            (nibbles(qs, 0), d, m)
+        }
+    }
+}
+
+struct BQ8_0;
+impl Block for BQ8_0 {
+    const BYTES: usize = 34;
+    const HAS_MIN: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> ([__m256; 4], f32, f32) {
+        // SAFETY: 34 readable bytes per the contract.
+        unsafe {
+            let d = f16_one(p);
+            let q = p.add(2);
+            let widen = |i: usize| {
+                let v = _mm_loadl_epi64(q.add(8 * i) as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+            };
+            ([widen(0), widen(1), widen(2), widen(3)], d, 0.0)
+        }
+    }
+}
+
+/// Dequantize consecutive blocks of `bytes` into `w` (32 weights per block).
+///
+/// # Safety
+/// AVX2/FMA/F16C must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_rows_avx2(format: QuantFormat, bytes: &[u8], w: &mut [f32]) {
+    // SAFETY: features enabled on this function.
+    unsafe {
+        match format {
+            QuantFormat::Q4_0 => dequantize_rows_fmt::<BQ4_0>(bytes, w),
+            QuantFormat::Q4_1 => dequantize_rows_fmt::<BQ4_1>(bytes, w),
+            QuantFormat::Q8_0 => dequantize_rows_fmt::<BQ8_0>(bytes, w),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn dequantize_rows_fmt<B: Block>(bytes: &[u8], w: &mut [f32]) {
+    let blocks = (bytes.len() / B::BYTES).min(w.len() / BLOCK_WEIGHTS);
+    // SAFETY: `blocks` bounds both the source bytes and the destination.
+    unsafe {
+        let src = bytes.as_ptr();
+        let dst = w.as_mut_ptr();
+        for b in 0..blocks {
+            let (q, d, m) = B::load(src.add(b * B::BYTES));
+            let dv = _mm256_set1_ps(d);
+            let o = dst.add(b * BLOCK_WEIGHTS);
+            if B::HAS_MIN {
+                let mv = _mm256_set1_ps(m);
+                for (i, qi) in q.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(8 * i), _mm256_fmadd_ps(*qi, dv, mv));
+                }
+            } else {
+                for (i, qi) in q.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(8 * i), _mm256_mul_ps(*qi, dv));
+                }
+            }
+        }
+    }
+}
+
+/// Fused decode-and-dot over the rows in `bytes` (global rows starting at
+/// `r0`) for `n` (1..=4) tokens of `x`.
+///
+/// # Safety
+/// AVX2/FMA/F16C must be available, `x` must hold `n × cols` values, and the
+/// caller must own the rows it covers in `out`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn fused_rows_avx2(
+    format: QuantFormat,
+    bytes: &[u8],
+    cols: usize,
+    r0: usize,
+    x: &[f32],
+    n: usize,
+    out: &OutWriter<'_>,
+) {
+    // SAFETY: features enabled on this function; the rest is forwarded.
+    unsafe {
+        match format {
+            QuantFormat::Q4_0 => fused_rows_fmt::<BQ4_0>(bytes, cols, r0, x, n, out),
+            QuantFormat::Q4_1 => fused_rows_fmt::<BQ4_1>(bytes, cols, r0, x, n, out),
+            QuantFormat::Q8_0 => fused_rows_fmt::<BQ8_0>(bytes, cols, r0, x, n, out),
+        }
+    }
+}
+
+/// Blocks per row whose per-block activation sums fit on the stack.
+const XSUM_STACK_BLOCKS: usize = 512;
+
+#[inline(always)]
+unsafe fn fused_rows_fmt<B: Block>(
+    bytes: &[u8],
+    cols: usize,
+    r0: usize,
+    x: &[f32],
+    n: usize,
+    out: &OutWriter<'_>,
+) {
+    let nb = cols / BLOCK_WEIGHTS;
+    let row_bytes = nb * B::BYTES;
+    assert!(x.len() >= n * cols && (1..=4).contains(&n));
+    if row_bytes == 0 {
+        return;
+    }
+    let rows = bytes.len() / row_bytes;
+
+    // Q4_1 folds its offset in as m · Σx over each block.
+    let mut stack = [0f32; XSUM_STACK_BLOCKS];
+    let mut heap = Vec::new();
+    let xsum: &mut [f32] = if !B::HAS_MIN {
+        &mut stack[..0]
+    } else if n * nb <= XSUM_STACK_BLOCKS {
+        &mut stack[..n * nb]
+    } else {
+        heap.resize(n * nb, 0.0);
+        &mut heap
+    };
+    for (i, s) in xsum.iter_mut().enumerate() {
+        let v = &x[i * BLOCK_WEIGHTS..(i + 1) * BLOCK_WEIGHTS];
+        // SAFETY: `v` has 32 elements.
+        *s = unsafe {
+            let p = v.as_ptr();
+            let a = _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+            let b = _mm256_add_ps(_mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24)));
+            hsum(_mm256_add_ps(a, b))
+        };
+    }
+    let xsum: &[f32] = xsum;
+
+    let xp = |t: usize| x[t * cols..].as_ptr();
+    let sp = |t: usize| {
+        if B::HAS_MIN {
+            xsum[t * nb..].as_ptr()
+        } else {
+            std::ptr::null()
+        }
+    };
+    for r in 0..rows {
+        let row = bytes[r * row_bytes..(r + 1) * row_bytes].as_ptr();
+        // SAFETY: `row` covers nb blocks, each x pointer nb × 32 floats and
+        // each xsum pointer nb floats (only read when HAS_MIN).
+        unsafe {
+            match n {
+                1 => gemm::store(
+                    out,
+                    &[fused_row::<B, 1>(row, nb, [xp(0)], [sp(0)])],
+                    0,
+                    r0 + r,
+                ),
+                2 => gemm::store(
+                    out,
+                    &[fused_row::<B, 2>(row, nb, [xp(0), xp(1)], [sp(0), sp(1)])],
+                    0,
+                    r0 + r,
+                ),
+                3 => gemm::store(
+                    out,
+                    &[fused_row::<B, 3>(
+                        row,
+                        nb,
+                        [xp(0), xp(1), xp(2)],
+                        [sp(0), sp(1), sp(2)],
+                    )],
+                    0,
+                    r0 + r,
+                ),
+                _ => gemm::store(
+                    out,
+                    &[fused_row::<B, 4>(
+                        row,
+                        nb,
+                        [xp(0), xp(1), xp(2), xp(3)],
+                        [sp(0), sp(1), sp(2), sp(3)],
+                    )],
+                    0,
+                    r0 + r,
+                ),
+            }
+        }
+    }
+}
+
+/// One quantized row against `T` tokens: Σ_b d_b (q_b · x_b) + m_b Σ x_b.
+#[inline(always)]
+unsafe fn fused_row<B: Block, const T: usize>(
+    row: *const u8,
+    nb: usize,
+    x: [*const f32; T],
+    xsum: [*const f32; T],
+) -> [f32; T] {
+    // SAFETY: see `fused_rows_fmt`.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut macc = [0f32; T];
+        for b in 0..nb {
+            let (q, d, m) = B::load(row.add(b * B::BYTES));
+            let dv = _mm256_set1_ps(d);
+            for t in 0..T {
+                let p = x[t].add(b * BLOCK_WEIGHTS);
+                let s0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(p));
+                let s1 = _mm256_mul_ps(q[1], _mm256_loadu_ps(p.add(8)));
+                let s0 = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(p.add(16)), s0);
+                let s1 = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(p.add(24)), s1);
+                acc[t] = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), dv, acc[t]);
+                if B::HAS_MIN {
+                    macc[t] += m * *xsum[t].add(b);
+                }
+            }
+        }
+        std::array::from_fn(|t| hsum(acc[t]) + macc[t])
+    }
+}
+
+/// `e^x` for eight lanes, accurate to a few ulp over the range that matters
+/// for softmax. Inputs are clamped to [−87.3, 88.7] (so very negative scores
+/// give a tiny positive weight instead of zero) and NaN propagates.
+///
+/// Method: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 Taylor polynomial
+/// for `e^r`, and `2^n` assembled directly in the exponent bits.
+#[inline(always)]
+unsafe fn exp256(x: __m256) -> __m256 {
+    // SAFETY: register arithmetic under AVX2/FMA.
+    unsafe {
+        // max/min return their second operand when either is NaN, so a NaN
+        // `x` survives the clamp.
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.3), x);
+        let x = _mm256_min_ps(_mm256_set1_ps(88.7), x);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // ln 2 split into a high part exact in f32 and a small remainder.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
+}
+
+/// AVX2 vector helpers for attention.
+pub(crate) struct Avx2Ops;
+
+impl VecOps for Avx2Ops {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let len = a.len().min(b.len());
+        let full = len - len % 16;
+        // SAFETY: indices stay below `len`; AVX2/FMA per the trait contract.
+        unsafe {
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut s0 = _mm256_setzero_ps();
+            let mut s1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < full {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8)),
+                    _mm256_loadu_ps(pb.add(i + 8)),
+                    s1,
+                );
+                i += 16;
+            }
+            let mut s = hsum(_mm256_add_ps(s0, s1));
+            while i < len {
+                s += *pa.add(i) * *pb.add(i);
+                i += 1;
+            }
+            s
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn scores(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        let len = q.len();
+        let count = out.len();
+        if count == 0 {
+            return;
+        }
+        assert!(rows.len() >= (count - 1) * stride + len);
+        let full = len - len % 8;
+        // SAFETY: rows `j < count` lie within `rows` by the assert; AVX2/FMA
+        // per the trait contract.
+        unsafe {
+            let qp = q.as_ptr();
+            let r = rows.as_ptr();
+            let sv = _mm_set1_ps(scale);
+            let mut j = 0;
+            // Four keys at a time: four accumulators, one reduction.
+            while j + 4 <= count {
+                let kp: [*const f32; 4] = std::array::from_fn(|k| r.add((j + k) * stride));
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i < full {
+                    let qv = _mm256_loadu_ps(qp.add(i));
+                    for k in 0..4 {
+                        acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[k].add(i)), acc[k]);
+                    }
+                    i += 8;
+                }
+                let t0 = _mm256_hadd_ps(acc[0], acc[1]);
+                let t1 = _mm256_hadd_ps(acc[2], acc[3]);
+                let t = _mm256_hadd_ps(t0, t1);
+                let mut sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+                if full < len {
+                    let mut tail = [0f32; 4];
+                    for (k, tk) in tail.iter_mut().enumerate() {
+                        for c in full..len {
+                            *tk += *qp.add(c) * *kp[k].add(c);
+                        }
+                    }
+                    sums = _mm_add_ps(sums, _mm_loadu_ps(tail.as_ptr()));
+                }
+                _mm_storeu_ps(out.as_mut_ptr().add(j), _mm_mul_ps(sums, sv));
+                j += 4;
+            }
+            while j < count {
+                out[j] = Self::dot(q, &rows[j * stride..j * stride + len]) * scale;
+                j += 1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn exp_shift_sum(s: &mut [f32], shift: f32) -> f32 {
+        let len = s.len();
+        let full = len - len % 8;
+        // SAFETY: indices stay below `len`; AVX2/FMA per the trait contract.
+        unsafe {
+            let p = s.as_mut_ptr();
+            let sh = _mm256_set1_ps(shift);
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < full {
+                let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), sh));
+                _mm256_storeu_ps(p.add(i), e);
+                acc = _mm256_add_ps(acc, e);
+                i += 8;
+            }
+            let mut sum = hsum(acc);
+            if i < len {
+                // Pad the tail into a full vector so it uses the same exp.
+                let mut tail = [shift; 8];
+                tail[..len - i].copy_from_slice(&s[i..]);
+                let mut e = [0f32; 8];
+                _mm256_storeu_ps(
+                    e.as_mut_ptr(),
+                    exp256(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), sh)),
+                );
+                for (k, v) in s[i..].iter_mut().enumerate() {
+                    *v = e[k];
+                    sum += e[k];
+                }
+            }
+            sum
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rescale_accumulate(
+        out: &mut [f32],
+        corr: f32,
+        p: &[f32],
+        rows: &[f32],
+        stride: usize,
+    ) {
+        let len = out.len();
+        let count = p.len();
+        if count > 0 {
+            assert!(rows.len() >= (count - 1) * stride + len);
+        }
+        // SAFETY: every row `j < count` spans `rows[j * stride..][..len]`,
+        // within bounds by the assert; AVX2/FMA per the trait contract.
+        unsafe {
+            let o = out.as_mut_ptr();
+            let r = rows.as_ptr();
+            let cv = _mm256_set1_ps(corr);
+            let mut c = 0;
+            // Eight accumulators (64 floats) stay in registers across rows.
+            while c + 64 <= len {
+                let mut acc: [__m256; 8] =
+                    std::array::from_fn(|k| _mm256_mul_ps(_mm256_loadu_ps(o.add(c + 8 * k)), cv));
+                for (j, &pj) in p.iter().enumerate() {
+                    let pv = _mm256_set1_ps(pj);
+                    let row = r.add(j * stride + c);
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * k)), *a);
+                    }
+                }
+                for (k, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(c + 8 * k), *a);
+                }
+                c += 64;
+            }
+            while c + 8 <= len {
+                let mut acc = _mm256_mul_ps(_mm256_loadu_ps(o.add(c)), cv);
+                for (j, &pj) in p.iter().enumerate() {
+                    acc = _mm256_fmadd_ps(
+                        _mm256_set1_ps(pj),
+                        _mm256_loadu_ps(r.add(j * stride + c)),
+                        acc,
+                    );
+                }
+                _mm256_storeu_ps(o.add(c), acc);
+                c += 8;
+            }
+            while c < len {
+                let mut acc = *o.add(c) * corr;
+                for (j, &pj) in p.iter().enumerate() {
+                    acc += pj * *r.add(j * stride + c);
+                }
+                *o.add(c) = acc;
+                c += 1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn scale(y: &mut [f32], a: f32) {
+        for v in y.iter_mut() {
+            *v *= a;
+        }
+    }
+}
+
+/// AVX2 instance of the attention inner loop.
+///
+/// # Safety
+/// AVX2/FMA must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attend_group_avx2(
+    job: &crate::attention::GroupJob<'_>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    // SAFETY: features enabled on this function.
+    unsafe { crate::attention::attend_group::<Avx2Ops>(job, out, scratch) }
+}

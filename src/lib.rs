@@ -1,0 +1,4 @@
+//! The `pagoda` binary's library half: configuration loading and the commands' logic, so
+//! integration tests can reach them.
+
+pub mod config;

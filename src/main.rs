@@ -1,0 +1,193 @@
+//! `pagoda`: command-line entry point.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use pagoda::config::Config;
+use pagoda_actors::engine::Engine;
+use pagoda_actors::messages::SamplingParams;
+use pagoda_actors::protocol::{ChatMessage, GenerateRequest, Prompt, StreamEvent};
+
+#[derive(Parser)]
+#[command(name = "pagoda", version, about = "LLM serving runtime whose front door is NATS")]
+struct Cli {
+    /// Configuration file (default: configs/default.toml when it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion in-process (through all five actors) and stream it to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Model: a GGUF file or a Hugging Face directory (default: model.path of the config).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Apply the model's chat template to the prompt (as one user message).
+    #[arg(long)]
+    chat: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt.
+    prompt: String,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// Tokens to generate at least (EOS is suppressed until then).
+    #[arg(long, default_value_t = 0)]
+    min_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Drop tokens below min_p × the top probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable); it is not part of the output.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Stop token id (repeatable).
+    #[arg(long)]
+    stop_token_id: Vec<u32>,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            max_tokens: self.max_tokens,
+            min_tokens: self.min_tokens,
+            stop: self.stop.clone(),
+            stop_token_ids: self.stop_token_id.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Generate(args) => {
+            if let Some(m) = &args.model {
+                config.engine.model.path = m.display().to_string();
+            }
+            config.validate()?;
+            generate(config, args)
+        }
+    }
+}
+
+fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
+    let params = args.sampling.params();
+    let prompt = if args.chat {
+        Prompt::Messages(vec![ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }])
+    } else {
+        Prompt::Text(args.prompt.clone())
+    };
+    let system = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    system.block_on(async move {
+        let engine = Engine::start(&config.engine).context("starting the engine")?;
+        let mut rx = engine.generate(GenerateRequest {
+            id: "cli".into(),
+            prompt,
+            params,
+        });
+        let mut stdout = std::io::stdout().lock();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                StreamEvent::Delta { text, .. } => {
+                    stdout.write_all(text.as_bytes())?;
+                    stdout.flush()?;
+                }
+                StreamEvent::Finished {
+                    text,
+                    finish_reason,
+                    usage,
+                    timings,
+                    ..
+                } => {
+                    stdout.write_all(text.as_bytes())?;
+                    writeln!(stdout)?;
+                    stdout.flush()?;
+                    tracing::info!(
+                        finish_reason = finish_reason.as_str(),
+                        prompt_tokens = usage.prompt_tokens,
+                        completion_tokens = usage.completion_tokens,
+                        ttft_ms = timings.ttft_ms,
+                        total_ms = timings.total_ms,
+                        "done"
+                    );
+                    return Ok(());
+                }
+                StreamEvent::Error(e) => anyhow::bail!("{}", e.message),
+            }
+        }
+        anyhow::bail!("the engine stopped before the request finished")
+    })
+}
