@@ -1,4 +1,5 @@
 //! The `pagoda` binary's library half: configuration loading and the commands' logic, so
 //! integration tests can reach them.
 
+pub mod bench;
 pub mod config;

@@ -24,6 +24,35 @@ struct Cli {
 enum Command {
     /// Generate a completion in-process (through all five actors) and stream it to stdout.
     Generate(GenerateArgs),
+    /// Benchmark the engine with synthetic requests (greedy, ignore_eos).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Run the engine in this process (the only mode until the NATS front door lands).
+    #[arg(long, default_value_t = true)]
+    in_process: bool,
+    /// Model (default: model.path of the config).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Requests per run (default: 4 × concurrency, at least 8).
+    #[arg(long)]
+    num_prompts: Option<usize>,
+    /// Concurrency levels to run, e.g. 1,8,32.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    sweep: Vec<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    input_len: usize,
+    /// Output length in tokens.
+    #[arg(long, default_value_t = 128)]
+    output_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the reports as JSON to this file.
+    #[arg(long)]
+    save_result: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -131,7 +160,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.validate()?;
             generate(config, args)
         }
+        Command::Bench(args) => {
+            if let Some(m) = &args.model {
+                config.engine.model.path = m.display().to_string();
+            }
+            config.validate()?;
+            bench(config, args)
+        }
     }
+}
+
+fn runtime() -> actix::SystemRunner {
+    actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    })
+}
+
+fn bench(config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.in_process, "only --in-process is available so far");
+    runtime().block_on(async move {
+        let engine = Engine::start(&config.engine).context("starting the engine")?;
+        eprintln!(
+            "model {} | input {} tokens, output {} tokens, greedy, ignore_eos",
+            engine.info.model_path, args.input_len, args.output_len
+        );
+        let mut reports = Vec::new();
+        for &c in &args.sweep {
+            let spec = pagoda::bench::BenchSpec {
+                num_prompts: args.num_prompts.unwrap_or((4 * c).max(8)),
+                max_concurrency: c,
+                input_len: args.input_len,
+                output_len: args.output_len,
+                seed: args.seed,
+            };
+            let report = pagoda::bench::run(&engine, &spec).await;
+            report.print();
+            reports.push(report);
+        }
+        if let Some(path) = &args.save_result {
+            std::fs::write(path, serde_json::to_string_pretty(&reports)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    })
 }
 
 fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
@@ -144,14 +219,7 @@ fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         Prompt::Text(args.prompt.clone())
     };
-    let system = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    });
-    system.block_on(async move {
+    runtime().block_on(async move {
         let engine = Engine::start(&config.engine).context("starting the engine")?;
         let mut rx = engine.generate(GenerateRequest {
             id: "cli".into(),
