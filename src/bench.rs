@@ -82,8 +82,14 @@ impl BenchReport {
         println!("duration (s):               {:.2}", self.duration_s);
         println!("request throughput (req/s): {:.2}", self.request_throughput);
         println!("output throughput (tok/s):  {:.1}", self.output_throughput);
-        println!("total throughput (tok/s):   {:.1}", self.total_token_throughput);
-        println!("per-stream decode (tok/s):  {:.1}", self.per_stream_decode_tok_s);
+        println!(
+            "total throughput (tok/s):   {:.1}",
+            self.total_token_throughput
+        );
+        println!(
+            "per-stream decode (tok/s):  {:.1}",
+            self.per_stream_decode_tok_s
+        );
         for (name, s) in [
             ("TTFT", &self.ttft_ms),
             ("TPOT", &self.tpot_ms),
@@ -200,7 +206,11 @@ pub async fn run(engine: &Engine, spec: &BenchSpec) -> BenchReport {
         },
         ttft_ms: Stats::of(ok.iter().map(|t| ms(t.ttft)).collect()),
         tpot_ms: tpot_stats,
-        itl_ms: Stats::of(ok.iter().flat_map(|t| t.itl.iter().map(|d| ms(*d))).collect()),
+        itl_ms: Stats::of(
+            ok.iter()
+                .flat_map(|t| t.itl.iter().map(|d| ms(*d)))
+                .collect(),
+        ),
         e2e_ms: Stats::of(ok.iter().map(|t| ms(t.e2e)).collect()),
     }
 }

@@ -41,12 +41,11 @@ impl Config {
         let cfg = match path {
             None => Config::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| {
-                    ConfigLoadError::Read {
+                let text =
+                    std::fs::read_to_string(&path).map_err(|source| ConfigLoadError::Read {
                         path: path.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 Self::parse(&text).map_err(|message| ConfigLoadError::Parse { path, message })?
             }
         };
@@ -69,11 +68,9 @@ mod tests {
 
     #[test]
     fn default_toml_matches_builtin_defaults() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/configs/default.toml"
-        ))
-        .expect("configs/default.toml exists");
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.toml"))
+                .expect("configs/default.toml exists");
         let cfg = Config::parse(&text).expect("default.toml parses");
         assert_eq!(cfg, Config::default());
         cfg.validate().expect("defaults are valid");

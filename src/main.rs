@@ -11,7 +11,11 @@ use pagoda_actors::messages::SamplingParams;
 use pagoda_actors::protocol::{ChatMessage, GenerateRequest, Prompt, StreamEvent};
 
 #[derive(Parser)]
-#[command(name = "pagoda", version, about = "LLM serving runtime whose front door is NATS")]
+#[command(
+    name = "pagoda",
+    version,
+    about = "LLM serving runtime whose front door is NATS"
+)]
 struct Cli {
     /// Configuration file (default: configs/default.toml when it exists).
     #[arg(long, global = true)]

@@ -763,7 +763,10 @@ mod actor {
     }
 
     impl DetokenizerActor {
-        pub fn new(tokenizer: Arc<tokenizers::Tokenizer>, scheduler: Recipient<FinishSequence>) -> Self {
+        pub fn new(
+            tokenizer: Arc<tokenizers::Tokenizer>,
+            scheduler: Recipient<FinishSequence>,
+        ) -> Self {
             Self {
                 tokenizer,
                 scheduler,
@@ -825,7 +828,10 @@ mod actor {
                         let ms = |us: u64| us as f64 / 1e3;
                         let timings = Timings {
                             queue_ms: ms(st.queue_us),
-                            ttft_ms: ms(st.first_token_us.unwrap_or(now).saturating_sub(st.arrival_us)),
+                            ttft_ms: ms(st
+                                .first_token_us
+                                .unwrap_or(now)
+                                .saturating_sub(st.arrival_us)),
                             total_ms: ms(now.saturating_sub(st.arrival_us)),
                         };
                         let _ = st.sink.send(StreamEvent::Finished {

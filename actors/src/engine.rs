@@ -7,16 +7,19 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::mpsc;
 
-use crate::block_manager::{BlockManager, BlockManagerActor, BlockManagerConfig, BlockStats, InspectPool};
+use crate::block_manager::{
+    BlockManager, BlockManagerActor, BlockManagerConfig, BlockStats, InspectPool,
+};
 use crate::config::EngineConfig;
 use crate::detokenizer::DetokenizerActor;
 use crate::executor::models::llama::Llama;
 use crate::executor::weights::LoadError;
 use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
 use crate::protocol::{GenerateRequest, StreamEvent};
-use crate::scheduler::{GetSchedulerStats, SchedulerActor, SchedulerLimits, SchedulerPolicy, SchedulerStats};
-use crate::tokenizer::{tokenizer_from_gguf_file, tokenizer_from_hf_dir};
-use crate::tokenizer_actor::{Submit, TokenizerActor};
+use crate::scheduler::{
+    GetSchedulerStats, SchedulerActor, SchedulerLimits, SchedulerPolicy, SchedulerStats,
+};
+use crate::tokenizer::{tokenizer_from_gguf_file, tokenizer_from_hf_dir, Submit, TokenizerActor};
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +98,8 @@ impl Engine {
                 "the KV pool holds fewer tokens than the model's context; sequences are capped"
             );
         }
-        let bm_cfg = BlockManagerConfig::new(num_blocks, block_size, cfg.cache.enable_prefix_caching);
+        let bm_cfg =
+            BlockManagerConfig::new(num_blocks, block_size, cfg.cache.enable_prefix_caching);
         let manager = BlockManager::new(bm_cfg.clone())?;
         let eos_ids = parts.special.eos_ids.clone();
         let policy = SchedulerPolicy::new(
@@ -119,8 +123,8 @@ impl Engine {
         let executor = Executor::new(model, num_blocks, block_size, eos_ids);
         // The executor's thread: forward passes block it for milliseconds at a time.
         let exec_arbiter = Arbiter::new();
-        let executor = ExecutorActor::start_in_arbiter(&exec_arbiter.handle(), move |_| ExecutorActor {
-            executor,
+        let executor = ExecutorActor::start_in_arbiter(&exec_arbiter.handle(), move |_| {
+            ExecutorActor { executor }
         });
         let block_manager = BlockManagerActor::new(manager).start();
         let decoder = Arc::new(parts.tokenizer.clone());
@@ -129,9 +133,16 @@ impl Engine {
         let scheduler = SchedulerActor::create(|ctx| {
             let detok = DetokenizerActor::new(decoder, ctx.address().recipient()).start();
             detok_addr = Some(detok.clone());
-            SchedulerActor::new(policy, bm, executor, detok.clone().recipient(), detok.recipient())
+            SchedulerActor::new(
+                policy,
+                bm,
+                executor,
+                detok.clone().recipient(),
+                detok.recipient(),
+            )
         });
-        let detokenizer = detok_addr.ok_or_else(|| EngineError::Other("detokenizer did not start".into()))?;
+        let detokenizer =
+            detok_addr.ok_or_else(|| EngineError::Other("detokenizer did not start".into()))?;
         let tokenizer = TokenizerActor::new(
             Arc::new(parts),
             template,

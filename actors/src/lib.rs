@@ -10,4 +10,3 @@ pub mod messages;
 pub mod protocol;
 pub mod scheduler;
 pub mod tokenizer;
-pub mod tokenizer_actor;

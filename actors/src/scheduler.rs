@@ -1848,7 +1848,10 @@ mod actor {
 
         fn on_blocks(
             &mut self,
-            res: Result<Result<super::StepResponse, crate::block_manager::BlockError>, MailboxError>,
+            res: Result<
+                Result<super::StepResponse, crate::block_manager::BlockError>,
+                MailboxError,
+            >,
             ctx: &mut Context<Self>,
         ) {
             let resp = match res {
@@ -1896,7 +1899,9 @@ mod actor {
             let out = match res {
                 Ok(Ok(out)) => out,
                 Ok(Err(e)) => return self.fail_batch(e, seq_ids, ctx),
-                Err(e) => return self.fail_batch(format!("executor unreachable: {e}"), seq_ids, ctx),
+                Err(e) => {
+                    return self.fail_batch(format!("executor unreachable: {e}"), seq_ids, ctx)
+                }
             };
             let outputs: Vec<SeqOutput> = match self.policy.update(&out) {
                 Ok(o) => o,

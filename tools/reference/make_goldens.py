@@ -50,10 +50,10 @@ N_TINY_GREEDY = 64
 # Plain-text (not chat) prompts for the GGUF model. Chosen so that the greedy continuation
 # does not run into an end-of-sequence token within N_FORCED tokens (checked below).
 GGUF_PROMPTS = [
-    ("capital", "The capital of France is"),
+    ("capital", "The capital of France is Paris, and the capital of Germany is"),
     ("story", "Once upon a time, in a small village at the edge of a dark forest, there lived"),
-    ("python", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
-    ("list", "Here is a list of three common fruits:\n1."),
+    ("python", "The following Python function returns the sum of a list:\n\ndef total(xs):"),
+    ("list", "Here are five tips for better sleep:\n1."),
     ("question", "Q: Why is the sky blue?\nA:"),
     ("recipe", "To make a cup of tea, first"),
     ("science", "Photosynthesis is the process by which plants"),
@@ -416,7 +416,7 @@ def make_gguf_goldens(model_path: Path, ref_tok, meta: dict) -> dict:
             print(f"  note: {name}: KV-cached greedy vs full-forward argmax differ at {mism}", file=sys.stderr)
         hit = [i for i, t in enumerate(forced) if t in eos_like]
         if hit:
-            print(f"  warning: {name}: special token in forced continuation at {hit}", file=sys.stderr)
+            raise SystemExit(f"error: {name}: special token in the greedy continuation at {hit}; pick another prompt")
         cont = decode(ref_tok, forced)
         print(f"  [{name}] {text!r} -> {cont!r}")
         prompts.append(
@@ -508,7 +508,7 @@ def make_tiny(ref_tok, meta: dict, out_dir: Path) -> dict:
     model = LlamaForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="eager").eval()
     rng = np.random.default_rng(0)
     texts = [
-        "The quick brown fox jumps over the lazy dog near the river bank today.",
+        "The quick brown fox jumps over the lazy dog near the old river bank, twice a day.",
         None,  # random ids
         "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
     ]
@@ -544,6 +544,8 @@ def make_tiny(ref_tok, meta: dict, out_dir: Path) -> dict:
         print(f"  tiny prompt {i}: len {len(ids)}, last logits mean {l.mean():.3f} std {l.std():.3f} "
               f"max {l.max():.3f}; greedy {greedy[:10]}...")
 
+    for p in out_dir.iterdir():
+        p.chmod(0o644)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(out_dir.iterdir())}
     return {
         "meta": {
@@ -574,6 +576,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--only", default="tokenizer,gguf,tiny", help="comma list of: tokenizer,gguf,tiny")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
     only = set(args.only.split(","))
     model_path = args.model.resolve()
     if not model_path.exists():

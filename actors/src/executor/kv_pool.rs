@@ -12,7 +12,12 @@ pub struct KvPool {
 
 impl KvPool {
     /// Bytes one block takes across all layers (K and V).
-    pub fn bytes_per_block(num_layers: usize, block_size: usize, num_kv_heads: usize, head_dim: usize) -> usize {
+    pub fn bytes_per_block(
+        num_layers: usize,
+        block_size: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
         2 * num_layers * block_size * num_kv_heads * head_dim * std::mem::size_of::<f32>()
     }
 

@@ -16,9 +16,17 @@ pub struct Linear {
 }
 
 enum Weight {
-    Dense { w: Vec<f32>, rows: usize, cols: usize },
+    Dense {
+        w: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    },
     Quant(QMatrix),
-    Candle { m: QMatMul, rows: usize, cols: usize },
+    Candle {
+        m: QMatMul,
+        rows: usize,
+        cols: usize,
+    },
 }
 
 /// Errors raised while running a layer (shape mismatches are bugs, but never panics).
@@ -106,9 +114,7 @@ impl Linear {
             )));
         }
         match &self.weight {
-            Weight::Dense { w, .. } => {
-                pagoda_kernels::dense::matmul_f32(w, rows, cols, x, n, out)?
-            }
+            Weight::Dense { w, .. } => pagoda_kernels::dense::matmul_f32(w, rows, cols, x, n, out)?,
             Weight::Quant(m) => m.matmul(x, n, out)?,
             Weight::Candle { m, .. } => {
                 let t = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;

@@ -167,7 +167,9 @@ impl Executor {
                     ))
                 })? as usize;
                 if block >= self.kv.num_blocks() {
-                    return Err(ForwardError::Shape(format!("block id {block} out of range")));
+                    return Err(ForwardError::Shape(format!(
+                        "block id {block} out of range"
+                    )));
                 }
                 tokens.push(t);
                 positions.push(pos);

@@ -65,11 +65,10 @@ impl WeightSource {
         })?;
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut reader = BufReader::new(file);
-        let content =
-            gguf_file::Content::read(&mut reader).map_err(|e| LoadError::BadGguf {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| LoadError::BadGguf {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         // A truncated file is caught here, before minutes of loading: every tensor must lie
         // inside the file.
         for (name, info) in &content.tensor_infos {
@@ -194,12 +193,13 @@ impl WeightSource {
                 match format {
                     Some(format) => {
                         let data = qt.data().map_err(|e| bad(name, e))?.into_owned();
-                        let m = QMatrix::new(format, rows, cols, data)
-                            .map_err(|e| bad(name, e))?;
+                        let m = QMatrix::new(format, rows, cols, data).map_err(|e| bad(name, e))?;
                         Ok(Linear::quant(m))
                     }
-                    None if matches!(qt.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-                        || row_access =>
+                    None if matches!(
+                        qt.dtype(),
+                        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                    ) || row_access =>
                     {
                         let w = qt
                             .dequantize(&Device::Cpu)

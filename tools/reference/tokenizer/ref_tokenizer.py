@@ -11,7 +11,8 @@ GGUF metadata two ways, with the HF `tokenizers` library:
   by one before the GPT-2 regex (HF: Sequence[Digits(individual_digits=True), ByteLevel]), as in
   the original SmolLM2 tokenizer.json.
 
-If llama-cpp-python is installed it also tokenizes with llama.cpp itself (vocab only).
+If llama-cpp-python is installed it also tokenizes with llama.cpp itself (vocab only); when it
+lives in another venv, use llama_cpp_ids.py beside this file instead.
 
 It also renders the chat template with jinja2 the way transformers does
 (ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks).

@@ -110,10 +110,11 @@ impl LlamaConfig {
     /// From a Hugging Face `config.json`.
     pub fn from_hf_config(path: &Path) -> Result<Self, LoadError> {
         let text = read_text(path)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::BadConfig {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| LoadError::BadConfig {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         let bad = |msg: String| LoadError::BadConfig {
             path: path.to_path_buf(),
             message: msg,
@@ -179,7 +180,9 @@ impl LlamaConfig {
         if ok {
             Ok(())
         } else {
-            Err(LoadError::Unsupported(format!("inconsistent model config {self:?}")))
+            Err(LoadError::Unsupported(format!(
+                "inconsistent model config {self:?}"
+            )))
         }
     }
 }
@@ -323,13 +326,23 @@ impl Llama {
 
     /// Runs the batch through the model, writing its K/V into the pool, and returns the
     /// logits of `input.logit_rows` (row-major, `logit_rows.len() × vocab_size`).
-    pub fn forward(&self, input: &BatchInput<'_>, kv: &mut KvPool) -> Result<Vec<f32>, ForwardError> {
+    pub fn forward(
+        &self,
+        input: &BatchInput<'_>,
+        kv: &mut KvPool,
+    ) -> Result<Vec<f32>, ForwardError> {
         let cfg = &self.config;
         let n = input.tokens.len();
         if input.positions.len() != n || input.slots.len() != n {
-            return Err(ForwardError::Shape("tokens/positions/slots differ in length".into()));
+            return Err(ForwardError::Shape(
+                "tokens/positions/slots differ in length".into(),
+            ));
         }
-        if let Some(p) = input.positions.iter().find(|&&p| p >= self.rope.max_positions()) {
+        if let Some(p) = input
+            .positions
+            .iter()
+            .find(|&&p| p >= self.rope.max_positions())
+        {
             return Err(ForwardError::Shape(format!(
                 "position {p} is beyond the model's context ({})",
                 self.rope.max_positions()
@@ -364,12 +377,34 @@ impl Llama {
             layer.wq.forward(&hbuf, n, &mut q)?;
             layer.wk.forward(&hbuf, n, &mut k)?;
             layer.wv.forward(&hbuf, n, &mut v)?;
-            apply_rope(&mut q, input.positions, cfg.num_heads, hd, &self.rope, cfg.rope_style)?;
-            apply_rope(&mut k, input.positions, cfg.num_kv_heads, hd, &self.rope, cfg.rope_style)?;
+            apply_rope(
+                &mut q,
+                input.positions,
+                cfg.num_heads,
+                hd,
+                &self.rope,
+                cfg.rope_style,
+            )?;
+            apply_rope(
+                &mut k,
+                input.positions,
+                cfg.num_kv_heads,
+                hd,
+                &self.rope,
+                cfg.rope_style,
+            )?;
             let (k_cache, v_cache) = kv.layer_mut(li);
             write_kv(&shape, k_cache, v_cache, &k, &v, input.slots)?;
             let (k_cache, v_cache) = kv.layer(li);
-            paged_attention(&shape, k_cache, v_cache, &q, cfg.num_heads, input.seqs, &mut attn)?;
+            paged_attention(
+                &shape,
+                k_cache,
+                v_cache,
+                &q,
+                cfg.num_heads,
+                input.seqs,
+                &mut attn,
+            )?;
             layer.wo.forward(&attn, n, &mut o)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
