@@ -20,8 +20,23 @@ import json
 import sys
 from pathlib import Path
 
+import llama_cpp.llama_cpp as llama_cpp_c
 import numpy as np
 from llama_cpp import Llama
+
+# llama.cpp built with GGML_NATIVE on a CPU that reports AMX repacks Q4_1 weights for its AMX
+# kernels, which segfault on this (virtualised) machine. Turn the extra (repacking) buffer types
+# off: Llama() has no argument for it, so patch the defaults it starts from.
+_default_model_params = llama_cpp_c.llama_model_default_params
+
+
+def _model_params_without_repack():
+    p = _default_model_params()
+    p.use_extra_bufts = False
+    return p
+
+
+llama_cpp_c.llama_model_default_params = _model_params_without_repack
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -437,3 +437,43 @@ impl Llama {
         Ok(logits)
     }
 }
+
+impl Llama {
+    /// Runs one whole sequence through the model in a single prefill on a private KV pool
+    /// and returns the logits after each of `rows` (row i = after `tokens[..=i]`). For
+    /// scoring and fidelity checks; serving goes through the executor's shared pool.
+    pub fn sequence_logits(
+        &self,
+        tokens: &[u32],
+        rows: &[usize],
+    ) -> Result<Vec<f32>, ForwardError> {
+        const BS: usize = 16;
+        let cfg = &self.config;
+        let num_blocks = tokens.len().div_ceil(BS).max(1);
+        let mut kv = KvPool::new(
+            cfg.num_layers,
+            pagoda_kernels::attention::KvShape {
+                num_blocks,
+                block_size: BS,
+                num_kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+            },
+        );
+        let table: Vec<u32> = (0..num_blocks as u32).collect();
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        let seqs = [AttnSeq {
+            query_start: 0,
+            query_len: tokens.len(),
+            context_len: tokens.len(),
+            block_table: &table,
+        }];
+        let input = BatchInput {
+            tokens,
+            positions: &positions,
+            slots: &positions,
+            seqs: &seqs,
+            logit_rows: rows,
+        };
+        self.forward(&input, &mut kv)
+    }
+}

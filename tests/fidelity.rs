@@ -1,0 +1,192 @@
+//! Model fidelity against an independent implementation (Hugging Face transformers), using
+//! the goldens that `tools/reference/make_goldens.py` wrote:
+//! - SmolLM2-135M-Instruct Q4_1 GGUF: teacher-forced top-1 agreement >= 99 % over
+//!   10 prompts x 64 positions; greedy first 32 tokens identical on >= 9 of 10 prompts
+//!   (through the whole engine, all prompts batched together).
+//! - A tiny random f32 llama in safetensors: max |delta logit| <= 1e-3 and 64 greedy tokens
+//!   identical.
+
+mod common;
+
+use pagoda_actors::executor::models::llama::Llama;
+use pagoda_actors::executor::open_model;
+use pagoda_actors::protocol::{GenerateRequest, Prompt};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct GgufGoldens {
+    prompts: Vec<GgufCase>,
+}
+
+#[derive(Deserialize)]
+struct GgufCase {
+    name: String,
+    prompt_ids: Vec<u32>,
+    forced_ids: Vec<u32>,
+    top1: Vec<u32>,
+    top1_margin: Vec<f32>,
+    greedy32: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct TinyGoldens {
+    prompts: Vec<TinyCase>,
+}
+
+#[derive(Deserialize)]
+struct TinyCase {
+    ids: Vec<u32>,
+    logits_pos0: Vec<f32>,
+    logits_last: Vec<f32>,
+    greedy64: Vec<u32>,
+}
+
+fn read_json<T: for<'a> Deserialize<'a>>(rel: &str) -> T {
+    let path = common::repo_root().join(rel);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad goldens {}: {e}", path.display()))
+}
+
+fn load(path: &std::path::Path) -> Llama {
+    let (mut src, cfg) = open_model(path).expect("open model");
+    Llama::load(&mut src, cfg).expect("load model")
+}
+
+fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn gguf_teacher_forced_top1_agrees_with_transformers() {
+    let goldens: GgufGoldens = read_json("tests/goldens/smollm2_q4_1.json");
+    assert_eq!(goldens.prompts.len(), 10);
+    let model = load(&common::model_path());
+    let vocab = model.config.vocab_size;
+    let (mut agree, mut total) = (0usize, 0usize);
+    let mut report = Vec::new();
+    for case in &goldens.prompts {
+        let mut tokens = case.prompt_ids.clone();
+        tokens.extend_from_slice(&case.forced_ids);
+        let p = case.prompt_ids.len();
+        let rows: Vec<usize> = (0..case.top1.len()).map(|i| p - 1 + i).collect();
+        let logits = model.sequence_logits(&tokens, &rows).expect("forward");
+        let mut case_agree = 0;
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            if argmax(row) == case.top1[i] {
+                case_agree += 1;
+            } else {
+                report.push(format!(
+                    "{} pos {i}: pagoda {} vs reference {} (reference margin {:.3})",
+                    case.name,
+                    argmax(row),
+                    case.top1[i],
+                    case.top1_margin[i]
+                ));
+            }
+        }
+        agree += case_agree;
+        total += case.top1.len();
+    }
+    let rate = agree as f64 / total as f64;
+    eprintln!(
+        "teacher-forced top-1 agreement: {agree}/{total} = {:.2} %",
+        rate * 100.0
+    );
+    for r in &report {
+        eprintln!("  {r}");
+    }
+    assert_eq!(total, 640);
+    assert!(rate >= 0.99, "top-1 agreement {rate} < 0.99: {report:#?}");
+}
+
+#[test]
+fn gguf_greedy_32_matches_transformers_through_the_engine() {
+    let goldens: GgufGoldens = read_json("tests/goldens/smollm2_q4_1.json");
+    let cfg = common::test_config();
+    let requests = goldens
+        .prompts
+        .iter()
+        .map(|c| GenerateRequest {
+            id: c.name.clone(),
+            prompt: Prompt::TokenIds(c.prompt_ids.clone()),
+            params: common::greedy(32),
+        })
+        .collect();
+    let outputs = common::run(async move {
+        let engine = common::start(&cfg);
+        let outs = common::generate_all(&engine, requests).await;
+        common::assert_pool_drained(&engine).await;
+        outs
+    });
+    let mut identical = 0;
+    for (case, out) in goldens.prompts.iter().zip(&outputs) {
+        let ids = &out.token_ids;
+        if ids == &case.greedy32 {
+            identical += 1;
+        } else {
+            let first = ids.iter().zip(&case.greedy32).position(|(a, b)| a != b);
+            eprintln!("{}: first difference at token {first:?}", case.name);
+        }
+    }
+    eprintln!("greedy 32 identical on {identical}/10 prompts");
+    assert!(identical >= 9, "only {identical}/10 prompts match");
+}
+
+#[test]
+fn safetensors_f32_logits_match_transformers() {
+    let goldens: TinyGoldens = read_json("tests/goldens/tiny_llama.json");
+    let model = load(&common::repo_root().join("tests/fixtures/tiny-llama"));
+    let vocab = model.config.vocab_size;
+    let mut max_delta = 0f32;
+    for case in &goldens.prompts {
+        let n = case.ids.len();
+        let logits = model
+            .sequence_logits(&case.ids, &[0, n - 1])
+            .expect("forward");
+        let (pos0, last) = logits.split_at(vocab);
+        for (got, want) in [(pos0, &case.logits_pos0), (last, &case.logits_last)] {
+            assert_eq!(want.len(), vocab);
+            for (a, b) in got.iter().zip(want.iter()) {
+                max_delta = max_delta.max((a - b).abs());
+            }
+        }
+    }
+    eprintln!("tiny llama f32: max |delta logit| = {max_delta:e}");
+    assert!(max_delta <= 1e-3, "max |delta logit| {max_delta} > 1e-3");
+}
+
+#[test]
+fn safetensors_greedy_64_matches_transformers_through_the_engine() {
+    let goldens: TinyGoldens = read_json("tests/goldens/tiny_llama.json");
+    let mut cfg = common::test_config();
+    cfg.model.path = common::repo_root()
+        .join("tests/fixtures/tiny-llama")
+        .display()
+        .to_string();
+    let requests = goldens
+        .prompts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| GenerateRequest {
+            id: format!("tiny-{i}"),
+            prompt: Prompt::TokenIds(c.ids.clone()),
+            params: common::greedy(64),
+        })
+        .collect();
+    let outputs = common::run(async move {
+        let engine = common::start(&cfg);
+        let outs = common::generate_all(&engine, requests).await;
+        common::assert_pool_drained(&engine).await;
+        outs
+    });
+    for (case, out) in goldens.prompts.iter().zip(&outputs) {
+        assert_eq!(out.token_ids, case.greedy64, "64 greedy tokens differ");
+    }
+}
