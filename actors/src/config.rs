@@ -3,22 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     pub model: ModelConfig,
     pub cache: CacheConfig,
     pub scheduler: SchedulerConfig,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            model: ModelConfig::default(),
-            cache: CacheConfig::default(),
-            scheduler: SchedulerConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

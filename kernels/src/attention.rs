@@ -187,7 +187,7 @@ pub(crate) fn attention_with(
     let layer_len = shape.validate()?;
     check_len("k_cache", layer_len, k_cache.len())?;
     check_len("v_cache", layer_len, v_cache.len())?;
-    if num_heads == 0 || num_heads % shape.num_kv_heads != 0 {
+    if num_heads == 0 || !num_heads.is_multiple_of(shape.num_kv_heads) {
         return Err(KernelError::InvalidShape {
             what: "num_heads",
             reason: format!(
@@ -198,7 +198,7 @@ pub(crate) fn attention_with(
     }
     let hd = shape.head_dim;
     let row = checked_product("attention q row", &[num_heads, hd])?;
-    if q.len() % row != 0 {
+    if !q.len().is_multiple_of(row) {
         return Err(KernelError::InvalidShape {
             what: "attention q",
             reason: format!(

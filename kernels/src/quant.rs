@@ -81,7 +81,7 @@ impl QMatrix {
         cols: usize,
         data: Vec<u8>,
     ) -> Result<Self, KernelError> {
-        if cols % BLOCK_WEIGHTS != 0 {
+        if !cols.is_multiple_of(BLOCK_WEIGHTS) {
             return Err(KernelError::InvalidShape {
                 what: "QMatrix cols",
                 reason: format!("{cols} is not a multiple of {BLOCK_WEIGHTS}"),
@@ -109,7 +109,7 @@ impl QMatrix {
     ) -> Result<Self, KernelError> {
         let expected = checked_product("QMatrix values", &[rows, cols])?;
         check_len("QMatrix values", expected, values.len())?;
-        if cols % BLOCK_WEIGHTS != 0 {
+        if !cols.is_multiple_of(BLOCK_WEIGHTS) {
             return Err(KernelError::InvalidShape {
                 what: "QMatrix cols",
                 reason: format!("{cols} is not a multiple of {BLOCK_WEIGHTS}"),
@@ -418,7 +418,7 @@ fn fused_row_portable(
 /// covered (Q4_1), and each weight is rounded to the nearest level using the
 /// f16-rounded scale actually stored.
 pub fn quantize(format: QuantFormat, values: &[f32]) -> Result<Vec<u8>, KernelError> {
-    if values.len() % BLOCK_WEIGHTS != 0 {
+    if !values.len().is_multiple_of(BLOCK_WEIGHTS) {
         return Err(KernelError::InvalidShape {
             what: "quantize values",
             reason: format!(

@@ -824,7 +824,7 @@ mod tests {
     fn dense_draws_cover_every_block() {
         // A distribution spread over many blocks, ragged last block included.
         let vocab = 10 * BLOCK + 5;
-        let hot = |i: usize| i % 397 == 0 || i == vocab - 1;
+        let hot = |i: usize| i.is_multiple_of(397) || i == vocab - 1;
         let logits: Vec<f32> = (0..vocab)
             .map(|i| if hot(i) { 2.0 } else { -30.0 })
             .collect();

@@ -67,7 +67,7 @@ impl WeightSource {
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader).map_err(|e| LoadError::BadGguf {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: candle_message(&e),
         })?;
         // A truncated file is caught here, before minutes of loading: every tensor must lie
         // inside the file.
@@ -244,7 +244,7 @@ impl WeightSource {
                     .tensor(reader, name, &Device::Cpu)
                     .map_err(|e| LoadError::BadGguf {
                         path: path.clone(),
-                        message: format!("tensor '{name}': {e}"),
+                        message: format!("tensor '{name}': {}", candle_message(&e)),
                     })
             }
             Self::Safetensors { .. } => Err(LoadError::MissingTensor(name.to_string())),
@@ -256,6 +256,15 @@ impl WeightSource {
             Self::Gguf { path, .. } => path.display().to_string(),
             Self::Safetensors { dir, .. } => dir.display().to_string(),
         }
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches to it when
+/// `RUST_BACKTRACE` is set (a user-facing load error must stay one line).
+fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
     }
 }
 
