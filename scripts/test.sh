@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# pagoda's test command: fetches what the tests need (the default model), then runs the
-# whole workspace's tests in release mode (the model-loading tests need the speed).
+# pagoda's test command: fetches what the tests need (the default model, a nats-server for
+# the end-to-end tests, which start their own on free ports), then runs the whole
+# workspace's tests in release mode (the model-loading tests need the speed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/fetch-model.sh
+PAGODA_NATS_SERVER=$(./scripts/nats-server.sh)
+export PAGODA_NATS_SERVER
+echo "using $PAGODA_NATS_SERVER ($("$PAGODA_NATS_SERVER" --version))" >&2
 cargo test --release --workspace "$@"

@@ -12,6 +12,207 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     #[serde(flatten)]
     pub engine: EngineConfig,
+    pub nats: NatsConfig,
+}
+
+/// The `[nats]` section: how `pagoda serve` and `pagoda request` reach the NATS servers,
+/// and which subjects they use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs, comma-separated (`nats://host:4222`, `tls://host:4222`).
+    pub url: String,
+    /// Connection name shown by the server's monitoring (`nats server report connections`).
+    pub name: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// NKey seed (`SU…`), for servers with nkey authentication.
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (user JWT + nkey seed), for servers in operator mode.
+    pub creds_file: Option<PathBuf>,
+    /// PEM file of CA certificates that sign the server's certificate.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS; both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS.
+    pub tls_required: bool,
+    /// Give up connecting after this long (ms).
+    pub connect_timeout_ms: u64,
+    /// Reconnect backoff doubles from a few ms up to this (ms).
+    pub max_reconnect_delay_ms: u64,
+    /// Keep trying when no server answers at start-up instead of failing.
+    pub retry_on_initial_connect: bool,
+    /// Subjects are `<subject_prefix>.generate` and `<subject_prefix>.cancel`.
+    pub subject_prefix: String,
+    /// Queue group of the generate endpoint: engines in one group share the requests.
+    pub queue_group: String,
+    /// Requests one engine holds at once (running or queued); more are answered with
+    /// `overloaded` so a queue group peer or a retry can take them.
+    pub max_in_flight: usize,
+    /// On shutdown, in-flight requests get this long to finish before they are aborted (ms).
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            name: "pagoda".into(),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            creds_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            connect_timeout_ms: 5000,
+            max_reconnect_delay_ms: 4000,
+            retry_on_initial_connect: true,
+            subject_prefix: "pagoda.v1".into(),
+            queue_group: "pagoda".into(),
+            max_in_flight: 1024,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// The server URLs of `url`, trimmed, empty entries dropped.
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn generate_subject(&self) -> String {
+        format!("{}.generate", self.subject_prefix)
+    }
+
+    pub fn cancel_subject(&self) -> String {
+        format!("{}.cancel", self.subject_prefix)
+    }
+
+    pub fn validate(&self) -> Result<(), pagoda_actors::config::ConfigError> {
+        let err = |m: String| Err(pagoda_actors::config::ConfigError(m));
+        if self.urls().is_empty() {
+            return err("nats.url must name at least one server".into());
+        }
+        if !pagoda_actors::protocol::is_valid_subject(&self.subject_prefix) {
+            return err(format!(
+                "nats.subject_prefix {:?} is not a valid subject (dot-separated tokens, no wildcards or spaces)",
+                self.subject_prefix
+            ));
+        }
+        if self.queue_group.is_empty() || self.queue_group.chars().any(char::is_whitespace) {
+            return err("nats.queue_group must be a non-empty word".into());
+        }
+        if self.max_in_flight == 0 {
+            return err("nats.max_in_flight must be at least 1".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return err("nats.tls_cert and nats.tls_key go together".into());
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return err("nats.user and nats.password go together".into());
+        }
+        let auths = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if auths.iter().filter(|&&a| a).count() > 1 {
+            return err(
+                "choose one of nats.user/password, nats.token, nats.nkey_seed, nats.creds_file"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Command-line flags (and environment variables) for the `[nats]` section; each one set
+/// wins over the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URLs, comma-separated (nats.url).
+    #[arg(long, env = "PAGODA_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Connection name (nats.name).
+    #[arg(long, env = "PAGODA_NATS_NAME")]
+    pub nats_name: Option<String>,
+    /// User name; goes with --nats-password (nats.user).
+    #[arg(long, env = "PAGODA_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// Password (nats.password); prefer the environment variable.
+    #[arg(long, env = "PAGODA_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// Authentication token (nats.token).
+    #[arg(long, env = "PAGODA_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NKey seed (nats.nkey_seed).
+    #[arg(long, env = "PAGODA_NATS_NKEY_SEED", hide_env_values = true)]
+    pub nats_nkey_seed: Option<String>,
+    /// Credentials file: user JWT + seed (nats.creds_file).
+    #[arg(long, env = "PAGODA_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificates (PEM) for the server's TLS certificate (nats.tls_ca).
+    #[arg(long, env = "PAGODA_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (nats.tls_cert).
+    #[arg(long, env = "PAGODA_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS (nats.tls_key).
+    #[arg(long, env = "PAGODA_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Require TLS (nats.tls_required).
+    #[arg(long)]
+    pub nats_tls_required: bool,
+    /// Subject prefix: <prefix>.generate, <prefix>.cancel (nats.subject_prefix).
+    #[arg(long, env = "PAGODA_NATS_SUBJECT_PREFIX")]
+    pub nats_subject_prefix: Option<String>,
+}
+
+impl NatsArgs {
+    /// Overrides the file's values with the flags that were given.
+    pub fn apply(&self, cfg: &mut NatsConfig) {
+        let set = |dst: &mut String, src: &Option<String>| {
+            if let Some(v) = src {
+                dst.clone_from(v);
+            }
+        };
+        set(&mut cfg.url, &self.nats_url);
+        set(&mut cfg.name, &self.nats_name);
+        set(&mut cfg.subject_prefix, &self.nats_subject_prefix);
+        let opt = |dst: &mut Option<String>, src: &Option<String>| {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        };
+        opt(&mut cfg.user, &self.nats_user);
+        opt(&mut cfg.password, &self.nats_password);
+        opt(&mut cfg.token, &self.nats_token);
+        opt(&mut cfg.nkey_seed, &self.nats_nkey_seed);
+        let path = |dst: &mut Option<PathBuf>, src: &Option<PathBuf>| {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        };
+        path(&mut cfg.creds_file, &self.nats_creds);
+        path(&mut cfg.tls_ca, &self.nats_tls_ca);
+        path(&mut cfg.tls_cert, &self.nats_tls_cert);
+        path(&mut cfg.tls_key, &self.nats_tls_key);
+        if self.nats_tls_required {
+            cfg.tls_required = true;
+        }
+    }
 }
 
 /// The file read when `--config` is not given, if it exists (relative to the working
@@ -58,6 +259,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigLoadError> {
         self.engine.validate()?;
+        self.nats.validate()?;
         Ok(())
     }
 }
@@ -80,6 +282,29 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = Config::parse("[cache]\nblok_size = 8\n").unwrap_err();
         assert!(err.contains("blok_size"), "{err}");
+    }
+
+    #[test]
+    fn nats_section() {
+        let cfg = Config::parse(
+            "[nats]\nurl = \"nats://a:4222, nats://b:4222,\"\nsubject_prefix = \"acme.llm\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.nats.urls(), vec!["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(cfg.nats.generate_subject(), "acme.llm.generate");
+        assert_eq!(cfg.nats.cancel_subject(), "acme.llm.cancel");
+        assert_eq!(cfg.nats.queue_group, "pagoda");
+        cfg.validate().unwrap();
+        for bad in [
+            "[nats]\nurl = \" , \"\n",
+            "[nats]\nsubject_prefix = \"a.*\"\n",
+            "[nats]\ntls_cert = \"c.pem\"\n",
+            "[nats]\nuser = \"u\"\n",
+            "[nats]\ntoken = \"t\"\nnkey_seed = \"SU\"\n",
+        ] {
+            assert!(Config::parse(bad).unwrap().validate().is_err(), "{bad}");
+        }
+        assert!(Config::parse("[nats]\nurls = \"x\"\n").is_err());
     }
 
     #[test]

@@ -2,4 +2,7 @@
 //! integration tests can reach them.
 
 pub mod bench;
+pub mod client;
 pub mod config;
+pub mod gateway;
+pub mod nats;

@@ -30,6 +30,44 @@ enum Command {
     Generate(GenerateArgs),
     /// Benchmark the engine with synthetic requests (greedy, ignore_eos).
     Bench(BenchArgs),
+    /// Serve the engine on NATS (<prefix>.generate, <prefix>.cancel, $SRV.*).
+    Serve(ServeArgs),
+    /// Send one request to the engines on NATS and stream the answer to stdout.
+    Request(RequestArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model: a GGUF file or a Hugging Face directory (default: model.path of the config).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    nats: pagoda::config::NatsArgs,
+}
+
+#[derive(Args)]
+struct RequestArgs {
+    #[command(flatten)]
+    nats: pagoda::config::NatsArgs,
+    /// Send the prompt as one user message (the engine applies the chat template).
+    #[arg(long)]
+    chat: bool,
+    /// Encode the request as JSON instead of MessagePack.
+    #[arg(long)]
+    json: bool,
+    /// Request id (default: a fresh random one).
+    #[arg(long)]
+    id: Option<String>,
+    /// Ask the engine to abort the request after this many milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Give up when nothing arrives for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt.
+    prompt: String,
 }
 
 #[derive(Args)]
@@ -82,16 +120,16 @@ struct SamplingArgs {
     #[arg(long, default_value_t = 0)]
     min_tokens: u32,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Nucleus sampling threshold, in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     top_k: u32,
     /// Drop tokens below min_p × the top probability (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
     /// Seed for reproducible sampling.
     #[arg(long)]
@@ -105,11 +143,11 @@ struct SamplingArgs {
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     presence_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
 }
 
@@ -170,6 +208,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             config.validate()?;
             bench(config, args)
+        }
+        Command::Serve(args) => {
+            if let Some(m) = &args.model {
+                config.engine.model.path = m.display().to_string();
+            }
+            args.nats.apply(&mut config.nats);
+            config.validate()?;
+            serve(config)
+        }
+        Command::Request(args) => {
+            args.nats.apply(&mut config.nats);
+            config.nats.validate()?;
+            request(config, args)
         }
     }
 }
@@ -261,5 +312,90 @@ fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
             }
         }
         anyhow::bail!("the engine stopped before the request finished")
+    })
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    runtime().block_on(async move {
+        let engine = Engine::start(&config.engine).context("starting the engine")?;
+        let nats =
+            pagoda::nats::connect(&config.nats, pagoda::nats::InitialConnect::FromConfig).await?;
+        eprintln!(
+            "pagoda {} serving {} on {} ({}.generate)",
+            env!("CARGO_PKG_VERSION"),
+            engine.info.model_path,
+            config.nats.url,
+            config.nats.subject_prefix
+        );
+        let gateway = pagoda::gateway::GatewayConfig::from(&config.nats);
+        pagoda::gateway::serve(engine, nats, gateway, pagoda::gateway::shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn request(config: Config, args: RequestArgs) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use pagoda_actors::protocol::{WireFormat, WireRequest};
+
+    let mut req = if args.chat {
+        WireRequest::chat(vec![ChatMessage::new("user", args.prompt.clone())])
+    } else {
+        WireRequest::text(args.prompt.clone())
+    };
+    req.id = args.id.clone();
+    req.params = args.sampling.params();
+    req.timeout_ms = args.timeout_ms;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let format = if args.json {
+            WireFormat::Json
+        } else {
+            WireFormat::MsgPack
+        };
+        let client = pagoda::client::Client::connect_with(&config.nats)
+            .await?
+            .with_format(format)
+            .with_idle_timeout(std::time::Duration::from_secs(args.idle_timeout.max(1)));
+        let mut answer = client.generate(req).await?;
+        let mut stdout = std::io::stdout().lock();
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        let mut cancelled = false;
+        loop {
+            let chunk = tokio::select! {
+                c = answer.next() => c,
+                _ = &mut ctrl_c, if !cancelled => {
+                    // Ask for an abort; the final chunk still comes.
+                    cancelled = true;
+                    client.cancel(answer.id()).await?;
+                    continue;
+                }
+            };
+            let Some(chunk) = chunk else {
+                anyhow::bail!("the answer ended without a final chunk");
+            };
+            let chunk = chunk?;
+            stdout.write_all(chunk.text.as_bytes())?;
+            stdout.flush()?;
+            if let Some(reason) = chunk.finish_reason {
+                writeln!(stdout)?;
+                stdout.flush()?;
+                let usage = chunk.usage.unwrap_or_default();
+                let timings = chunk.timings.unwrap_or_default();
+                tracing::info!(
+                    id = %chunk.id,
+                    finish_reason = reason.as_str(),
+                    prompt_tokens = usage.prompt_tokens,
+                    completion_tokens = usage.completion_tokens,
+                    ttft_ms = timings.ttft_ms,
+                    total_ms = timings.total_ms,
+                    "done"
+                );
+                return Ok(());
+            }
+        }
     })
 }

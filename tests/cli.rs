@@ -176,6 +176,20 @@ fn bad_sampling_values_are_named() {
         &["generate", "--model", model, "--max-tokens", "0", "hi"],
         &["max_tokens"],
     );
+    // Valid negative values parse as values, not as flags.
+    let out = pagoda(&[
+        "generate",
+        "--model",
+        model,
+        "--presence-penalty",
+        "-0.5",
+        "--frequency-penalty",
+        "-0.1",
+        "--max-tokens",
+        "2",
+        "hi",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
 }
 
 #[test]

@@ -157,7 +157,7 @@ fn batching_and_preemption_do_not_change_greedy_outputs() {
 #[test]
 fn chunked_prefill_matches_whole_prefill() {
     run(async {
-        let prompt = long_prompt(25);
+        let prompt = long_prompt(19);
         let mut whole_cfg = test_config();
         whole_cfg.scheduler.max_num_batched_tokens = 512;
         let mut chunked_cfg = test_config();
@@ -188,6 +188,14 @@ fn chunked_prefill_matches_whole_prefill() {
         let c = generate(&chunked, text_request("cached", &prompt, greedy(24))).await;
         let after = chunked.scheduler_stats().await.unwrap().prefix_cache_hits;
         assert!(after > before, "no prefix cache hit ({before} → {after})");
+        let (_, usage) = c.finished();
+        assert!(
+            usage.cached_tokens >= 16 && usage.cached_tokens < usage.prompt_tokens,
+            "usage.cached_tokens {} of {} prompt tokens",
+            usage.cached_tokens,
+            usage.prompt_tokens
+        );
+        assert_eq!(a.finished().1.cached_tokens, 0);
         assert_eq!(
             a.token_ids, c.token_ids,
             "cached: {:?}\nwhole: {:?}",

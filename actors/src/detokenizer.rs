@@ -697,6 +697,71 @@ mod tests {
     }
 }
 
+// --- request ids ---------------------------------------------------------------------------
+
+/// Which live sequences belong to a client request id (cancel is by request id; the engine
+/// works with sequence ids). Ids are the client's, so several live sequences may share one.
+#[derive(Debug, Default)]
+pub struct RequestIndex {
+    by_request: std::collections::HashMap<String, Vec<crate::messages::SeqId>>,
+}
+
+impl RequestIndex {
+    pub fn insert(&mut self, request_id: &str, seq_id: crate::messages::SeqId) {
+        self.by_request
+            .entry(request_id.to_owned())
+            .or_default()
+            .push(seq_id);
+    }
+
+    /// Forgets one sequence (its stream ended).
+    pub fn remove(&mut self, request_id: &str, seq_id: crate::messages::SeqId) {
+        if let Some(seqs) = self.by_request.get_mut(request_id) {
+            seqs.retain(|&s| s != seq_id);
+            if seqs.is_empty() {
+                self.by_request.remove(request_id);
+            }
+        }
+    }
+
+    /// The live sequences of a request (empty when none).
+    pub fn seqs(&self, request_id: &str) -> &[crate::messages::SeqId] {
+        self.by_request.get(request_id).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_request.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_request.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod request_index_tests {
+    use super::RequestIndex;
+
+    #[test]
+    fn tracks_sequences_per_request() {
+        let mut idx = RequestIndex::default();
+        assert!(idx.seqs("a").is_empty());
+        idx.insert("a", 1);
+        idx.insert("b", 2);
+        idx.insert("a", 3);
+        assert_eq!(idx.seqs("a"), &[1, 3]);
+        idx.remove("a", 1);
+        assert_eq!(idx.seqs("a"), &[3]);
+        idx.remove("a", 3);
+        idx.remove("a", 3);
+        idx.remove("zzz", 9);
+        assert!(idx.seqs("a").is_empty());
+        assert_eq!(idx.len(), 1);
+        idx.remove("b", 2);
+        assert!(idx.is_empty());
+    }
+}
+
 // --- actor ---------------------------------------------------------------------------------
 
 mod actor {
@@ -706,7 +771,7 @@ mod actor {
     use actix::prelude::*;
     use tokio::sync::mpsc::UnboundedSender;
 
-    use super::{DetokOutput, IncrementalDetokenizer};
+    use super::{DetokOutput, IncrementalDetokenizer, RequestIndex};
     use crate::messages::{now_us, FinishReason, SeqId, TokenId};
     use crate::protocol::{ErrorBody, ErrorCode, StreamEvent, Timings, Usage};
     use crate::scheduler::{FinishSequence, SeqOutput};
@@ -716,6 +781,8 @@ mod actor {
     #[rtype(result = "()")]
     pub struct RegisterStream {
         pub seq_id: SeqId,
+        /// The client's request id (what a cancel names).
+        pub request_id: String,
         /// The prompt (its last tokens give the first output token its context).
         pub prompt_tokens: Vec<TokenId>,
         pub stop: Vec<String>,
@@ -729,8 +796,27 @@ mod actor {
     #[rtype(result = "()")]
     pub struct StepTokens {
         pub outputs: Vec<SeqOutput>,
-        /// Sequences scheduled for the first time in this step, with their queue time (µs).
-        pub first_scheduled: Vec<(SeqId, u64)>,
+        /// Sequences scheduled for the first time in this step.
+        pub first_scheduled: Vec<FirstScheduled>,
+    }
+
+    /// A sequence's first step: how long it waited and how much of its prompt the prefix
+    /// cache already held.
+    #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+    pub struct FirstScheduled {
+        pub seq_id: SeqId,
+        pub queue_us: u64,
+        pub cached_tokens: usize,
+    }
+
+    /// Client → (tokenizer →) detokenizer: cancel every live sequence of a request. Each
+    /// one is finished with `abort` by the scheduler within one step; the stream then ends
+    /// with a `Finished { finish_reason: Abort }` event. Unknown ids are ignored (another
+    /// engine may be running the request, or it already finished).
+    #[derive(Debug, Message)]
+    #[rtype(result = "bool")]
+    pub struct CancelRequest {
+        pub request_id: String,
     }
 
     /// A stream ends without a token: cancelled, or failed (`error` set).
@@ -743,12 +829,14 @@ mod actor {
     }
 
     struct Stream {
+        request_id: String,
         detok: IncrementalDetokenizer,
         sink: UnboundedSender<StreamEvent>,
         num_prompt_tokens: u32,
         num_output_tokens: u32,
         arrival_us: u64,
         queue_us: u64,
+        cached_tokens: u32,
         first_token_us: Option<u64>,
         /// Token ids not yet sent with a text delta.
         unsent_ids: Vec<TokenId>,
@@ -760,6 +848,7 @@ mod actor {
         tokenizer: Arc<tokenizers::Tokenizer>,
         scheduler: Recipient<FinishSequence>,
         streams: HashMap<SeqId, Stream>,
+        requests: RequestIndex,
     }
 
     impl DetokenizerActor {
@@ -771,7 +860,15 @@ mod actor {
                 tokenizer,
                 scheduler,
                 streams: HashMap::new(),
+                requests: RequestIndex::default(),
             }
+        }
+
+        /// Removes a stream that ended, and its request-id entry.
+        fn take_stream(&mut self, seq_id: SeqId) -> Option<Stream> {
+            let st = self.streams.remove(&seq_id)?;
+            self.requests.remove(&st.request_id, seq_id);
+            Some(st)
         }
 
         fn on_token(&mut self, o: &SeqOutput) {
@@ -823,7 +920,7 @@ mod actor {
                         // A stop string ended it: the scheduler must stop generating.
                         let _ = self.scheduler.try_send(FinishSequence { seq_id, reason });
                     }
-                    if let Some(st) = self.streams.remove(&seq_id) {
+                    if let Some(st) = self.take_stream(seq_id) {
                         let now = now_us();
                         let ms = |us: u64| us as f64 / 1e3;
                         let timings = Timings {
@@ -841,7 +938,7 @@ mod actor {
                             usage: Usage {
                                 prompt_tokens: st.num_prompt_tokens,
                                 completion_tokens: st.num_output_tokens,
-                                cached_tokens: 0,
+                                cached_tokens: st.cached_tokens,
                             },
                             timings,
                         });
@@ -851,7 +948,7 @@ mod actor {
         }
 
         fn fail(&mut self, seq_id: SeqId, error: ErrorBody) {
-            if let Some(st) = self.streams.remove(&seq_id) {
+            if let Some(st) = self.take_stream(seq_id) {
                 let _ = st.sink.send(StreamEvent::Error(error));
                 let _ = self.scheduler.try_send(FinishSequence {
                     seq_id,
@@ -868,15 +965,18 @@ mod actor {
     impl Handler<RegisterStream> for DetokenizerActor {
         type Result = ();
         fn handle(&mut self, msg: RegisterStream, _: &mut Context<Self>) {
+            self.requests.insert(&msg.request_id, msg.seq_id);
             self.streams.insert(
                 msg.seq_id,
                 Stream {
+                    request_id: msg.request_id,
                     detok: IncrementalDetokenizer::new(&msg.prompt_tokens, &msg.stop),
                     sink: msg.sink,
                     num_prompt_tokens: msg.prompt_tokens.len() as u32,
                     num_output_tokens: 0,
                     arrival_us: msg.arrival_us,
                     queue_us: 0,
+                    cached_tokens: 0,
                     first_token_us: None,
                     unsent_ids: Vec::new(),
                 },
@@ -887,9 +987,10 @@ mod actor {
     impl Handler<StepTokens> for DetokenizerActor {
         type Result = ();
         fn handle(&mut self, msg: StepTokens, _: &mut Context<Self>) {
-            for (id, queue_us) in msg.first_scheduled {
-                if let Some(st) = self.streams.get_mut(&id) {
-                    st.queue_us = queue_us;
+            for f in msg.first_scheduled {
+                if let Some(st) = self.streams.get_mut(&f.seq_id) {
+                    st.queue_us = f.queue_us;
+                    st.cached_tokens = f.cached_tokens as u32;
                 }
             }
             for o in &msg.outputs {
@@ -898,11 +999,26 @@ mod actor {
         }
     }
 
+    impl Handler<CancelRequest> for DetokenizerActor {
+        type Result = bool;
+        fn handle(&mut self, msg: CancelRequest, _: &mut Context<Self>) -> bool {
+            let seqs = self.requests.seqs(&msg.request_id);
+            for &seq_id in seqs {
+                tracing::debug!(request_id = %msg.request_id, seq_id, "cancel");
+                let _ = self.scheduler.try_send(FinishSequence {
+                    seq_id,
+                    reason: FinishReason::Abort,
+                });
+            }
+            !seqs.is_empty()
+        }
+    }
+
     impl Handler<StreamEnd> for DetokenizerActor {
         type Result = ();
         fn handle(&mut self, msg: StreamEnd, _: &mut Context<Self>) {
             if let Some(error) = msg.error {
-                if let Some(st) = self.streams.remove(&msg.seq_id) {
+                if let Some(st) = self.take_stream(msg.seq_id) {
                     let _ = st.sink.send(StreamEvent::Error(error));
                 }
                 return;
@@ -927,4 +1043,6 @@ mod actor {
     }
 }
 
-pub use actor::{DetokenizerActor, RegisterStream, StepTokens, StreamEnd};
+pub use actor::{
+    CancelRequest, DetokenizerActor, FirstScheduled, RegisterStream, StepTokens, StreamEnd,
+};

@@ -19,7 +19,9 @@ use crate::protocol::{GenerateRequest, StreamEvent};
 use crate::scheduler::{
     GetSchedulerStats, SchedulerActor, SchedulerLimits, SchedulerPolicy, SchedulerStats,
 };
-use crate::tokenizer::{tokenizer_from_gguf_file, tokenizer_from_hf_dir, Submit, TokenizerActor};
+use crate::tokenizer::{
+    tokenizer_from_gguf_file, tokenizer_from_hf_dir, Cancel, Submit, TokenizerActor,
+};
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +176,18 @@ impl Engine {
         let (sink, rx) = mpsc::unbounded_channel();
         self.tokenizer.do_send(Submit { request, sink });
         rx
+    }
+
+    /// Cancels every live sequence of `request_id`: each stops within one engine step, its
+    /// blocks are freed, and its stream ends with `Finished { finish_reason: Abort }`.
+    /// Returns whether this engine had such a request (false also when it just finished).
+    pub async fn cancel(&self, request_id: &str) -> bool {
+        self.tokenizer
+            .send(Cancel {
+                request_id: request_id.to_owned(),
+            })
+            .await
+            .unwrap_or(false)
     }
 
     /// Block pool statistics, after checking the pool's invariants.

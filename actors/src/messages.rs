@@ -33,6 +33,8 @@ pub struct SamplingParams {
     /// EOS and stop tokens are ignored until this many tokens were generated.
     pub min_tokens: u32,
     /// Stop strings: generation ends before the first occurrence, which is never emitted.
+    /// Deserializes from a list of strings, one string, or null.
+    #[serde(deserialize_with = "string_or_list")]
     pub stop: Vec<String>,
     /// Extra token ids that end generation (the token is not part of the text).
     pub stop_token_ids: Vec<TokenId>,
@@ -58,6 +60,37 @@ impl Default for SamplingParams {
             ignore_eos: false,
         }
     }
+}
+
+/// `"x"` → `["x"]`; a list stays a list; null → empty.
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string or a list of strings")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_owned()])
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V)
 }
 
 /// Why a sequence ended.

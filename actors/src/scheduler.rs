@@ -1762,7 +1762,7 @@ mod actor {
 
     use super::{SchedulerError, SchedulerPolicy, SchedulerStats, SeqOutput};
     use crate::block_manager::BlockManagerActor;
-    use crate::detokenizer::{StepTokens, StreamEnd};
+    use crate::detokenizer::{FirstScheduled, StepTokens, StreamEnd};
     use crate::executor::{ExecutorActor, RunBatch};
     use crate::messages::{now_us, FinishReason, SamplingParams, SeqId, TokenId};
     use crate::protocol::{ErrorBody, ErrorCode};
@@ -1859,6 +1859,11 @@ mod actor {
                 Ok(Err(e)) => return self.fail_step(format!("block manager: {e}"), ctx),
                 Err(e) => return self.fail_step(format!("block manager unreachable: {e}"), ctx),
             };
+            let cached: HashMap<SeqId, usize> = resp
+                .admitted
+                .iter()
+                .map(|a| (a.seq_id, a.num_cached_tokens))
+                .collect();
             let batch = match self.policy.commit(resp) {
                 Ok(b) => b,
                 Err(e) => return self.fail_step(format!("commit: {e}"), ctx),
@@ -1876,7 +1881,11 @@ mod actor {
             let mut first_scheduled = Vec::new();
             for s in &batch.seqs {
                 if let Some(t) = self.queued_at.remove(&s.seq_id) {
-                    first_scheduled.push((s.seq_id, now.saturating_sub(t)));
+                    first_scheduled.push(FirstScheduled {
+                        seq_id: s.seq_id,
+                        queue_us: now.saturating_sub(t),
+                        cached_tokens: cached.get(&s.seq_id).copied().unwrap_or(0),
+                    });
                 }
             }
             let released = std::mem::take(&mut self.released);
@@ -1892,7 +1901,7 @@ mod actor {
             &mut self,
             res: Result<Result<super::StepOutput, String>, MailboxError>,
             seq_ids: Vec<SeqId>,
-            first_scheduled: Vec<(SeqId, u64)>,
+            first_scheduled: Vec<FirstScheduled>,
             ctx: &mut Context<Self>,
         ) {
             self.in_flight = false;

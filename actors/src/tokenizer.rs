@@ -1147,7 +1147,7 @@ mod actor {
     use tokio::sync::mpsc::UnboundedSender;
 
     use super::{ChatTemplate, TokenizerParts};
-    use crate::detokenizer::{DetokenizerActor, RegisterStream, StreamEnd};
+    use crate::detokenizer::{CancelRequest, DetokenizerActor, RegisterStream, StreamEnd};
     use crate::executor::sampler::validate_params;
     use crate::messages::{now_us, FinishReason, SeqId, TokenId};
     use crate::protocol::{ErrorBody, ErrorCode, GenerateRequest, Prompt, StreamEvent};
@@ -1161,6 +1161,15 @@ mod actor {
         pub sink: UnboundedSender<StreamEvent>,
     }
 
+    /// Client → tokenizer: cancel a request by id. It goes through the tokenizer, after any
+    /// `Submit` sent before it, so a cancel never overtakes its own request; the answer says
+    /// whether a live sequence had that id.
+    #[derive(Debug, Message)]
+    #[rtype(result = "bool")]
+    pub struct Cancel {
+        pub request_id: String,
+    }
+
     /// The tokenizer actor: validates a request, applies the chat template, encodes the
     /// prompt, then hands the sequence to the detokenizer (its stream) and the scheduler.
     pub struct TokenizerActor {
@@ -1168,6 +1177,9 @@ mod actor {
         template: Arc<ChatTemplate>,
         vocab_size: usize,
         max_model_len: usize,
+        /// Prompts longer than this many bytes cannot fit in `max_model_len` tokens: they
+        /// are refused before encoding (which would cost seconds for megabytes of text).
+        max_prompt_bytes: usize,
         next_seq_id: Arc<AtomicU64>,
         scheduler: Addr<SchedulerActor>,
         detokenizer: Addr<DetokenizerActor>,
@@ -1182,11 +1194,13 @@ mod actor {
             scheduler: Addr<SchedulerActor>,
             detokenizer: Addr<DetokenizerActor>,
         ) -> Self {
+            let max_prompt_bytes = max_prompt_bytes(&parts.tokenizer, max_model_len);
             Self {
                 parts,
                 template,
                 vocab_size,
                 max_model_len,
+                max_prompt_bytes,
                 next_seq_id: Arc::new(AtomicU64::new(1)),
                 scheduler,
                 detokenizer,
@@ -1197,6 +1211,20 @@ mod actor {
         fn prompt_ids(&self, req: &GenerateRequest) -> Result<Vec<TokenId>, ErrorBody> {
             let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidRequest, m);
             validate_params(&req.params, self.vocab_size).map_err(|e| invalid(e.to_string()))?;
+            let text_bytes = match &req.prompt {
+                Prompt::Text(text) => text.len(),
+                Prompt::Messages(messages) => messages.iter().map(|m| m.content.len()).sum(),
+                Prompt::TokenIds(_) => 0,
+            };
+            if text_bytes > self.max_prompt_bytes {
+                return Err(ErrorBody::new(
+                    ErrorCode::PromptTooLong,
+                    format!(
+                        "the prompt is {text_bytes} bytes long, more than {} tokens can hold; this engine serves at most {} tokens per sequence",
+                        self.max_model_len, self.max_model_len
+                    ),
+                ));
+            }
             let ids = match &req.prompt {
                 Prompt::Text(text) => self
                     .parts
@@ -1272,6 +1300,7 @@ mod actor {
             // scheduler's first tokens for it arrive.
             self.detokenizer.do_send(RegisterStream {
                 seq_id,
+                request_id: request.id.clone(),
                 prompt_tokens: prompt.clone(),
                 stop: request.params.stop.clone(),
                 sink,
@@ -1304,6 +1333,30 @@ mod actor {
         }
     }
 
+    impl Handler<Cancel> for TokenizerActor {
+        type Result = ResponseFuture<bool>;
+        fn handle(&mut self, msg: Cancel, _: &mut Context<Self>) -> Self::Result {
+            let answer = self.detokenizer.send(CancelRequest {
+                request_id: msg.request_id,
+            });
+            Box::pin(async move { answer.await.unwrap_or(false) })
+        }
+    }
+
+    /// An upper bound on the bytes of text that `max_model_len` tokens can stand for:
+    /// twice the longest vocabulary entry (whose spelling is never shorter than the text
+    /// it decodes to) per token.
+    fn max_prompt_bytes(tokenizer: &tokenizers::Tokenizer, max_model_len: usize) -> usize {
+        let longest = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(16);
+        max_model_len.saturating_mul(longest).saturating_mul(2)
+    }
+
     fn scheduler_error(e: SchedulerError) -> ErrorBody {
         let code = match &e {
             SchedulerError::ExceedsModelLen { .. } | SchedulerError::ExceedsKvCapacity { .. } => {
@@ -1318,7 +1371,7 @@ mod actor {
     }
 }
 
-pub use actor::{Submit, TokenizerActor};
+pub use actor::{Cancel, Submit, TokenizerActor};
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,331 @@
+//! A Rust client for pagoda engines on NATS.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pagoda::client::ClientError> {
+//! use futures_util::StreamExt;
+//! use pagoda::client::Client;
+//! use pagoda_actors::protocol::WireRequest;
+//!
+//! let client = Client::connect("nats://127.0.0.1:4222").await?;
+//! let mut req = WireRequest::text("The capital of France is");
+//! req.params.max_tokens = 16;
+//! let mut answer = client.generate(req).await?;
+//! while let Some(chunk) = answer.next().await {
+//!     print!("{}", chunk?.text);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Each [`Client::generate`] subscribes to a fresh inbox, publishes the request with that
+//! inbox as its reply subject, and yields the chunks in `seq` order; the stream ends after
+//! the final chunk, or with an error (a typed error from the engine, no engine listening,
+//! or nothing received for the idle timeout).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures_util::{Stream, StreamExt};
+use pagoda_actors::messages::{FinishReason, TokenId};
+use pagoda_actors::protocol::{
+    decode_reply, new_request_id, CancelRequest, Chunk, ErrorCode, Reply, Timings, Usage,
+    WireError, WireFormat, WireRequest,
+};
+
+use crate::config::NatsConfig;
+use crate::gateway::message_format;
+use crate::nats::{connect, ConnectError, InitialConnect};
+
+/// How long a generation waits for its next message by default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a missing chunk is awaited once the final one arrived.
+const GAP_GRACE: Duration = Duration::from_secs(2);
+/// Out-of-order chunks held while waiting for a missing one, at most.
+const MAX_PENDING: usize = 4096;
+
+/// What can go wrong on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The engine answered with a typed error.
+    #[error("{code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("no engine is serving {0}")]
+    NoResponders(String),
+    #[error("nothing received for {0:?}")]
+    Timeout(Duration),
+    #[error("the reply subscription closed before the final chunk")]
+    Closed,
+    /// A chunk was lost (e.g. published while the connection was down).
+    #[error("chunk {0} of the answer was lost")]
+    Gap(u64),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// A connection to pagoda engines.
+#[derive(Clone, Debug)]
+pub struct Client {
+    nats: async_nats::Client,
+    prefix: String,
+    format: WireFormat,
+    idle_timeout: Duration,
+}
+
+impl Client {
+    /// Connects to `url` (comma-separated server list) with default options and the
+    /// default subject prefix `pagoda.v1`.
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let cfg = NatsConfig {
+            url: url.to_owned(),
+            ..NatsConfig::default()
+        };
+        Self::connect_with(&cfg).await
+    }
+
+    /// Connects with every option of a `[nats]` section (auth, TLS, subject prefix). Fails
+    /// at once when no server answers.
+    pub async fn connect_with(cfg: &NatsConfig) -> Result<Self, ClientError> {
+        let nats = connect(cfg, InitialConnect::FailFast).await?;
+        Ok(Self::new(nats, &cfg.subject_prefix))
+    }
+
+    /// Uses an existing connection; `prefix` is the engines' subject prefix.
+    pub fn new(nats: async_nats::Client, prefix: &str) -> Self {
+        Self {
+            nats,
+            prefix: prefix.to_owned(),
+            format: WireFormat::MsgPack,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+
+    /// Encode requests as JSON instead of MessagePack (the engine answers in kind).
+    pub fn with_format(mut self, format: WireFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// How long a generation may go without receiving anything before it fails.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// The underlying NATS connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    pub fn generate_subject(&self) -> String {
+        format!("{}.generate", self.prefix)
+    }
+
+    pub fn cancel_subject(&self) -> String {
+        format!("{}.cancel", self.prefix)
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(WireFormat::HEADER, self.format.content_type());
+        h
+    }
+
+    /// Sends a request and returns its chunks as a stream. The request gets a fresh id
+    /// when it has none ([`Generation::id`] tells it, for [`Client::cancel`]).
+    pub async fn generate(&self, mut req: WireRequest) -> Result<Generation, ClientError> {
+        let id = match req.id.take() {
+            Some(id) if !id.is_empty() => id,
+            _ => new_request_id(),
+        };
+        req.id = Some(id.clone());
+        let body = self.format.encode(&req)?;
+        let inbox = self.nats.new_inbox();
+        let sub = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        let subject = self.generate_subject();
+        self.nats
+            .publish_with_reply_and_headers(subject.clone(), inbox, self.headers(), body.into())
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        Ok(Generation::new(id, sub, self.idle_timeout, subject))
+    }
+
+    /// Asks every engine to cancel request `id`; the one running it ends the request's
+    /// stream with a final chunk whose `finish_reason` is `abort`.
+    pub async fn cancel(&self, id: &str) -> Result<(), ClientError> {
+        let body = self.format.encode(&CancelRequest { id: id.to_owned() })?;
+        self.nats
+            .publish_with_headers(self.cancel_subject(), self.headers(), body.into())
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        self.nats
+            .flush()
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))
+    }
+}
+
+/// A whole answer, gathered from a generation's chunks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub id: String,
+    pub text: String,
+    pub token_ids: Vec<TokenId>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+    /// How many chunks carried it.
+    pub num_chunks: u64,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, ClientError>> + Send>>;
+
+/// The chunks of one request, in `seq` order; ends after the final chunk or an error.
+pub struct Generation {
+    id: String,
+    inner: ChunkStream,
+}
+
+struct State {
+    sub: async_nats::Subscriber,
+    pending: BTreeMap<u64, Reply>,
+    next_seq: u64,
+    done: bool,
+    idle: Duration,
+    subject: String,
+}
+
+impl State {
+    /// The next reply in order, or the error that ends the stream.
+    async fn next_reply(&mut self) -> Result<Reply, ClientError> {
+        loop {
+            if let Some(r) = self.pending.remove(&self.next_seq) {
+                self.next_seq += 1;
+                return Ok(r);
+            }
+            if self.pending.len() > MAX_PENDING {
+                return Err(ClientError::Gap(self.next_seq));
+            }
+            // Once the final reply is here, a missing earlier one is lost, not late (NATS
+            // keeps order): give it a moment, then say so.
+            let final_seen = self.pending.values().any(Reply::is_final);
+            let wait = if final_seen {
+                self.idle.min(GAP_GRACE)
+            } else {
+                self.idle
+            };
+            let msg = match tokio::time::timeout(wait, self.sub.next()).await {
+                Err(_) if final_seen => return Err(ClientError::Gap(self.next_seq)),
+                Err(_) => return Err(ClientError::Timeout(self.idle)),
+                Ok(None) => return Err(ClientError::Closed),
+                Ok(Some(m)) => m,
+            };
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Err(ClientError::NoResponders(self.subject.clone()));
+            }
+            let format = message_format(msg.headers.as_ref(), &msg.payload);
+            let reply = decode_reply(&msg.payload, format)?;
+            // An error about an unreadable request may not know its place: it ends the
+            // stream whatever its seq.
+            if let Reply::Error(e) = &reply {
+                if e.id.is_none() {
+                    return Ok(reply);
+                }
+            }
+            if reply.seq() >= self.next_seq {
+                self.pending.insert(reply.seq(), reply);
+            }
+        }
+    }
+}
+
+impl Generation {
+    fn new(id: String, sub: async_nats::Subscriber, idle: Duration, subject: String) -> Self {
+        let state = State {
+            sub,
+            pending: BTreeMap::new(),
+            next_seq: 0,
+            done: false,
+            idle,
+            subject,
+        };
+        let inner = futures_util::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let item = match st.next_reply().await {
+                Ok(Reply::Chunk(c)) => {
+                    st.done = c.is_final();
+                    Ok(c)
+                }
+                Ok(Reply::Error(e)) => {
+                    st.done = true;
+                    Err(ClientError::Server {
+                        code: e.error.code,
+                        message: e.error.message,
+                    })
+                }
+                Err(e) => {
+                    st.done = true;
+                    Err(e)
+                }
+            };
+            if st.done {
+                let _ = st.sub.unsubscribe().await;
+            }
+            Some((item, st))
+        });
+        Self {
+            id,
+            inner: Box::pin(inner),
+        }
+    }
+
+    /// The request id (to cancel it).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Reads the stream to its end and joins the chunks.
+    pub async fn collect_text(mut self) -> Result<Completion, ClientError> {
+        let mut text = String::new();
+        let mut token_ids = Vec::new();
+        let mut num_chunks = 0;
+        while let Some(chunk) = self.next().await {
+            let chunk = chunk?;
+            num_chunks += 1;
+            text.push_str(&chunk.text);
+            token_ids.extend_from_slice(&chunk.token_ids);
+            if let Some(finish_reason) = chunk.finish_reason {
+                return Ok(Completion {
+                    id: chunk.id,
+                    text,
+                    token_ids,
+                    finish_reason,
+                    usage: chunk.usage.unwrap_or_default(),
+                    timings: chunk.timings.unwrap_or_default(),
+                    num_chunks,
+                });
+            }
+        }
+        Err(ClientError::Closed)
+    }
+}
+
+impl Stream for Generation {
+    type Item = Result<Chunk, ClientError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
