@@ -1,11 +1,33 @@
-//! `pagoda bench --in-process`: drives the engine with synthetic requests and reports
-//! throughput and latency as the client sees them (from the stream's own event times).
+//! `pagoda bench`: drives the engine with synthetic requests — in-process, or over NATS
+//! through `pagoda::client` — and reports throughput and latency as the client sees them
+//! (from the arrival times of the stream's own events).
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use pagoda_actors::engine::Engine;
 use pagoda_actors::messages::SamplingParams;
-use pagoda_actors::protocol::{GenerateRequest, Prompt, StreamEvent};
+use pagoda_actors::protocol::{GenerateRequest, Prompt, StreamEvent, WireRequest};
+
+use crate::client::Client;
+
+/// What the benchmark drives.
+#[derive(Clone)]
+pub enum Target {
+    /// The engine in this process, through `Engine::generate`.
+    InProcess(Engine),
+    /// A pagoda engine behind NATS, through the client module.
+    Nats(Client),
+}
+
+impl Target {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::InProcess(_) => "in-process",
+            Target::Nats(_) => "nats",
+        }
+    }
+}
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
@@ -58,6 +80,7 @@ impl Stats {
 /// The result of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    pub target: String,
     pub max_concurrency: usize,
     pub num_prompts: usize,
     pub successful: usize,
@@ -76,7 +99,10 @@ pub struct BenchReport {
 
 impl BenchReport {
     pub fn print(&self) {
-        println!("---------- concurrency {} ----------", self.max_concurrency);
+        println!(
+            "---------- {} | concurrency {} ----------",
+            self.target, self.max_concurrency
+        );
         println!("successful requests:        {}", self.successful);
         println!("failed requests:            {}", self.failed);
         println!("duration (s):               {:.2}", self.duration_s);
@@ -104,74 +130,132 @@ impl BenchReport {
     }
 }
 
-/// Random prompts of exactly `input_len` token ids (ids from the ordinary vocabulary).
-fn prompts(spec: &BenchSpec, vocab: usize) -> Vec<Vec<u32>> {
+/// Token ids the synthetic prompts draw from: ordinary tokens of any vocabulary of at
+/// least 30 000 entries, so both targets get the same prompts.
+const PROMPT_IDS: std::ops::Range<u32> = 100..30_000;
+
+/// Random prompts of exactly `input_len` token ids.
+fn prompts(spec: &BenchSpec) -> Vec<Vec<u32>> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    let lo = 100u32.min(vocab as u32 - 1);
     (0..spec.num_prompts)
         .map(|_| {
             (0..spec.input_len)
-                .map(|_| rng.gen_range(lo..vocab as u32))
+                .map(|_| rng.gen_range(PROMPT_IDS))
                 .collect()
         })
         .collect()
 }
 
-async fn one(engine: Engine, id: usize, prompt: Vec<u32>, output_len: usize) -> RequestTrace {
+/// Records token arrivals of one request.
+struct Recorder {
+    start: Instant,
+    last: Option<Instant>,
+    trace: RequestTrace,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: None,
+            trace: RequestTrace::default(),
+        }
+    }
+
+    fn tokens(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = Instant::now();
+        match self.last {
+            None => self.trace.ttft = now - self.start,
+            Some(prev) => self.trace.itl.push(now - prev),
+        }
+        self.last = Some(now);
+        self.trace.output_tokens += n;
+    }
+
+    fn done(mut self) -> RequestTrace {
+        self.trace.ok = true;
+        self.trace.e2e = self.start.elapsed();
+        self.trace
+    }
+}
+
+async fn one(target: Target, id: usize, prompt: Vec<u32>, output_len: usize) -> RequestTrace {
     let params = SamplingParams {
         temperature: 0.0,
         max_tokens: output_len as u32,
         ignore_eos: true,
         ..Default::default()
     };
-    let start = Instant::now();
-    let mut rx = engine.generate(GenerateRequest {
-        id: format!("bench-{id}"),
-        prompt: Prompt::TokenIds(prompt),
-        params,
-    });
-    let mut trace = RequestTrace::default();
-    let mut last: Option<Instant> = None;
-    while let Some(ev) = rx.recv().await {
-        let now = Instant::now();
-        let n = match &ev {
-            StreamEvent::Delta { token_ids, .. } | StreamEvent::Finished { token_ids, .. } => {
-                token_ids.len()
+    let mut rec = Recorder::new();
+    match target {
+        Target::InProcess(engine) => {
+            let mut rx = engine.generate(GenerateRequest {
+                id: format!("bench-{id}"),
+                prompt: Prompt::TokenIds(prompt),
+                params,
+            });
+            while let Some(ev) = rx.recv().await {
+                match &ev {
+                    StreamEvent::Delta { token_ids, .. }
+                    | StreamEvent::Finished { token_ids, .. } => rec.tokens(token_ids.len()),
+                    StreamEvent::Error(e) => {
+                        tracing::warn!(error = %e.message, "bench request failed");
+                        return rec.trace;
+                    }
+                }
+                if ev.is_final() {
+                    return rec.done();
+                }
             }
-            StreamEvent::Error(e) => {
-                tracing::warn!(error = %e.message, "bench request failed");
-                return trace;
-            }
-        };
-        if n > 0 {
-            match last {
-                None => trace.ttft = now - start,
-                Some(prev) => trace.itl.push(now - prev),
-            }
-            last = Some(now);
-            trace.output_tokens += n;
+            rec.trace
         }
-        if ev.is_final() {
-            trace.ok = true;
-            trace.e2e = now - start;
-            break;
+        Target::Nats(client) => {
+            let req = WireRequest {
+                prompt_token_ids: Some(prompt),
+                params,
+                ..WireRequest::default()
+            };
+            let mut stream = match client.generate(req).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bench request failed");
+                    return rec.trace;
+                }
+            };
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(chunk) => {
+                        rec.tokens(chunk.token_ids.len());
+                        if chunk.is_final() {
+                            return rec.done();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bench request failed");
+                        return rec.trace;
+                    }
+                }
+            }
+            rec.trace
         }
     }
-    trace
 }
 
-/// Runs `spec` against the engine: at most `max_concurrency` requests in flight.
-pub async fn run(engine: &Engine, spec: &BenchSpec) -> BenchReport {
-    let prompts = prompts(spec, engine.info.vocab_size);
+/// Runs `spec` against `target`: at most `max_concurrency` requests in flight.
+pub async fn run(target: &Target, spec: &BenchSpec) -> BenchReport {
+    let prompts = prompts(spec);
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(spec.max_concurrency.max(1)));
     let started = Instant::now();
     let mut handles = Vec::new();
     for (i, p) in prompts.into_iter().enumerate() {
         let permit = sem.clone().acquire_owned().await;
-        let engine = engine.clone();
+        let target = target.clone();
         let out = spec.output_len;
         handles.push(tokio::spawn(async move {
-            let t = one(engine, i, p, out).await;
+            let t = one(target, i, p, out).await;
             drop(permit);
             t
         }));
@@ -191,6 +275,7 @@ pub async fn run(engine: &Engine, spec: &BenchSpec) -> BenchReport {
         .collect();
     let tpot_stats = Stats::of(tpot);
     BenchReport {
+        target: target.name().to_string(),
         max_concurrency: spec.max_concurrency,
         num_prompts: spec.num_prompts,
         successful: ok.len(),

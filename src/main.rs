@@ -72,9 +72,16 @@ struct RequestArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Run the engine in this process (the only mode until the NATS front door lands).
-    #[arg(long, default_value_t = true)]
+    /// Run the engine in this process (the default unless --nats-url is given).
+    #[arg(long, conflicts_with = "nats_url")]
     in_process: bool,
+    /// Drive a pagoda already serving on this NATS URL instead of an engine in this process.
+    #[arg(long, conflicts_with = "compare_nats_url")]
+    nats_url: Option<String>,
+    /// Also serve the in-process engine on this NATS server and measure both paths (direct
+    /// and through NATS) at each concurrency in the same run.
+    #[arg(long)]
+    compare_nats_url: Option<String>,
     /// Model (default: model.path of the config).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -235,13 +242,47 @@ fn runtime() -> actix::SystemRunner {
     })
 }
 
-fn bench(config: Config, args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.in_process, "only --in-process is available so far");
+fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     runtime().block_on(async move {
-        let engine = Engine::start(&config.engine).context("starting the engine")?;
+        let mut targets = Vec::new();
+        let mut stop_gateway = None;
+        let mut gateway_task = None;
+        if let Some(url) = &args.nats_url {
+            config.nats.url = url.clone();
+            let client = pagoda::client::Client::connect_with(&config.nats).await?;
+            targets.push(pagoda::bench::Target::Nats(client));
+        } else {
+            // Every run reuses the same synthetic prompts (same seed), so a warm prefix cache
+            // would flatter whichever run comes later: measure without it.
+            config.engine.cache.enable_prefix_caching = false;
+            let engine = Engine::start(&config.engine).context("starting the engine")?;
+            eprintln!("model {} (prefix caching off)", engine.info.model_path);
+            targets.push(pagoda::bench::Target::InProcess(engine.clone()));
+            if let Some(url) = &args.compare_nats_url {
+                config.nats.url = url.clone();
+                let nats = pagoda::nats::connect(
+                    &config.nats,
+                    pagoda::nats::InitialConnect::FromConfig,
+                )
+                .await?;
+                let gateway = pagoda::gateway::GatewayConfig::from(&config.nats);
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                stop_gateway = Some(tx);
+                gateway_task = Some(tokio::spawn(pagoda::gateway::serve(
+                    engine,
+                    nats,
+                    gateway,
+                    async move {
+                        let _ = rx.await;
+                    },
+                )));
+                let client = pagoda::client::Client::connect_with(&config.nats).await?;
+                targets.push(pagoda::bench::Target::Nats(client));
+            }
+        }
         eprintln!(
-            "model {} | input {} tokens, output {} tokens, greedy, ignore_eos",
-            engine.info.model_path, args.input_len, args.output_len
+            "input {} tokens, output {} tokens, greedy, ignore_eos",
+            args.input_len, args.output_len
         );
         let mut reports = Vec::new();
         for &c in &args.sweep {
@@ -252,9 +293,27 @@ fn bench(config: Config, args: BenchArgs) -> anyhow::Result<()> {
                 output_len: args.output_len,
                 seed: args.seed,
             };
-            let report = pagoda::bench::run(&engine, &spec).await;
-            report.print();
-            reports.push(report);
+            let mut row = Vec::new();
+            for target in &targets {
+                let report = pagoda::bench::run(target, &spec).await;
+                report.print();
+                row.push(report);
+            }
+            if let [a, b] = row.as_slice() {
+                println!(
+                    "ratio nats / in-process at concurrency {c}: output throughput {:.3}, TTFT p50 {:+.1} ms, TTFT p99 {:+.1} ms",
+                    b.output_throughput / a.output_throughput.max(f64::MIN_POSITIVE),
+                    b.ttft_ms.p50 - a.ttft_ms.p50,
+                    b.ttft_ms.p99 - a.ttft_ms.p99,
+                );
+            }
+            reports.extend(row);
+        }
+        if let Some(tx) = stop_gateway {
+            let _ = tx.send(());
+        }
+        if let Some(task) = gateway_task {
+            let _ = task.await;
         }
         if let Some(path) = &args.save_result {
             std::fs::write(path, serde_json::to_string_pretty(&reports)?)
