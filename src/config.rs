@@ -13,6 +13,60 @@ pub struct Config {
     #[serde(flatten)]
     pub engine: EngineConfig,
     pub nats: NatsConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+/// The `[metrics]` section: the HTTP listener of `pagoda serve` (`/metrics`, `/health`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the listener; empty = no listener (and no metrics).
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter: a level (`info`) or directives (`warn,pagoda=debug`). `RUST_LOG`,
+    /// when set, wins.
+    pub level: String,
+    /// Seconds between two engine stats lines of `pagoda serve`; 0 = none.
+    pub stats_interval_s: u64,
+    /// Log the text of every prompt (off: prompts may hold personal data).
+    pub prompts: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+            stats_interval_s: 10,
+            prompts: false,
+        }
+    }
 }
 
 /// The `[nats]` section: how `pagoda serve` and `pagoda request` reach the NATS servers,
@@ -228,13 +282,88 @@ pub enum ConfigLoadError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
     #[error(transparent)]
     Invalid(#[from] pagoda_actors::config::ConfigError),
 }
 
+/// Prefix of the environment variables that override configuration keys:
+/// `PAGODA_<SECTION>__<KEY>` (two underscores between section and key), e.g.
+/// `PAGODA_SCHEDULER__MAX_NUM_SEQS=8` sets `scheduler.max_num_seqs`. Variables without the
+/// double underscore (the flags' `PAGODA_NATS_URL` and friends) are not config keys.
+pub const ENV_PREFIX: &str = "PAGODA_";
+
 impl Config {
-    /// Loads `path`, or `configs/default.toml` when it exists, or the built-in defaults.
+    /// Loads `path` (or `configs/default.toml` when it exists, or the built-in defaults),
+    /// then applies the `PAGODA_<SECTION>__<KEY>` environment variables of this process.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigLoadError> {
+        Self::load_file(path)?.with_env(std::env::vars())
+    }
+
+    /// Applies `PAGODA_<SECTION>__<KEY>=value` overrides (see [`ENV_PREFIX`]); other
+    /// variables are ignored. A value is read as a TOML value (`8`, `true`, `1.5`) unless
+    /// the key holds a string, where it is taken verbatim. An unknown key or a value of
+    /// the wrong type is an error naming the variable.
+    pub fn with_env(
+        self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigLoadError> {
+        let mut vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+            .collect();
+        if vars.is_empty() {
+            return Ok(self);
+        }
+        vars.sort();
+        let to_value = |cfg: &Config| {
+            toml::Value::try_from(cfg).map_err(|e| ConfigLoadError::Env {
+                var: String::new(),
+                message: e.to_string(),
+            })
+        };
+        let defaults = to_value(&Config::default())?;
+        let mut cfg = self;
+        for (var, raw) in vars {
+            let env_err = |message: String| ConfigLoadError::Env {
+                var: var.clone(),
+                message,
+            };
+            let path = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+            let Some((section, key)) = path.split_once("__") else {
+                continue;
+            };
+            if section.is_empty() || key.is_empty() || key.contains("__") {
+                return Err(env_err(
+                    "expected PAGODA_<SECTION>__<KEY>, e.g. PAGODA_SCHEDULER__MAX_NUM_SEQS".into(),
+                ));
+            }
+            let default = defaults.get(section).and_then(|t| t.get(key));
+            let value = match default {
+                Some(toml::Value::String(_)) | None => toml::Value::String(raw.clone()),
+                Some(_) => parse_toml_scalar(&raw)
+                    .ok_or_else(|| env_err(format!("{raw:?} is not a valid value")))?,
+            };
+            let mut table = to_value(&cfg)?;
+            let root = table
+                .as_table_mut()
+                .ok_or_else(|| env_err("configuration is not a table".into()))?;
+            let sect = root
+                .entry(section.to_owned())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            let Some(sect) = sect.as_table_mut() else {
+                return Err(env_err(format!("{section} is not a section")));
+            };
+            sect.insert(key.to_owned(), value);
+            cfg = table.try_into().map_err(|e: toml::de::Error| {
+                env_err(format!("{section}.{key}: {}", e.message()))
+            })?;
+        }
+        Ok(cfg)
+    }
+
+    fn load_file(path: Option<&Path>) -> Result<Self, ConfigLoadError> {
         let path = match path {
             Some(p) => Some(p.to_path_buf()),
             None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
@@ -260,8 +389,27 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigLoadError> {
         self.engine.validate()?;
         self.nats.validate()?;
+        let err = |m: String| Err(pagoda_actors::config::ConfigError(m).into());
+        if !self.metrics.listen.is_empty() && !self.metrics.listen.contains(':') {
+            return err(format!(
+                "metrics.listen {:?} is not HOST:PORT",
+                self.metrics.listen
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return err(format!("log.level {:?}: {e}", self.log.level));
+        }
         Ok(())
     }
+}
+
+/// A TOML scalar (`8`, `true`, `1.5`, `"text"`, `[1, 2]`) from an environment variable.
+fn parse_toml_scalar(raw: &str) -> Option<toml::Value> {
+    #[derive(Deserialize)]
+    struct V {
+        v: toml::Value,
+    }
+    toml::from_str::<V>(&format!("v = {raw}")).ok().map(|v| v.v)
 }
 
 #[cfg(test)]
@@ -305,6 +453,65 @@ mod tests {
             assert!(Config::parse(bad).unwrap().validate().is_err(), "{bad}");
         }
         assert!(Config::parse("[nats]\nurls = \"x\"\n").is_err());
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let cfg = Config::parse("[scheduler]\nmax_num_seqs = 8\n[model]\nname = \"a\"\n")
+            .unwrap()
+            .with_env(env(&[
+                ("PAGODA_SCHEDULER__MAX_NUM_SEQS", "4"),
+                ("PAGODA_CACHE__ENABLE_PREFIX_CACHING", "false"),
+                ("PAGODA_MODEL__NAME", "123"),
+                ("PAGODA_METRICS__LISTEN", "127.0.0.1:0"),
+                ("PAGODA_LOG__FORMAT", "json"),
+                ("PAGODA_NATS__USER", "u"),
+                ("PAGODA_NATS_URL", "ignored: a flag's variable"),
+                ("HOME", "/root"),
+            ]))
+            .unwrap();
+        assert_eq!(cfg.engine.scheduler.max_num_seqs, 4);
+        assert!(!cfg.engine.cache.enable_prefix_caching);
+        assert_eq!(cfg.engine.model.name, "123");
+        assert_eq!(cfg.metrics.listen, "127.0.0.1:0");
+        assert_eq!(cfg.log.format, LogFormat::Json);
+        assert_eq!(cfg.nats.user.as_deref(), Some("u"));
+        assert_eq!(cfg.nats.url, NatsConfig::default().url);
+    }
+
+    #[test]
+    fn wrong_environment_keys_and_values_are_named() {
+        for (var, value, needle) in [
+            ("PAGODA_SCHEDULER__MAX_NUM_SEQ", "4", "max_num_seq"),
+            (
+                "PAGODA_SCHEDULER__MAX_NUM_SEQS",
+                "many",
+                "PAGODA_SCHEDULER__MAX_NUM_SEQS",
+            ),
+            ("PAGODA_LOG__FORMAT", "xml", "PAGODA_LOG__FORMAT"),
+            ("PAGODA_NOPE__X", "1", "nope"),
+        ] {
+            let err = Config::default()
+                .with_env(env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{err}");
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_log_level_is_an_error() {
+        let cfg = Config::parse("[log]\nlevel = \"info,=x=y\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("log.level"), "{err}");
     }
 
     #[test]

@@ -258,6 +258,7 @@ pub struct GatewayStats {
 impl GatewayStats {
     fn count_error(&self, code: ErrorCode) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::NATS_ERRORS, "code" => code.as_str()).increment(1);
         if let Ok(mut m) = self.errors_by_code.lock() {
             *m.entry(code.as_str()).or_default() += 1;
         }
@@ -295,6 +296,7 @@ struct Shared {
     idle: Notify,
     recent_cancels: Mutex<RecentCancels>,
     max_in_flight: usize,
+    log_prompts: bool,
 }
 
 impl Shared {
@@ -428,7 +430,10 @@ impl Replier {
             }
         };
         match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                metrics::counter!(crate::metrics::NATS_MESSAGES_PUBLISHED).increment(1);
+                Ok(())
+            }
             Ok(Err(message)) => Err(SendError::Publish { target, message }),
             Err(_) => Err(SendError::Timeout { target }),
         }
@@ -442,6 +447,8 @@ pub struct GatewayConfig {
     pub queue_group: String,
     pub drain_timeout: Duration,
     pub max_in_flight: usize,
+    /// Log each request's prompt text (`log.prompts`); off by default.
+    pub log_prompts: bool,
 }
 
 impl From<&NatsConfig> for GatewayConfig {
@@ -451,6 +458,7 @@ impl From<&NatsConfig> for GatewayConfig {
             queue_group: c.queue_group.clone(),
             drain_timeout: Duration::from_millis(c.drain_timeout_ms),
             max_in_flight: c.max_in_flight,
+            log_prompts: false,
         }
     }
 }
@@ -473,6 +481,7 @@ pub async fn serve(
         idle: Notify::new(),
         recent_cancels: Mutex::new(RecentCancels::new(4096, Duration::from_secs(5))),
         max_in_flight: cfg.max_in_flight.max(1),
+        log_prompts: cfg.log_prompts,
     });
 
     let weak = Arc::downgrade(&shared);
@@ -651,6 +660,7 @@ async fn wait_idle(shared: &Shared, limit: Duration) -> bool {
 
 async fn handle_request(shared: Arc<Shared>, req: service::Request) {
     shared.stats.received.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::NATS_MESSAGES_RECEIVED).increment(1);
     let format = message_format(req.message.headers.as_ref(), &req.message.payload);
     let own_reply = req.message.reply.clone();
     let replier = |target: Subject| Replier {
@@ -706,6 +716,9 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
         }
     };
     let id = accepted.request.id.clone();
+    if shared.log_prompts {
+        tracing::info!(%id, prompt = ?accepted.request.prompt, "prompt");
+    }
     let mut replies = ReplyStream::new(id.clone(), ATTEMPT, accepted.stream);
     let _guard = match shared.register(&id) {
         Ok(g) => g,
@@ -826,6 +839,7 @@ async fn answer_rejection(
 
 async fn handle_cancel(shared: Arc<Shared>, msg: async_nats::Message) {
     shared.stats.cancels.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::NATS_MESSAGES_RECEIVED).increment(1);
     let format = message_format(msg.headers.as_ref(), &msg.payload);
     let out = msg.reply.clone().map(|target| Replier {
         nats: shared.nats.clone(),

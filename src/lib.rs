@@ -5,4 +5,5 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod metrics;
 pub mod nats;

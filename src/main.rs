@@ -43,6 +43,10 @@ struct ServeArgs {
     model: Option<PathBuf>,
     #[command(flatten)]
     nats: pagoda::config::NatsArgs,
+    /// Address of the /metrics and /health listener, e.g. 0.0.0.0:9464 (metrics.listen;
+    /// an empty string turns it off).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -178,17 +182,22 @@ impl SamplingArgs {
     }
 }
 
-fn init_tracing() {
+/// Logs go to stderr, filtered by `RUST_LOG` when set, else by `log.level`.
+fn init_tracing(log: &pagoda::config::LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        pagoda::config::LogFormat::Human => fmt.try_init(),
+        pagoda::config::LogFormat::Json => fmt.json().try_init(),
+    };
 }
 
 fn main() -> std::process::ExitCode {
-    init_tracing();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -201,6 +210,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
+    init_tracing(&config.log);
     match cli.command {
         Command::Generate(args) => {
             if let Some(m) = &args.model {
@@ -221,6 +231,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.engine.model.path = m.display().to_string();
             }
             args.nats.apply(&mut config.nats);
+            if let Some(listen) = args.metrics_listen {
+                config.metrics.listen = listen;
+            }
             config.validate()?;
             serve(config)
         }
@@ -376,7 +389,20 @@ fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     runtime().block_on(async move {
-        let engine = Engine::start(&config.engine).context("starting the engine")?;
+        // The listener comes first, so that /health answers 503 while the model loads.
+        let metrics = if config.metrics.listen.is_empty() {
+            None
+        } else {
+            let handle = pagoda::metrics::install_recorder(config.engine.model.max_model_len)?;
+            Some(pagoda::metrics::MetricsServer::start(&config.metrics.listen, handle).await?)
+        };
+        let engine = load_engine(&config.engine)?;
+        if config.log.stats_interval_s > 0 {
+            pagoda::metrics::spawn_stats_logger(
+                engine.clone(),
+                std::time::Duration::from_secs(config.log.stats_interval_s),
+            );
+        }
         let nats =
             pagoda::nats::connect(&config.nats, pagoda::nats::InitialConnect::FromConfig).await?;
         eprintln!(
@@ -386,10 +412,48 @@ fn serve(config: Config) -> anyhow::Result<()> {
             config.nats.url,
             config.nats.subject_prefix
         );
-        let gateway = pagoda::gateway::GatewayConfig::from(&config.nats);
-        pagoda::gateway::serve(engine, nats, gateway, pagoda::gateway::shutdown_signal()).await?;
+        let mut gateway = pagoda::gateway::GatewayConfig::from(&config.nats);
+        gateway.log_prompts = config.log.prompts;
+        let health = metrics.as_ref().map(|m| m.health.clone());
+        if let Some(h) = &health {
+            h.set_ready();
+        }
+        let shutdown = async move {
+            pagoda::gateway::shutdown_signal().await;
+            if let Some(h) = health {
+                h.set_draining();
+            }
+        };
+        pagoda::gateway::serve(engine, nats, gateway, shutdown).await?;
+        if let Some(m) = metrics {
+            m.stop();
+        }
         Ok(())
     })
+}
+
+/// Starts the engine, with a spinner on stderr while the model loads when stderr is a
+/// terminal (nothing otherwise).
+fn load_engine(cfg: &pagoda_actors::config::EngineConfig) -> anyhow::Result<Engine> {
+    use std::io::IsTerminal;
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        pb.set_message(format!("loading {}", cfg.model.path));
+        pb.enable_steady_tick(std::time::Duration::from_millis(100));
+        pb
+    });
+    let engine = Engine::start(cfg).context("starting the engine");
+    if let Some(pb) = spinner {
+        match &engine {
+            Ok(_) => pb.finish_with_message(format!("loaded {}", cfg.model.path)),
+            Err(_) => pb.abandon_with_message(format!("failed to load {}", cfg.model.path)),
+        }
+    }
+    engine
 }
 
 fn request(config: Config, args: RequestArgs) -> anyhow::Result<()> {

@@ -16,6 +16,8 @@ pub struct EngineConfig {
 pub struct ModelConfig {
     /// A `.gguf` file or a Hugging Face model directory.
     pub path: String,
+    /// Name in metrics (`model_name` label); empty = the file stem of `path`.
+    pub name: String,
     /// Context length to serve; 0 = the model's own (capped by the KV pool).
     pub max_model_len: usize,
 }
@@ -24,6 +26,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             path: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            name: String::new(),
             max_model_len: 0,
         }
     }
@@ -75,6 +78,20 @@ impl Default for SchedulerConfig {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
+
+impl ModelConfig {
+    /// The served model's name: `name`, or the file stem of `path` (the directory name
+    /// for a Hugging Face directory).
+    pub fn served_name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        let path = std::path::Path::new(self.path.trim_end_matches('/'));
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.clone())
+    }
+}
 
 impl EngineConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {

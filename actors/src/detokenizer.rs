@@ -773,6 +773,7 @@ mod actor {
 
     use super::{DetokOutput, IncrementalDetokenizer, RequestIndex};
     use crate::messages::{now_us, FinishReason, SeqId, TokenId};
+    use crate::metrics::{FinishedSample, RequestMetrics};
     use crate::protocol::{ErrorBody, ErrorCode, StreamEvent, Timings, Usage};
     use crate::scheduler::{FinishSequence, SeqOutput};
 
@@ -805,6 +806,8 @@ mod actor {
     #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
     pub struct FirstScheduled {
         pub seq_id: SeqId,
+        /// When the step that first scheduled it was planned (µs since the epoch).
+        pub scheduled_us: u64,
         pub queue_us: u64,
         pub cached_tokens: usize,
     }
@@ -838,6 +841,9 @@ mod actor {
         queue_us: u64,
         cached_tokens: u32,
         first_token_us: Option<u64>,
+        /// When the latest token arrived (for inter-token latency).
+        last_token_us: u64,
+        scheduled_us: Option<u64>,
         /// Token ids not yet sent with a text delta.
         unsent_ids: Vec<TokenId>,
     }
@@ -849,6 +855,7 @@ mod actor {
         scheduler: Recipient<FinishSequence>,
         streams: HashMap<SeqId, Stream>,
         requests: RequestIndex,
+        metrics: Option<RequestMetrics>,
     }
 
     impl DetokenizerActor {
@@ -861,7 +868,14 @@ mod actor {
                 scheduler,
                 streams: HashMap::new(),
                 requests: RequestIndex::default(),
+                metrics: None,
             }
+        }
+
+        /// Records the per-request series into `metrics`.
+        pub fn with_metrics(mut self, metrics: RequestMetrics) -> Self {
+            self.metrics = Some(metrics);
+            self
         }
 
         /// Removes a stream that ended, and its request-id entry.
@@ -876,7 +890,14 @@ mod actor {
                 return; // already ended (stop string, cancel)
             };
             let now = now_us();
+            if let Some(m) = &self.metrics {
+                match st.first_token_us {
+                    None => m.first_token(st.num_prompt_tokens, now.saturating_sub(st.arrival_us)),
+                    Some(_) => m.next_token(now.saturating_sub(st.last_token_us)),
+                }
+            }
             st.first_token_us.get_or_insert(now);
+            st.last_token_us = now;
             st.num_output_tokens += 1;
             st.unsent_ids.push(o.token_id);
             let tok: &tokenizers::Tokenizer = &self.tokenizer;
@@ -922,6 +943,18 @@ mod actor {
                     }
                     if let Some(st) = self.take_stream(seq_id) {
                         let now = now_us();
+                        if let Some(m) = &self.metrics {
+                            m.finished(&FinishedSample {
+                                reason: Some(reason),
+                                arrival_us: st.arrival_us,
+                                queue_us: st.queue_us,
+                                scheduled_us: st.scheduled_us,
+                                first_token_us: st.first_token_us,
+                                finished_us: now,
+                                prompt_tokens: st.num_prompt_tokens,
+                                output_tokens: st.num_output_tokens,
+                            });
+                        }
                         let ms = |us: u64| us as f64 / 1e3;
                         let timings = Timings {
                             queue_ms: ms(st.queue_us),
@@ -978,6 +1011,8 @@ mod actor {
                     queue_us: 0,
                     cached_tokens: 0,
                     first_token_us: None,
+                    last_token_us: 0,
+                    scheduled_us: None,
                     unsent_ids: Vec::new(),
                 },
             );
@@ -990,8 +1025,12 @@ mod actor {
             for f in msg.first_scheduled {
                 if let Some(st) = self.streams.get_mut(&f.seq_id) {
                     st.queue_us = f.queue_us;
+                    st.scheduled_us = Some(f.scheduled_us);
                     st.cached_tokens = f.cached_tokens as u32;
                 }
+            }
+            if let Some(m) = &self.metrics {
+                m.generated(msg.outputs.len() as u64);
             }
             for o in &msg.outputs {
                 self.on_token(o);

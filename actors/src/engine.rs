@@ -15,6 +15,7 @@ use crate::detokenizer::DetokenizerActor;
 use crate::executor::models::llama::Llama;
 use crate::executor::weights::LoadError;
 use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
+use crate::metrics::{RequestMetrics, SchedulerMetrics, TokenCounters};
 use crate::protocol::{GenerateRequest, StreamEvent};
 use crate::scheduler::{
     GetSchedulerStats, SchedulerActor, SchedulerLimits, SchedulerPolicy, SchedulerStats,
@@ -51,6 +52,8 @@ pub struct EngineInfo {
     pub max_model_len: usize,
     pub num_blocks: usize,
     pub block_size: usize,
+    /// The `model_name` label of the metrics.
+    pub model_name: String,
 }
 
 /// Handle to a running engine. Cheap to clone.
@@ -60,6 +63,7 @@ pub struct Engine {
     scheduler: Addr<SchedulerActor>,
     block_manager: Addr<BlockManagerActor>,
     pub info: Arc<EngineInfo>,
+    counters: Arc<TokenCounters>,
 }
 
 impl Engine {
@@ -120,7 +124,17 @@ impl Engine {
             max_model_len,
             num_blocks,
             block_size,
+            model_name: cfg.model.served_name(),
         });
+        crate::metrics::record_cache_config(
+            &info.model_name,
+            block_size,
+            num_blocks,
+            cfg.cache.enable_prefix_caching,
+        );
+        let counters = Arc::new(TokenCounters::default());
+        let sched_metrics = SchedulerMetrics::new(&info.model_name);
+        let request_metrics = RequestMetrics::new(&info.model_name, counters.clone());
 
         let executor = Executor::new(model, num_blocks, block_size, eos_ids);
         // The executor's thread: forward passes block it for milliseconds at a time.
@@ -133,7 +147,9 @@ impl Engine {
         let mut detok_addr = None;
         let bm = block_manager.clone();
         let scheduler = SchedulerActor::create(|ctx| {
-            let detok = DetokenizerActor::new(decoder, ctx.address().recipient()).start();
+            let detok = DetokenizerActor::new(decoder, ctx.address().recipient())
+                .with_metrics(request_metrics)
+                .start();
             detok_addr = Some(detok.clone());
             SchedulerActor::new(
                 policy,
@@ -142,6 +158,7 @@ impl Engine {
                 detok.clone().recipient(),
                 detok.recipient(),
             )
+            .with_metrics(sched_metrics)
         });
         let detokenizer =
             detok_addr.ok_or_else(|| EngineError::Other("detokenizer did not start".into()))?;
@@ -167,7 +184,13 @@ impl Engine {
             scheduler,
             block_manager,
             info,
+            counters,
         })
+    }
+
+    /// Prompt and generation tokens processed since start.
+    pub fn token_counters(&self) -> &TokenCounters {
+        &self.counters
     }
 
     /// Submits a request; its events arrive on the returned channel, ending with exactly

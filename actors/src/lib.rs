@@ -7,6 +7,7 @@ pub mod detokenizer;
 pub mod engine;
 pub mod executor;
 pub mod messages;
+pub mod metrics;
 pub mod protocol;
 pub mod scheduler;
 pub mod tokenizer;

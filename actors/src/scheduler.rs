@@ -1757,6 +1757,7 @@ mod tests {
 
 mod actor {
     use std::collections::HashMap;
+    use std::time::Instant;
 
     use actix::prelude::*;
 
@@ -1765,6 +1766,7 @@ mod actor {
     use crate::detokenizer::{FirstScheduled, StepTokens, StreamEnd};
     use crate::executor::{ExecutorActor, RunBatch};
     use crate::messages::{now_us, FinishReason, SamplingParams, SeqId, TokenId};
+    use crate::metrics::{SchedulerMetrics, StepSample};
     use crate::protocol::{ErrorBody, ErrorCode};
 
     /// Tokenizer → scheduler: queue a new sequence.
@@ -1804,6 +1806,10 @@ mod actor {
         released: Vec<SeqId>,
         /// Sequences not yet scheduled, with their arrival time (for queue time).
         queued_at: HashMap<SeqId, u64>,
+        /// Prometheus series (none in tests and `pagoda generate`).
+        metrics: Option<SchedulerMetrics>,
+        /// When the step in flight was planned.
+        step_started: Option<Instant>,
     }
 
     impl SchedulerActor {
@@ -1823,6 +1829,20 @@ mod actor {
                 in_flight: false,
                 released: Vec::new(),
                 queued_at: HashMap::new(),
+                metrics: None,
+                step_started: None,
+            }
+        }
+
+        /// Records the engine's per-step series into `metrics`.
+        pub fn with_metrics(mut self, metrics: SchedulerMetrics) -> Self {
+            self.metrics = Some(metrics);
+            self
+        }
+
+        fn record_stats(&self) {
+            if let Some(m) = &self.metrics {
+                m.record_stats(&self.policy.stats());
             }
         }
 
@@ -1839,6 +1859,7 @@ mod actor {
                 }
             };
             self.in_flight = true;
+            self.step_started = Some(Instant::now());
             self.block_manager
                 .send(req)
                 .into_actor(self)
@@ -1870,6 +1891,7 @@ mod actor {
             };
             if batch.is_empty() {
                 self.in_flight = false;
+                self.record_stats();
                 // Nothing runnable (e.g. only frees were sent): don't spin on waiting
                 // sequences that cannot be admitted until something else changes.
                 if self.policy.num_running() > 0 {
@@ -1883,6 +1905,7 @@ mod actor {
                 if let Some(t) = self.queued_at.remove(&s.seq_id) {
                     first_scheduled.push(FirstScheduled {
                         seq_id: s.seq_id,
+                        scheduled_us: now,
                         queue_us: now.saturating_sub(t),
                         cached_tokens: cached.get(&s.seq_id).copied().unwrap_or(0),
                     });
@@ -1890,10 +1913,13 @@ mod actor {
             }
             let released = std::mem::take(&mut self.released);
             let seq_ids: Vec<SeqId> = batch.seqs.iter().map(|s| s.seq_id).collect();
+            let num_tokens = batch.num_batched_tokens;
             self.executor
                 .send(RunBatch { batch, released })
                 .into_actor(self)
-                .map(move |res, act, ctx| act.on_executed(res, seq_ids, first_scheduled, ctx))
+                .map(move |res, act, ctx| {
+                    act.on_executed(res, seq_ids, num_tokens, first_scheduled, ctx)
+                })
                 .spawn(ctx);
         }
 
@@ -1901,10 +1927,18 @@ mod actor {
             &mut self,
             res: Result<Result<super::StepOutput, String>, MailboxError>,
             seq_ids: Vec<SeqId>,
+            num_tokens: usize,
             first_scheduled: Vec<FirstScheduled>,
             ctx: &mut Context<Self>,
         ) {
             self.in_flight = false;
+            if let (Some(m), Some(t0)) = (&self.metrics, self.step_started.take()) {
+                m.record_step(StepSample {
+                    num_seqs: seq_ids.len(),
+                    num_tokens,
+                    duration_s: t0.elapsed().as_secs_f64(),
+                });
+            }
             let out = match res {
                 Ok(Ok(out)) => out,
                 Ok(Err(e)) => return self.fail_batch(e, seq_ids, ctx),
@@ -1921,6 +1955,7 @@ mod actor {
                     self.released.push(o.seq_id);
                 }
             }
+            self.record_stats();
             let _ = self.detokenizer.try_send(StepTokens {
                 outputs,
                 first_scheduled,
@@ -1963,6 +1998,7 @@ mod actor {
             self.policy.add(msg.seq_id, msg.prompt, msg.params)?;
             self.queued_at.insert(msg.seq_id, now_us());
             self.kick(ctx);
+            self.record_stats();
             Ok(())
         }
     }
@@ -1982,6 +2018,7 @@ mod actor {
                 }
             }
             self.kick(ctx);
+            self.record_stats();
         }
     }
 
