@@ -17,6 +17,12 @@
 //! # }
 //! ```
 //!
+//! [`Client::generate_durable`] publishes the request as a durable JetStream job instead
+//! (engines serving with `--intake jetstream`): it survives an engine's death, and when a
+//! job is redelivered the answer restarts from `seq` 0 with a higher `attempt` — the
+//! stream then drops whatever the earlier attempt sent, so a chunk with a higher `attempt`
+//! than the previous one means "start over" (as [`Generation::collect_text`] does).
+//!
 //! Each [`Client::generate`] subscribes to a fresh inbox, publishes the request with that
 //! inbox as its reply subject, and yields the chunks in `seq` order; the stream ends after
 //! the final chunk, or with an error (a typed error from the engine, no engine listening,
@@ -45,6 +51,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const GAP_GRACE: Duration = Duration::from_secs(2);
 /// Out-of-order chunks held while waiting for a missing one, at most.
 const MAX_PENDING: usize = 4096;
+/// JetStream's deduplication header.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// What can go wrong on the client side.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +135,11 @@ impl Client {
         format!("{}.generate", self.prefix)
     }
 
+    /// Where durable jobs go: `<prefix>.jobs.generate`.
+    pub fn jobs_subject(&self) -> String {
+        crate::config::IntakeConfig::jobs_subject(&self.prefix)
+    }
+
     pub fn cancel_subject(&self) -> String {
         format!("{}.cancel", self.prefix)
     }
@@ -160,6 +173,39 @@ impl Client {
         Ok(Generation::new(id, sub, self.idle_timeout, subject))
     }
 
+    /// Publishes a request as a durable JetStream job on `<prefix>.jobs.generate` (for
+    /// engines serving with `intake.mode = "jetstream"`) and returns its chunks. The job
+    /// carries `reply_to` = a fresh inbox and the header `Nats-Msg-Id` = the request id,
+    /// so a retried publish of the same id is deduplicated by the stream. Returns once the
+    /// stream stored the job. When an engine dies mid-answer the job is redelivered; the
+    /// returned stream then restarts with the new attempt's chunks (see the module docs).
+    pub async fn generate_durable(&self, mut req: WireRequest) -> Result<Generation, ClientError> {
+        let id = match req.id.take() {
+            Some(id) if !id.is_empty() => id,
+            _ => new_request_id(),
+        };
+        req.id = Some(id.clone());
+        let inbox = self.nats.new_inbox();
+        req.reply_to = Some(inbox.clone());
+        let body = self.format.encode(&req)?;
+        let sub = self
+            .nats
+            .subscribe(inbox)
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        let subject = self.jobs_subject();
+        let mut headers = self.headers();
+        headers.insert(MSG_ID_HEADER, id.as_str());
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let ack = js
+            .publish_with_headers(subject.clone(), headers, body.into())
+            .await
+            .map_err(|e| ClientError::Nats(format!("publishing the job: {e}")))?;
+        ack.await
+            .map_err(|e| ClientError::Nats(format!("the stream did not store the job: {e}")))?;
+        Ok(Generation::new(id, sub, self.idle_timeout, subject))
+    }
+
     /// Asks every engine to cancel request `id`; the one running it ends the request's
     /// stream with a final chunk whose `finish_reason` is `abort`.
     pub async fn cancel(&self, id: &str) -> Result<(), ClientError> {
@@ -184,8 +230,10 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
-    /// How many chunks carried it.
+    /// How many chunks carried it (of the attempt that finished).
     pub num_chunks: u64,
+    /// The delivery attempt that produced it (1 unless a durable job was redelivered).
+    pub attempt: u32,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, ClientError>> + Send>>;
@@ -200,6 +248,8 @@ struct State {
     sub: async_nats::Subscriber,
     pending: BTreeMap<u64, Reply>,
     next_seq: u64,
+    /// The delivery attempt being read; replies of earlier attempts are dropped.
+    attempt: u32,
     done: bool,
     idle: Duration,
     subject: String,
@@ -242,6 +292,16 @@ impl State {
                     return Ok(reply);
                 }
             }
+            let attempt = reply_attempt(&reply);
+            if attempt < self.attempt {
+                continue;
+            }
+            if attempt > self.attempt {
+                // A redelivery: the answer starts over from seq 0 of the new attempt.
+                self.attempt = attempt;
+                self.pending.clear();
+                self.next_seq = 0;
+            }
             if reply.seq() >= self.next_seq {
                 self.pending.insert(reply.seq(), reply);
             }
@@ -255,6 +315,7 @@ impl Generation {
             sub,
             pending: BTreeMap::new(),
             next_seq: 0,
+            attempt: 0,
             done: false,
             idle,
             subject,
@@ -301,8 +362,16 @@ impl Generation {
         let mut text = String::new();
         let mut token_ids = Vec::new();
         let mut num_chunks = 0;
+        let mut attempt = 0;
         while let Some(chunk) = self.next().await {
             let chunk = chunk?;
+            if chunk.attempt != attempt {
+                // A redelivered job starts over: forget the earlier attempt's output.
+                attempt = chunk.attempt;
+                text.clear();
+                token_ids.clear();
+                num_chunks = 0;
+            }
             num_chunks += 1;
             text.push_str(&chunk.text);
             token_ids.extend_from_slice(&chunk.token_ids);
@@ -315,10 +384,18 @@ impl Generation {
                     usage: chunk.usage.unwrap_or_default(),
                     timings: chunk.timings.unwrap_or_default(),
                     num_chunks,
+                    attempt,
                 });
             }
         }
         Err(ClientError::Closed)
+    }
+}
+
+fn reply_attempt(reply: &Reply) -> u32 {
+    match reply {
+        Reply::Chunk(c) => c.attempt,
+        Reply::Error(e) => e.attempt,
     }
 }
 

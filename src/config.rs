@@ -13,6 +13,7 @@ pub struct Config {
     #[serde(flatten)]
     pub engine: EngineConfig,
     pub nats: NatsConfig,
+    pub intake: IntakeConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -30,6 +31,140 @@ impl Default for MetricsConfig {
         Self {
             listen: "0.0.0.0:9464".into(),
         }
+    }
+}
+
+/// Where `pagoda serve` takes its requests from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IntakeMode {
+    /// Core NATS request/reply on `<prefix>.generate` (at most once, the fast path).
+    #[default]
+    Core,
+    /// A JetStream work-queue stream on `<prefix>.jobs.>`, pulled by a durable consumer
+    /// shared by all engines (at least once, redelivered when an engine dies).
+    Jetstream,
+}
+
+/// Where a JetStream stream keeps its messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamStorage {
+    #[default]
+    File,
+    Memory,
+}
+
+/// The `[intake]` section: core NATS or durable JetStream intake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IntakeConfig {
+    pub mode: IntakeMode,
+    /// Durable name of the pull consumer all engines share.
+    pub durable_name: String,
+    /// Deliveries of one job at most (the last failing one goes to `<prefix>.dead`).
+    pub max_deliver: i64,
+    /// A job not acknowledged (nor marked in progress) for this long is redelivered (ms).
+    pub ack_wait_ms: u64,
+    /// Jobs one engine holds at once (fetched and not yet finished).
+    pub max_in_flight: usize,
+    /// How long one pull request waits for jobs before it is renewed (ms).
+    pub fetch_expires_ms: u64,
+    pub stream: StreamSettings,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        Self {
+            mode: IntakeMode::Core,
+            durable_name: "pagoda".into(),
+            max_deliver: 3,
+            ack_wait_ms: 30_000,
+            max_in_flight: 64,
+            fetch_expires_ms: 1000,
+            stream: StreamSettings::default(),
+        }
+    }
+}
+
+/// The `[intake.stream]` section: the work-queue stream (created when missing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamSettings {
+    pub name: String,
+    /// Jobs older than this are dropped by the server (s); 0 = no limit.
+    pub max_age_s: u64,
+    /// Jobs kept at most; -1 = no limit.
+    pub max_msgs: i64,
+    /// Bytes kept at most; -1 = no limit.
+    pub max_bytes: i64,
+    pub replicas: usize,
+    pub storage: StreamStorage,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            name: "PAGODA_JOBS".into(),
+            max_age_s: 0,
+            max_msgs: -1,
+            max_bytes: -1,
+            replicas: 1,
+            storage: StreamStorage::File,
+        }
+    }
+}
+
+impl IntakeConfig {
+    /// Jobs are published on `<prefix>.jobs.generate`.
+    pub fn jobs_subject(prefix: &str) -> String {
+        format!("{prefix}.jobs.generate")
+    }
+
+    /// The stream's subjects: `<prefix>.jobs.>`.
+    pub fn stream_subjects(prefix: &str) -> String {
+        format!("{prefix}.jobs.>")
+    }
+
+    /// Jobs that failed every attempt are copied to `<prefix>.dead`.
+    pub fn dead_subject(prefix: &str) -> String {
+        format!("{prefix}.dead")
+    }
+
+    pub fn validate(&self) -> Result<(), pagoda_actors::config::ConfigError> {
+        let err = |m: String| Err(pagoda_actors::config::ConfigError(m));
+        if self.max_deliver < 1 {
+            return err("intake.max_deliver must be at least 1".into());
+        }
+        if self.ack_wait_ms < 100 {
+            return err("intake.ack_wait_ms must be at least 100".into());
+        }
+        if self.max_in_flight == 0 {
+            return err("intake.max_in_flight must be at least 1".into());
+        }
+        if self.fetch_expires_ms < 100 {
+            return err("intake.fetch_expires_ms must be at least 100".into());
+        }
+        if self.durable_name.is_empty()
+            || !self
+                .durable_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return err("intake.durable_name must be a word of [A-Za-z0-9_-]".into());
+        }
+        let name = &self.stream.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return err("intake.stream.name must be a word of [A-Za-z0-9_-]".into());
+        }
+        if self.stream.replicas == 0 || self.stream.replicas > 5 {
+            return err("intake.stream.replicas must be 1 to 5".into());
+        }
+        Ok(())
     }
 }
 
@@ -389,6 +524,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigLoadError> {
         self.engine.validate()?;
         self.nats.validate()?;
+        self.intake.validate()?;
         let err = |m: String| Err(pagoda_actors::config::ConfigError(m).into());
         if !self.metrics.listen.is_empty() && !self.metrics.listen.contains(':') {
             return err(format!(
@@ -512,6 +648,30 @@ mod tests {
         let cfg = Config::parse("[log]\nlevel = \"info,=x=y\"\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("log.level"), "{err}");
+    }
+
+    #[test]
+    fn intake_section() {
+        let cfg = Config::parse(
+            "[intake]\nmode = \"jetstream\"\nmax_deliver = 5\n[intake.stream]\nstorage = \"memory\"\n",
+        )
+        .unwrap()
+        .with_env(env(&[("PAGODA_INTAKE__ACK_WAIT_MS", "2000")]))
+        .unwrap();
+        assert_eq!(cfg.intake.mode, IntakeMode::Jetstream);
+        assert_eq!(cfg.intake.max_deliver, 5);
+        assert_eq!(cfg.intake.ack_wait_ms, 2000);
+        assert_eq!(cfg.intake.stream.storage, StreamStorage::Memory);
+        assert_eq!(cfg.intake.stream.name, "PAGODA_JOBS");
+        cfg.validate().unwrap();
+        for bad in [
+            "[intake]\nmax_deliver = 0\n",
+            "[intake]\ndurable_name = \"a.b\"\n",
+            "[intake.stream]\nreplicas = 0\n",
+        ] {
+            assert!(Config::parse(bad).unwrap().validate().is_err(), "{bad}");
+        }
+        assert!(Config::parse("[intake]\nmode = \"kafka\"\n").is_err());
     }
 
     #[test]

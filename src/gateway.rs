@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use pagoda_actors::protocol::{
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::NatsConfig;
+use crate::config::{IntakeConfig, NatsConfig};
 
 /// The micro service's name (`$SRV.PING.pagoda`).
 pub const SERVICE_NAME: &str = "pagoda";
@@ -49,6 +49,8 @@ pub enum GatewayError {
     Service(String),
     #[error("subscribing to {subject}: {message}")]
     Subscribe { subject: String, message: String },
+    #[error(transparent)]
+    Intake(#[from] crate::intake::IntakeError),
 }
 
 // --- pure logic ------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ pub struct GatewayStats {
 }
 
 impl GatewayStats {
-    fn count_error(&self, code: ErrorCode) {
+    pub(crate) fn count_error(&self, code: ErrorCode) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::NATS_ERRORS, "code" => code.as_str()).increment(1);
         if let Ok(mut m) = self.errors_by_code.lock() {
@@ -288,15 +290,18 @@ impl GatewayStats {
 // --- the service -----------------------------------------------------------------------------
 
 /// What every request task shares.
-struct Shared {
-    engine: Engine,
-    nats: async_nats::Client,
-    stats: Arc<GatewayStats>,
+pub(crate) struct Shared {
+    pub(crate) engine: Engine,
+    pub(crate) nats: async_nats::Client,
+    pub(crate) stats: Arc<GatewayStats>,
     in_flight: Mutex<HashSet<String>>,
     idle: Notify,
     recent_cancels: Mutex<RecentCancels>,
     max_in_flight: usize,
     log_prompts: bool,
+    /// Set when a shutdown aborts what is left: JetStream jobs are then given back
+    /// instead of answered with an `abort` chunk.
+    requeue_aborts: AtomicBool,
 }
 
 impl Shared {
@@ -449,6 +454,8 @@ pub struct GatewayConfig {
     pub max_in_flight: usize,
     /// Log each request's prompt text (`log.prompts`); off by default.
     pub log_prompts: bool,
+    /// The JetStream intake (`intake.mode = "jetstream"`), besides the core endpoint.
+    pub intake: Option<IntakeConfig>,
 }
 
 impl From<&NatsConfig> for GatewayConfig {
@@ -459,6 +466,7 @@ impl From<&NatsConfig> for GatewayConfig {
             drain_timeout: Duration::from_millis(c.drain_timeout_ms),
             max_in_flight: c.max_in_flight,
             log_prompts: false,
+            intake: None,
         }
     }
 }
@@ -482,6 +490,7 @@ pub async fn serve(
         recent_cancels: Mutex::new(RecentCancels::new(4096, Duration::from_secs(5))),
         max_in_flight: cfg.max_in_flight.max(1),
         log_prompts: cfg.log_prompts,
+        requeue_aborts: AtomicBool::new(false),
     });
 
     let weak = Arc::downgrade(&shared);
@@ -535,10 +544,27 @@ pub async fn serve(
                 subject: cancel_subject.clone(),
                 message: e.to_string(),
             })?;
+    let intake = match &cfg.intake {
+        Some(icfg) => {
+            let queue = crate::intake::setup(&nats, &cfg.subject_prefix, icfg).await?;
+            Some(
+                crate::intake::Intake::start(
+                    shared.clone(),
+                    queue,
+                    &cfg.subject_prefix,
+                    &cfg.queue_group,
+                    icfg,
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
     tracing::info!(
         generate = %generate_subject,
         cancel = %cancel_subject,
         queue_group = %cfg.queue_group,
+        jobs = intake.is_some().then(|| IntakeConfig::jobs_subject(&cfg.subject_prefix)),
         "serving"
     );
 
@@ -568,6 +594,10 @@ pub async fn serve(
     }
 
     // Shutdown: no new requests; requests already delivered to us are still served.
+    let intake_drain = match intake {
+        Some(i) => Some(i.stop().await),
+        None => None,
+    };
     tracing::info!(
         in_flight = shared.num_in_flight(),
         "shutting down: no new requests"
@@ -595,6 +625,8 @@ pub async fn serve(
             remaining = ids.len(),
             "drain timeout: aborting the requests still running"
         );
+        // JetStream jobs aborted now are given back (nak) for another engine.
+        shared.requeue_aborts.store(true, Ordering::Relaxed);
         for id in &ids {
             engine.cancel(id).await;
         }
@@ -603,6 +635,11 @@ pub async fn serve(
                 remaining = shared.num_in_flight(),
                 "requests did not end after the abort; leaving them"
             );
+        }
+    }
+    if let Some(drain) = intake_drain {
+        if !drain.wait(ABORT_GRACE).await {
+            tracing::warn!("some JetStream jobs were not settled; the server redelivers them");
         }
     }
     cancel_task.abort();
@@ -659,10 +696,62 @@ async fn wait_idle(shared: &Shared, limit: Duration) -> bool {
 }
 
 async fn handle_request(shared: Arc<Shared>, req: service::Request) {
+    let incoming = Incoming {
+        message: &req.message,
+        own_reply: req.message.reply.clone(),
+        request: Some(&req),
+        attempt: ATTEMPT,
+        durable: None,
+    };
+    process(&shared, incoming).await;
+}
+
+/// One request as it arrived, on core NATS or from the JetStream intake.
+pub(crate) struct Incoming<'a> {
+    pub message: &'a async_nats::Message,
+    /// The message's own reply subject (none for a JetStream job: its reply subject is the
+    /// server's ack subject, so replies go to `reply_to`).
+    pub own_reply: Option<Subject>,
+    /// The micro-service request, to answer through it (`$SRV.STATS` counts those).
+    pub request: Option<&'a service::Request>,
+    /// The delivery attempt the chunks carry.
+    pub attempt: u32,
+    /// Set for JetStream jobs.
+    pub durable: Option<Durable>,
+}
+
+/// What a JetStream job's processing needs to know.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Durable {
+    /// This is the job's last delivery (`intake.max_deliver`): a failure now is final.
+    pub last_attempt: bool,
+}
+
+/// How a request ended (what the JetStream intake does with the job).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The final reply was published: ack.
+    Done,
+    /// Refused (invalid) and answered, or nothing could be answered: terminate, no retry.
+    Rejected,
+    /// This engine cannot take it now (full, or the id runs here already); nothing was
+    /// sent: give it back for later.
+    Busy,
+    /// It failed in a way another attempt may fix (nothing final was sent): redeliver.
+    Retry(String),
+    /// It failed on its last attempt; the client got error code `failed`.
+    Failed(String),
+}
+
+/// The per-request path shared by both intakes: decode → validate → [`Engine::generate`]
+/// → one reply per engine step to the reply subject.
+pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome {
     shared.stats.received.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(crate::metrics::NATS_MESSAGES_RECEIVED).increment(1);
-    let format = message_format(req.message.headers.as_ref(), &req.message.payload);
-    let own_reply = req.message.reply.clone();
+    let attempt = inc.attempt;
+    let req = inc.request;
+    let format = message_format(inc.message.headers.as_ref(), &inc.message.payload);
+    let own_reply = inc.own_reply.clone();
     let replier = |target: Subject| Replier {
         nats: shared.nats.clone(),
         via_request: own_reply.as_ref() == Some(&target),
@@ -670,7 +759,7 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
         format,
     };
 
-    let wire = match decode_request(&req.message.payload, format) {
+    let wire = match decode_request(&inc.message.payload, format) {
         Ok(w) => w,
         Err(rejected) => {
             let target = own_reply
@@ -679,11 +768,11 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
             let reply = Reply::Error(ErrorReply {
                 id: rejected.id.clone(),
                 seq: 0,
-                attempt: ATTEMPT,
+                attempt,
                 error: rejected.error,
             });
-            answer_rejection(&shared, target.map(replier), &req, reply).await;
-            return;
+            answer_rejection(shared, target.map(replier), req, reply).await;
+            return Outcome::Rejected;
         }
     };
     let target = own_reply
@@ -698,7 +787,7 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
             id = wire.id.as_deref().unwrap_or(""),
             "a request with neither a reply subject nor reply_to: nothing to answer, dropped"
         );
-        return;
+        return Outcome::Rejected;
     };
     let out = replier(target);
     let wire_id = wire.id.clone();
@@ -708,24 +797,28 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
             let reply = Reply::Error(ErrorReply {
                 id: wire_id,
                 seq: 0,
-                attempt: ATTEMPT,
+                attempt,
                 error,
             });
-            answer_rejection(&shared, Some(out), &req, reply).await;
-            return;
+            answer_rejection(shared, Some(out), req, reply).await;
+            return Outcome::Rejected;
         }
     };
     let id = accepted.request.id.clone();
     if shared.log_prompts {
         tracing::info!(%id, prompt = ?accepted.request.prompt, "prompt");
     }
-    let mut replies = ReplyStream::new(id.clone(), ATTEMPT, accepted.stream);
+    let mut replies = ReplyStream::new(id.clone(), attempt, accepted.stream);
     let _guard = match shared.register(&id) {
         Ok(g) => g,
+        Err(error) if inc.durable.is_some() && error.code != ErrorCode::Internal => {
+            tracing::debug!(%id, message = %error.message, "job given back");
+            return Outcome::Busy;
+        }
         Err(error) => {
             let reply = replies.error(error);
-            answer_rejection(&shared, Some(out), &req, reply).await;
-            return;
+            answer_rejection(shared, Some(out), req, reply).await;
+            return Outcome::Rejected;
         }
     };
     let cancelled_early = shared
@@ -736,17 +829,17 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
     if cancelled_early {
         shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
         let reply = replies.aborted_before_start();
-        if let Err(e) = out.send(Some(&req), &reply).await {
+        if let Err(e) = out.send(req, &reply).await {
             shared
                 .stats
                 .publish_failures
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%id, error = %e, "answering a request cancelled before it started");
         }
-        return;
+        return Outcome::Done;
     }
 
-    tracing::debug!(%id, stream = accepted.stream, "request accepted");
+    tracing::debug!(%id, stream = accepted.stream, attempt, "request accepted");
     let mut events = shared.engine.generate(accepted.request);
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let timeout_at = accepted
@@ -754,7 +847,7 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
         .map_or(far, |ms| Instant::now() + Duration::from_millis(ms));
     let mut grace_at: Option<Instant> = None;
     loop {
-        let reply = tokio::select! {
+        let mut reply = tokio::select! {
             ev = events.recv() => match ev {
                 Some(ev) => match replies.on_event(ev) {
                     Some(r) => r,
@@ -778,8 +871,29 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
                 ))
             }
         };
+        let mut failed = None;
+        if let Some(durable) = inc.durable {
+            match &mut reply {
+                // Aborted by a shutdown past its drain timeout: another engine takes it.
+                Reply::Chunk(c)
+                    if c.finish_reason == Some(FinishReason::Abort)
+                        && shared.requeue_aborts.load(Ordering::Relaxed) =>
+                {
+                    return Outcome::Retry("aborted by the engine's shutdown".into());
+                }
+                Reply::Error(e) if e.error.code == ErrorCode::Internal => {
+                    if !durable.last_attempt {
+                        return Outcome::Retry(e.error.message.clone());
+                    }
+                    let reason = format!("attempt {attempt} failed: {}", e.error.message);
+                    e.error = ErrorBody::new(ErrorCode::Failed, reason.clone());
+                    failed = Some(reason);
+                }
+                _ => {}
+            }
+        }
         let is_final = reply.is_final();
-        if let Err(e) = out.send(Some(&req), &reply).await {
+        if let Err(e) = out.send(req, &reply).await {
             shared
                 .stats
                 .publish_failures
@@ -788,11 +902,17 @@ async fn handle_request(shared: Arc<Shared>, req: service::Request) {
             if !is_final {
                 shared.engine.cancel(&id).await;
             }
-            return;
+            return match failed {
+                Some(reason) => Outcome::Failed(reason),
+                None => Outcome::Retry(format!("cannot deliver a reply: {e}")),
+            };
         }
         if is_final {
             count_final(&shared.stats, &reply);
-            return;
+            return match failed {
+                Some(reason) => Outcome::Failed(reason),
+                None => Outcome::Done,
+            };
         }
     }
 }
@@ -813,7 +933,7 @@ fn count_final(stats: &GatewayStats, reply: &Reply) {
 async fn answer_rejection(
     shared: &Shared,
     out: Option<Replier>,
-    req: &service::Request,
+    req: Option<&service::Request>,
     reply: Reply,
 ) {
     if let Reply::Error(e) = &reply {
@@ -828,7 +948,7 @@ async fn answer_rejection(
         tracing::warn!("an unreadable request without a reply subject: nothing to answer");
         return;
     };
-    if let Err(e) = out.send(Some(req), &reply).await {
+    if let Err(e) = out.send(req, &reply).await {
         shared
             .stats
             .publish_failures

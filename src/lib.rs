@@ -5,5 +5,6 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod intake;
 pub mod metrics;
 pub mod nats;

@@ -47,6 +47,10 @@ struct ServeArgs {
     /// an empty string turns it off).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Where requests come from: core NATS request/reply, or durable JetStream jobs on
+    /// <prefix>.jobs.generate (intake.mode).
+    #[arg(long, value_enum)]
+    intake: Option<pagoda::config::IntakeMode>,
 }
 
 #[derive(Args)]
@@ -234,6 +238,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(listen) = args.metrics_listen {
                 config.metrics.listen = listen;
             }
+            if let Some(mode) = args.intake {
+                config.intake.mode = mode;
+            }
             config.validate()?;
             serve(config)
         }
@@ -414,6 +421,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         );
         let mut gateway = pagoda::gateway::GatewayConfig::from(&config.nats);
         gateway.log_prompts = config.log.prompts;
+        if config.intake.mode == pagoda::config::IntakeMode::Jetstream {
+            gateway.intake = Some(config.intake.clone());
+        }
         let health = metrics.as_ref().map(|m| m.health.clone());
         if let Some(h) = &health {
             h.set_ready();

@@ -151,6 +151,7 @@ async fn read_all(
         usage: last.usage.expect("usage on the final chunk"),
         timings: last.timings.expect("timings on the final chunk"),
         num_chunks: chunks.len() as u64,
+        attempt: last.attempt,
     };
     Ok((chunks, completion))
 }

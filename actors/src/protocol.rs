@@ -50,6 +50,8 @@ pub enum ErrorCode {
     Cancelled,
     Timeout,
     Internal,
+    /// A durable (JetStream) job failed on every delivery attempt (`intake.max_deliver`).
+    Failed,
 }
 
 impl ErrorCode {
@@ -62,6 +64,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::Failed => "failed",
         }
     }
 }

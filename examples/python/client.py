@@ -171,6 +171,8 @@ async def complete(nc: NATS, prompt: Optional[str] = None, messages=None, **kwar
     parts = []
     last: Dict[str, Any] = {}
     async for chunk in generate(nc, prompt, messages, **kwargs):
+        if last and chunk.get("attempt", 1) != last.get("attempt", 1):
+            parts = []  # a redelivered job starts over: drop the earlier attempt's text
         parts.append(chunk.get("text", ""))
         last = chunk
     return "".join(parts), last
