@@ -619,3 +619,53 @@ fn chat_prompt_answers_the_capital_of_france() {
         assert_pool_drained(&engine).await;
     });
 }
+
+/// A burst beyond `scheduler.max_waiting` gets `overloaded` at once for the excess; the
+/// rest completes, and the engine serves normally afterwards.
+#[test]
+fn a_burst_beyond_max_waiting_is_answered_overloaded() {
+    let mut cfg = test_config();
+    cfg.scheduler.max_num_seqs = 1;
+    cfg.scheduler.max_waiting = 2;
+    run(async move {
+        let engine = start(&cfg);
+        let burst: Vec<GenerateRequest> = (0..12)
+            .map(|i| {
+                text_request(
+                    format!("burst-{i}"),
+                    &format!("Burst request {i}."),
+                    greedy(8),
+                )
+            })
+            .collect();
+        let outcomes = generate_all(&engine, burst).await;
+        let mut completed = 0;
+        let mut overloaded = 0;
+        for o in &outcomes {
+            match &o.end {
+                End::Finished { .. } => {
+                    assert_eq!(o.token_ids.len(), 8);
+                    completed += 1;
+                }
+                End::Error(e) => {
+                    assert_eq!(e.code, ErrorCode::Overloaded, "{e}");
+                    assert!(e.message.contains("max_waiting"), "{}", e.message);
+                    assert!(o.deltas.is_empty(), "an overloaded request streamed text");
+                    overloaded += 1;
+                }
+            }
+        }
+        // One running seat and two waiting places: at most three requests (plus one that
+        // the scheduler admitted between two arrivals) are taken; the rest are refused.
+        assert_eq!(completed + overloaded, 12);
+        assert!(completed >= 2, "only {completed} completed");
+        assert!(overloaded >= 12 - 4, "only {overloaded} overloaded of 12");
+        let after = generate(
+            &engine,
+            text_request("after", "After the burst.", greedy(8)),
+        )
+        .await;
+        assert_eq!(after.finished().0, FinishReason::Length);
+        assert_pool_drained(&engine).await;
+    });
+}

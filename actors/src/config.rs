@@ -63,6 +63,9 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Tokens computed in one step (decode tokens + prefill chunks).
     pub max_num_batched_tokens: usize,
+    /// Requests queued for a seat at most; a request beyond it is answered `overloaded`
+    /// at once, so memory stays bounded under a burst. 0 = no bound.
+    pub max_waiting: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -70,6 +73,7 @@ impl Default for SchedulerConfig {
         Self {
             max_num_seqs: 64,
             max_num_batched_tokens: 512,
+            max_waiting: 256,
         }
     }
 }

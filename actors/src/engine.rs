@@ -146,6 +146,7 @@ impl Engine {
         let decoder = Arc::new(parts.tokenizer.clone());
         let mut detok_addr = None;
         let bm = block_manager.clone();
+        let max_waiting = cfg.scheduler.max_waiting;
         let scheduler = SchedulerActor::create(|ctx| {
             let detok = DetokenizerActor::new(decoder, ctx.address().recipient())
                 .with_metrics(request_metrics)
@@ -159,6 +160,7 @@ impl Engine {
                 detok.recipient(),
             )
             .with_metrics(sched_metrics)
+            .with_max_waiting(max_waiting)
         });
         let detokenizer =
             detok_addr.ok_or_else(|| EngineError::Other("detokenizer did not start".into()))?;

@@ -112,6 +112,8 @@ pub enum SchedulerError {
         max_tokens: usize,
         capacity: usize,
     },
+    #[error("overloaded: {waiting} requests are already waiting (scheduler.max_waiting = {max_waiting})")]
+    Overloaded { waiting: usize, max_waiting: usize },
     #[error("a step is already in progress (plan or batch not yet completed)")]
     StepInProgress,
     #[error("no step is planned")]
@@ -1808,6 +1810,8 @@ mod actor {
         queued_at: HashMap<SeqId, u64>,
         /// Prometheus series (none in tests and `pagoda generate`).
         metrics: Option<SchedulerMetrics>,
+        /// Bound on the waiting queue (`scheduler.max_waiting`); 0 = none.
+        max_waiting: usize,
         /// When the step in flight was planned.
         step_started: Option<Instant>,
     }
@@ -1829,6 +1833,7 @@ mod actor {
                 in_flight: false,
                 released: Vec::new(),
                 queued_at: HashMap::new(),
+                max_waiting: 0,
                 metrics: None,
                 step_started: None,
             }
@@ -1837,6 +1842,12 @@ mod actor {
         /// Records the engine's per-step series into `metrics`.
         pub fn with_metrics(mut self, metrics: SchedulerMetrics) -> Self {
             self.metrics = Some(metrics);
+            self
+        }
+
+        /// Answer `Overloaded` to new sequences while `max_waiting` are already waiting.
+        pub fn with_max_waiting(mut self, max_waiting: usize) -> Self {
+            self.max_waiting = max_waiting;
             self
         }
 
@@ -1995,6 +2006,13 @@ mod actor {
     impl Handler<AddSequence> for SchedulerActor {
         type Result = Result<(), SchedulerError>;
         fn handle(&mut self, msg: AddSequence, ctx: &mut Context<Self>) -> Self::Result {
+            let waiting = self.policy.num_waiting();
+            if self.max_waiting > 0 && waiting >= self.max_waiting {
+                return Err(SchedulerError::Overloaded {
+                    waiting,
+                    max_waiting: self.max_waiting,
+                });
+            }
             self.policy.add(msg.seq_id, msg.prompt, msg.params)?;
             self.queued_at.insert(msg.seq_id, now_us());
             self.kick(ctx);

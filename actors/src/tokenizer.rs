@@ -1365,6 +1365,7 @@ mod actor {
             SchedulerError::EmptyPrompt(_) | SchedulerError::InvalidParams { .. } => {
                 ErrorCode::InvalidRequest
             }
+            SchedulerError::Overloaded { .. } => ErrorCode::Overloaded,
             _ => ErrorCode::Internal,
         };
         ErrorBody::new(code, e.to_string())
