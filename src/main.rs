@@ -377,14 +377,7 @@ fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
                     stdout.write_all(text.as_bytes())?;
                     writeln!(stdout)?;
                     stdout.flush()?;
-                    tracing::info!(
-                        finish_reason = finish_reason.as_str(),
-                        prompt_tokens = usage.prompt_tokens,
-                        completion_tokens = usage.completion_tokens,
-                        ttft_ms = timings.ttft_ms,
-                        total_ms = timings.total_ms,
-                        "done"
-                    );
+                    log_done("cli", finish_reason, &usage, &timings);
                     return Ok(());
                 }
                 StreamEvent::Error(e) => anyhow::bail!("{}", e.message),
@@ -518,17 +511,27 @@ fn request(config: Config, args: RequestArgs) -> anyhow::Result<()> {
                 stdout.flush()?;
                 let usage = chunk.usage.unwrap_or_default();
                 let timings = chunk.timings.unwrap_or_default();
-                tracing::info!(
-                    id = %chunk.id,
-                    finish_reason = reason.as_str(),
-                    prompt_tokens = usage.prompt_tokens,
-                    completion_tokens = usage.completion_tokens,
-                    ttft_ms = timings.ttft_ms,
-                    total_ms = timings.total_ms,
-                    "done"
-                );
+                log_done(&chunk.id, reason, &usage, &timings);
                 return Ok(());
             }
         }
     })
+}
+
+/// The closing log line of `generate` and `request` (stderr; stdout carries only text).
+fn log_done(
+    id: &str,
+    reason: pagoda_actors::messages::FinishReason,
+    usage: &pagoda_actors::protocol::Usage,
+    timings: &pagoda_actors::protocol::Timings,
+) {
+    tracing::info!(
+        id,
+        finish_reason = reason.as_str(),
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        ttft_ms = timings.ttft_ms,
+        total_ms = timings.total_ms,
+        "done"
+    );
 }
