@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Generate a completion in-process (through all five actors) and stream it to stdout.
     Generate(GenerateArgs),
-    /// Benchmark the engine with synthetic requests (greedy, ignore_eos).
+    /// Benchmark pagoda (in-process or over NATS) and llama-server with the same requests.
     Bench(BenchArgs),
     /// Serve the engine on NATS (<prefix>.generate, <prefix>.cancel, $SRV.*).
     Serve(ServeArgs),
@@ -80,7 +80,8 @@ struct RequestArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Run the engine in this process (the default unless --nats-url is given).
+    /// Run the engine in this process (the default unless --nats-url or --llama-server-url
+    /// is given; with --llama-server-url, measures both).
     #[arg(long, conflicts_with = "nats_url")]
     in_process: bool,
     /// Drive a pagoda already serving on this NATS URL instead of an engine in this process.
@@ -90,26 +91,77 @@ struct BenchArgs {
     /// and through NATS) at each concurrency in the same run.
     #[arg(long)]
     compare_nats_url: Option<String>,
+    /// Also drive llama.cpp's llama-server at this URL (http://HOST:PORT) with the same
+    /// prompts, through its streaming /completion endpoint, and print the ratios.
+    #[arg(long, value_name = "URL")]
+    llama_server_url: Option<String>,
+    /// Reports saved by an earlier --save-result, shown, compared (ratio table) and
+    /// plotted with this run's (e.g. llama-server's, measured while pagoda was not running).
+    #[arg(long, value_name = "FILE.json")]
+    baseline: Vec<PathBuf>,
     /// Model (default: model.path of the config).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Requests per run (default: 4 × concurrency, at least 8).
+    /// Requests per run (default: --prompts-per-concurrency × concurrency, at least 8).
     #[arg(long)]
     num_prompts: Option<usize>,
+    /// Without --num-prompts, each run sends this many requests per unit of concurrency
+    /// (at least 8 in all).
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    prompts_per_concurrency: usize,
     /// Concurrency levels to run, e.g. 1,8,32.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     sweep: Vec<usize>,
-    /// Prompt length in tokens.
+    /// One concurrency level (the same as --sweep N).
+    #[arg(long, conflicts_with = "sweep")]
+    max_concurrency: Option<usize>,
+    /// Requests per second, arriving as a Poisson process (exponential gaps from the seeded
+    /// generator); inf sends them all at once. Either way at most the concurrency level
+    /// are in flight.
+    #[arg(long, default_value = "inf", value_name = "R")]
+    request_rate: f64,
+    /// Prompts: `random` (random token ids of --input-len, the first --prefix-len shared),
+    /// or a jsonl file, one {"prompt": "…"} or {"prompt_token_ids": […]} per line with an
+    /// optional "output_len"; text prompts are sent as text.
+    #[arg(long, default_value = "random", value_name = "random|FILE.jsonl")]
+    dataset: String,
+    /// Prompt length in tokens (random dataset).
     #[arg(long, default_value_t = 128)]
     input_len: usize,
-    /// Output length in tokens.
+    /// Tokens every random prompt starts with (the same ids in every prompt).
+    #[arg(long, default_value_t = 0)]
+    prefix_len: usize,
+    /// Output length in tokens (dataset lines may set their own).
     #[arg(long, default_value_t = 128)]
     output_len: usize,
+    /// Keep generating past end-of-sequence, so every request yields exactly its output
+    /// length; --ignore-eos=false lets requests stop at EOS.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    ignore_eos: bool,
+    /// Leave the in-process engine's prefix cache on (bench turns it off by default: every
+    /// run reuses the same prompts, so a warm cache would flatter later runs). Also sets
+    /// llama-server's cache_prompt.
+    #[arg(long)]
+    prefix_caching: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Write the reports as JSON to this file.
-    #[arg(long)]
+    /// Write the reports (baselines included) as JSON to this file.
+    #[arg(long, value_name = "FILE.json")]
     save_result: Option<PathBuf>,
+    /// Draw output throughput and TTFT p50 against concurrency, one line per target.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
+    /// No progress bar (it is drawn only when stderr is a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Args)]
@@ -263,21 +315,77 @@ fn runtime() -> actix::SystemRunner {
 }
 
 fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    use pagoda::bench::{self, workload::Dataset, Target};
+
+    let sweep = match args.max_concurrency {
+        Some(c) => vec![c],
+        None => args.sweep.clone(),
+    };
+    if sweep.is_empty() || sweep.contains(&0) {
+        anyhow::bail!("concurrency levels must be at least 1 (--sweep / --max-concurrency)");
+    }
+    if args.num_prompts == Some(0) {
+        anyhow::bail!("--num-prompts must be at least 1");
+    }
+    if args.output_len == 0 {
+        anyhow::bail!("--output-len must be at least 1");
+    }
+    if args.request_rate.is_nan() || args.request_rate <= 0.0 {
+        anyhow::bail!("--request-rate must be a positive number of requests per second, or inf");
+    }
+    let dataset = if args.dataset == "random" {
+        Dataset::random(args.input_len, args.prefix_len)?
+    } else {
+        Dataset::load(std::path::Path::new(&args.dataset))?
+    };
+    let mut baselines = Vec::new();
+    for path in &args.baseline {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the baseline {}", path.display()))?;
+        let reports: Vec<bench::BenchReport> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "the baseline {} is not a --save-result file of pagoda bench",
+                path.display()
+            )
+        })?;
+        baselines.extend(reports);
+    }
+    let in_process = args.in_process
+        || args.compare_nats_url.is_some()
+        || (args.nats_url.is_none() && args.llama_server_url.is_none());
+
     runtime().block_on(async move {
+        // llama-server first: a wrong URL fails before the model loads.
+        let llama = match &args.llama_server_url {
+            Some(url) => {
+                let server = bench::llama::LlamaServer::new(url)?;
+                server.health().await.with_context(|| {
+                    format!("llama-server at {url} is not ready (GET /health)")
+                })?;
+                eprintln!("llama-server {}", server.url());
+                Some(server)
+            }
+            None => None,
+        };
         let mut targets = Vec::new();
         let mut stop_gateway = None;
         let mut gateway_task = None;
         if let Some(url) = &args.nats_url {
             config.nats.url = url.clone();
             let client = pagoda::client::Client::connect_with(&config.nats).await?;
-            targets.push(pagoda::bench::Target::Nats(client));
-        } else {
-            // Every run reuses the same synthetic prompts (same seed), so a warm prefix cache
-            // would flatter whichever run comes later: measure without it.
-            config.engine.cache.enable_prefix_caching = false;
+            targets.push(Target::Nats(client));
+        }
+        if in_process {
+            // Every run reuses the same prompts (same seed), so a warm prefix cache would
+            // flatter whichever run comes later: measure without it unless asked.
+            config.engine.cache.enable_prefix_caching = args.prefix_caching;
             let engine = Engine::start(&config.engine).context("starting the engine")?;
-            eprintln!("model {} (prefix caching off)", engine.info.model_path);
-            targets.push(pagoda::bench::Target::InProcess(engine.clone()));
+            eprintln!(
+                "model {} (prefix caching {})",
+                engine.info.model_path,
+                if args.prefix_caching { "on" } else { "off" }
+            );
+            targets.push(Target::InProcess(engine.clone()));
             if let Some(url) = &args.compare_nats_url {
                 config.nats.url = url.clone();
                 let nats = pagoda::nats::connect(
@@ -297,29 +405,60 @@ fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
                     },
                 )));
                 let client = pagoda::client::Client::connect_with(&config.nats).await?;
-                targets.push(pagoda::bench::Target::Nats(client));
+                targets.push(Target::Nats(client));
             }
         }
-        eprintln!(
-            "input {} tokens, output {} tokens, greedy, ignore_eos",
-            args.input_len, args.output_len
-        );
-        let mut reports = Vec::new();
-        for &c in &args.sweep {
-            let spec = pagoda::bench::BenchSpec {
-                num_prompts: args.num_prompts.unwrap_or((4 * c).max(8)),
+        if let Some(server) = llama {
+            targets.push(Target::LlamaServer(server));
+        }
+        let rate = if args.request_rate.is_finite() {
+            format!("{} req/s (Poisson)", args.request_rate)
+        } else {
+            "inf".into()
+        };
+        match &dataset {
+            Dataset::Random {
+                input_len,
+                prefix_len,
+            } => eprintln!(
+                "random prompts: input {input_len} tokens (shared prefix {prefix_len}), output {} tokens, greedy, ignore_eos {}, request rate {rate}",
+                args.output_len, args.ignore_eos
+            ),
+            Dataset::File { path, entries } => eprintln!(
+                "dataset {} ({} prompts), output {} tokens unless a line says, greedy, ignore_eos {}, request rate {rate}",
+                path.display(),
+                entries.len(),
+                args.output_len,
+                args.ignore_eos
+            ),
+        }
+        for r in &baselines {
+            r.print();
+        }
+        let mut reports = baselines;
+        for &c in &sweep {
+            let spec = bench::BenchSpec {
+                dataset: dataset.clone(),
+                num_prompts: args
+                    .num_prompts
+                    .unwrap_or((args.prompts_per_concurrency.max(1) * c).max(8)),
                 max_concurrency: c,
-                input_len: args.input_len,
+                request_rate: args.request_rate,
                 output_len: args.output_len,
+                ignore_eos: args.ignore_eos,
+                cache_prompt: args.prefix_caching,
                 seed: args.seed,
+                progress: !args.no_progress,
             };
             let mut row = Vec::new();
             for target in &targets {
-                let report = pagoda::bench::run(target, &spec).await;
+                let report = bench::run(target, &spec).await;
                 report.print();
                 row.push(report);
             }
-            if let [a, b] = row.as_slice() {
+            let direct = row.iter().find(|r| r.target == "in-process");
+            let nats = row.iter().find(|r| r.target == "nats");
+            if let (Some(a), Some(b)) = (direct, nats) {
                 println!(
                     "ratio nats / in-process at concurrency {c}: output throughput {:.3}, TTFT p50 {:+.1} ms, TTFT p99 {:+.1} ms",
                     b.output_throughput / a.output_throughput.max(f64::MIN_POSITIVE),
@@ -335,9 +474,15 @@ fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         if let Some(task) = gateway_task {
             let _ = task.await;
         }
+        bench::print_summary(&reports);
+        bench::print_ratios(&reports);
         if let Some(path) = &args.save_result {
             std::fs::write(path, serde_json::to_string_pretty(&reports)?)
                 .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &args.plot {
+            bench::plot::plot(&reports, path)?;
+            eprintln!("plot written to {}", path.display());
         }
         Ok(())
     })
