@@ -20,6 +20,28 @@ pub struct ModelConfig {
     pub name: String,
     /// Context length to serve; 0 = the model's own (capped by the KV pool).
     pub max_model_len: usize,
+    /// How quantized matmuls treat activations on CPUs with the int8 kernel (AVX-512
+    /// VNNI): `precise` (two 8-bit planes, matches f32 activations) or `fast` (one
+    /// 8-bit plane as in llama.cpp: faster at large batches, slightly different logits).
+    pub activations: Activations,
+}
+
+/// See [`ModelConfig::activations`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    #[default]
+    Precise,
+    Fast,
+}
+
+impl Activations {
+    pub fn precision(self) -> pagoda_kernels::quant::Precision {
+        match self {
+            Activations::Precise => pagoda_kernels::quant::Precision::Precise,
+            Activations::Fast => pagoda_kernels::quant::Precision::Fast,
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -28,6 +50,7 @@ impl Default for ModelConfig {
             path: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
             name: String::new(),
             max_model_len: 0,
+            activations: Activations::Precise,
         }
     }
 }

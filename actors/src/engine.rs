@@ -86,7 +86,11 @@ impl Engine {
             });
         }
         let template = Arc::new(parts.compile_chat_template()?);
-        let model = Llama::load(&mut src, model_cfg.clone())?;
+        let model = Llama::load_with(
+            &mut src,
+            model_cfg.clone(),
+            cfg.model.activations.precision(),
+        )?;
         drop(src);
 
         let block_size = cfg.cache.block_size;

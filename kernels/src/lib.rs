@@ -14,10 +14,13 @@ pub mod dense;
 mod error;
 mod gemm;
 pub mod ops;
+mod packed;
 pub mod quant;
 mod simd;
 #[cfg(test)]
 mod unit_tests;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use pagoda_kernels::quant::{QMatrix, QuantFormat};
+use pagoda_kernels::quant::{Precision, QMatrix, QuantFormat};
 
 /// Nanoseconds this thread has spent on a CPU, if the kernel exposes it.
 fn thread_cpu_ns() -> Option<u64> {
@@ -58,6 +58,47 @@ fn timing_q4_1_matmul() {
                 "Q4_1 {rows}x{cols} n={n:4}: wall {:8.1} us  thread-cpu {:8.1} us",
                 wall * 1e6,
                 cpu * 1e6
+            );
+        }
+    }
+}
+
+/// The ggml layout (f32 activations) against the packed int8 layout, per model matrix
+/// (SmolLM2-135M's stacked qkv, o, stacked gate/up, down, and the Q8_0 output head).
+#[test]
+#[ignore = "timing probe; run manually"]
+fn timing_packed_vs_ggml() {
+    let shapes: &[(QuantFormat, usize, usize)] = &[
+        (QuantFormat::Q4_1, 960, 576),
+        (QuantFormat::Q4_1, 576, 576),
+        (QuantFormat::Q4_1, 3072, 576),
+        (QuantFormat::Q4_1, 576, 1536),
+        (QuantFormat::Q8_0, 49152, 576),
+    ];
+    let ns: Vec<usize> = std::env::var("TIMING_N")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32, 128]);
+    for &(format, rows, cols) in shapes {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let ggml = QMatrix::from_f32(format, rows, cols, &w).unwrap();
+        let precise = ggml.clone().into_packed();
+        let fast = precise.clone().with_precision(Precision::Fast);
+        for &n in &ns {
+            let iters = (200_000_000 / (rows * cols * n)).clamp(1, 1000);
+            let (a, _) = time_matmul(&ggml, n, iters);
+            let (b, _) = time_matmul(&precise, n, iters);
+            let (c, _) = time_matmul(&fast, n, iters);
+            let gmacs = |t: f64| (rows * cols * n) as f64 / t * 1e-9;
+            eprintln!(
+                "{format:?} {rows:5}x{cols:4} n={n:4}: ggml {:6.1}  packed precise {:6.1} ({:.2}x)  fast {:6.1} ({:.2}x) GMAC/s",
+                gmacs(a),
+                gmacs(b),
+                a / b,
+                gmacs(c),
+                a / c
             );
         }
     }

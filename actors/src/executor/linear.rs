@@ -5,7 +5,7 @@
 
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Tensor};
-use pagoda_kernels::quant::QMatrix;
+use pagoda_kernels::quant::{Precision, QMatrix};
 
 use super::weights::LoadError;
 
@@ -66,6 +66,83 @@ impl Linear {
             weight: Weight::Candle { m, rows, cols },
             bias: None,
         }
+    }
+
+    /// Convert quantized weights to the layout fastest on this CPU (see
+    /// `QMatrix::prepare`); other storage is returned unchanged. Call after any
+    /// [`Linear::stack`].
+    pub fn prepare(self) -> Self {
+        match self.weight {
+            Weight::Quant(m) => Self {
+                weight: Weight::Quant(m.prepare()),
+                bias: self.bias,
+            },
+            weight => Self {
+                weight,
+                bias: self.bias,
+            },
+        }
+    }
+
+    /// Set the activation precision of packed quantized products (no effect otherwise).
+    pub fn with_precision(self, p: Precision) -> Self {
+        match self.weight {
+            Weight::Quant(m) => Self {
+                weight: Weight::Quant(m.with_precision(p)),
+                bias: self.bias,
+            },
+            weight => Self {
+                weight,
+                bias: self.bias,
+            },
+        }
+    }
+
+    /// One layer computing all of `parts` (same input width, rows stacked in order), or
+    /// `None` when their storage cannot be stacked (mixed formats, candle weights).
+    pub fn stack(parts: &[Linear]) -> Option<Linear> {
+        let first = parts.first()?;
+        let cols = first.cols();
+        if parts.iter().any(|p| p.cols() != cols) {
+            return None;
+        }
+        let weight = match &first.weight {
+            Weight::Quant(_) => {
+                let ms: Option<Vec<&QMatrix>> = parts
+                    .iter()
+                    .map(|p| match &p.weight {
+                        Weight::Quant(m) => Some(m),
+                        _ => None,
+                    })
+                    .collect();
+                Weight::Quant(QMatrix::concat_rows(&ms?).ok()?)
+            }
+            Weight::Dense { .. } => {
+                let mut all = Vec::new();
+                for p in parts {
+                    match &p.weight {
+                        Weight::Dense { w, .. } => all.extend_from_slice(w),
+                        _ => return None,
+                    }
+                }
+                let rows = all.len() / cols.max(1);
+                Weight::Dense { w: all, rows, cols }
+            }
+            Weight::Candle { .. } => return None,
+        };
+        let bias = if parts.iter().any(|p| p.bias.is_some()) {
+            let mut b = Vec::new();
+            for p in parts {
+                match &p.bias {
+                    Some(pb) => b.extend_from_slice(pb),
+                    None => b.resize(b.len() + p.rows(), 0.0),
+                }
+            }
+            Some(b)
+        } else {
+            None
+        };
+        Some(Linear { weight, bias })
     }
 
     pub fn with_bias(mut self, bias: Vec<f32>) -> Result<Self, LoadError> {
@@ -148,6 +225,86 @@ impl Linear {
                 return Err(ForwardError::Shape(
                     "row lookup on a candle QMatMul weight (load it dense)".into(),
                 ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Projections of one input (Q, K and V; or gate and up), run as a single stacked matrix
+/// when their storage allows it: one pass over the input and one kernel call instead of
+/// several.
+pub enum Projections {
+    Stacked { lin: Linear, rows: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    /// Stack `parts` if possible, and convert the result for this CPU (`Linear::prepare`).
+    pub fn new(parts: Vec<Linear>) -> Self {
+        match Linear::stack(&parts) {
+            Some(lin) => Projections::Stacked {
+                rows: parts.iter().map(Linear::rows).collect(),
+                lin: lin.prepare(),
+            },
+            None => Projections::Separate(parts.into_iter().map(Linear::prepare).collect()),
+        }
+    }
+
+    /// Set the activation precision of packed quantized products.
+    pub fn with_precision(self, p: Precision) -> Self {
+        match self {
+            Projections::Stacked { lin, rows } => Projections::Stacked {
+                lin: lin.with_precision(p),
+                rows,
+            },
+            Projections::Separate(parts) => {
+                Projections::Separate(parts.into_iter().map(|l| l.with_precision(p)).collect())
+            }
+        }
+    }
+
+    /// `outs[i]` (n × rows of part i) = `x` · part iᵀ. `scratch` holds the stacked output
+    /// between calls, so steady-state steps do not allocate.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        outs: &mut [&mut [f32]],
+        scratch: &mut Vec<f32>,
+    ) -> Result<(), ForwardError> {
+        match self {
+            Projections::Separate(parts) => {
+                if parts.len() != outs.len() {
+                    return Err(ForwardError::Shape(format!(
+                        "{} projections into {} outputs",
+                        parts.len(),
+                        outs.len()
+                    )));
+                }
+                for (p, o) in parts.iter().zip(outs.iter_mut()) {
+                    p.forward(x, n, o)?;
+                }
+            }
+            Projections::Stacked { lin, rows } => {
+                if rows.len() != outs.len()
+                    || rows.iter().zip(outs.iter()).any(|(r, o)| o.len() != n * r)
+                {
+                    return Err(ForwardError::Shape(format!(
+                        "stacked projections of {rows:?} rows into outputs of {:?} values for {n} tokens",
+                        outs.iter().map(|o| o.len()).collect::<Vec<_>>()
+                    )));
+                }
+                let total = lin.rows();
+                scratch.resize(n * total, 0.0);
+                lin.forward(x, n, &mut scratch[..n * total])?;
+                for (t, src) in scratch[..n * total].chunks_exact(total).enumerate() {
+                    let mut at = 0;
+                    for (o, &r) in outs.iter_mut().zip(rows) {
+                        o[t * r..(t + 1) * r].copy_from_slice(&src[at..at + r]);
+                        at += r;
+                    }
+                }
             }
         }
         Ok(())

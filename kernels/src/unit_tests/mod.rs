@@ -4,6 +4,7 @@
 mod attention;
 mod dense;
 mod ops;
+mod packed;
 mod quant;
 
 use rand::rngs::StdRng;

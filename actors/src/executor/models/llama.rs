@@ -7,9 +7,10 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use pagoda_kernels::attention::{paged_attention, write_kv, AttnSeq};
 use pagoda_kernels::ops::{apply_rope, rms_norm, silu_mul, RopeStyle, RopeTable};
+use pagoda_kernels::quant::Precision;
 
 use crate::executor::kv_pool::KvPool;
-use crate::executor::linear::{ForwardError, Linear};
+use crate::executor::linear::{ForwardError, Linear, Projections};
 use crate::executor::weights::{read_text, LoadError, WeightSource};
 
 /// Hyper-parameters of a Llama-family model.
@@ -190,18 +191,24 @@ impl LlamaConfig {
 /// One decoder layer.
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Q, K and V.
+    qkv: Projections,
     wo: Linear,
     ffn_norm: Vec<f32>,
-    w_gate: Linear,
-    w_up: Linear,
+    /// Gate and up.
+    gate_up: Projections,
     w_down: Linear,
+    /// Storage format of the projections, for the load log.
+    format: String,
 }
 
 impl Layer {
-    fn load(src: &mut WeightSource, i: usize, cfg: &LlamaConfig) -> Result<Self, LoadError> {
+    fn load(
+        src: &mut WeightSource,
+        i: usize,
+        cfg: &LlamaConfig,
+        xp: Precision,
+    ) -> Result<Self, LoadError> {
         let p = |s: &str| format!("blk.{i}.{s}");
         let mut lin = |name: &str, rows: usize, cols: usize| -> Result<Linear, LoadError> {
             let mut l = src.linear(&p(&format!("{name}.weight")), false)?;
@@ -229,13 +236,11 @@ impl Layer {
         Ok(Self {
             attn_norm: norm(src, &p("attn_norm.weight"), h)?,
             ffn_norm: norm(src, &p("ffn_norm.weight"), h)?,
-            wq,
-            wk,
-            wv,
-            wo,
-            w_gate,
-            w_up,
-            w_down,
+            format: wq.format_name(),
+            qkv: Projections::new(vec![wq, wk, wv]).with_precision(xp),
+            wo: wo.prepare().with_precision(xp),
+            gate_up: Projections::new(vec![w_gate, w_up]).with_precision(xp),
+            w_down: w_down.prepare().with_precision(xp),
         })
     }
 }
@@ -278,7 +283,20 @@ pub struct Llama {
 
 impl Llama {
     pub fn load(src: &mut WeightSource, config: LlamaConfig) -> Result<Self, LoadError> {
-        let embed = src.linear("token_embd.weight", true)?;
+        Self::load_with(src, config, Precision::default())
+    }
+
+    /// Load with the given activation precision for the quantized products (see
+    /// `pagoda_kernels::quant::Precision`).
+    pub fn load_with(
+        src: &mut WeightSource,
+        config: LlamaConfig,
+        xp: Precision,
+    ) -> Result<Self, LoadError> {
+        let embed = src
+            .linear("token_embd.weight", true)?
+            .prepare()
+            .with_precision(xp);
         if embed.rows() != config.vocab_size || embed.cols() != config.hidden_size {
             return Err(LoadError::Shape(format!(
                 "token_embd.weight is {}×{}, expected {}×{}",
@@ -290,11 +308,15 @@ impl Llama {
         }
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            layers.push(Layer::load(src, i, &config)?);
+            layers.push(Layer::load(src, i, &config, xp)?);
         }
         let final_norm = norm(src, "output_norm.weight", config.hidden_size)?;
         let lm_head = if src.has("output.weight") {
-            Some(src.linear("output.weight", false)?)
+            Some(
+                src.linear("output.weight", false)?
+                    .prepare()
+                    .with_precision(xp),
+            )
         } else {
             None
         };
@@ -305,7 +327,9 @@ impl Llama {
             heads = config.num_heads,
             kv_heads = config.num_kv_heads,
             vocab = config.vocab_size,
-            weights = %layers.first().map(|l| l.wq.format_name()).unwrap_or_default(),
+            weights = %layers.first().map(|l| l.format.clone()).unwrap_or_default(),
+            int8_kernel = pagoda_kernels::quant::QMatrix::int8_kernel_available(),
+            activations = ?xp,
             tied_embeddings = lm_head.is_none(),
             "model loaded"
         );
@@ -369,14 +393,15 @@ impl Llama {
         let mut o = vec![0f32; n * h];
         let mut gate = vec![0f32; n * cfg.intermediate_size];
         let mut up = vec![0f32; n * cfg.intermediate_size];
+        let mut stacked = Vec::new();
         let shape = kv.shape();
 
         for (li, layer) in self.layers.iter().enumerate() {
             hbuf.copy_from_slice(&x);
             rms_norm(&mut hbuf, &layer.attn_norm, cfg.rms_norm_eps);
-            layer.wq.forward(&hbuf, n, &mut q)?;
-            layer.wk.forward(&hbuf, n, &mut k)?;
-            layer.wv.forward(&hbuf, n, &mut v)?;
+            layer
+                .qkv
+                .forward(&hbuf, n, &mut [&mut q, &mut k, &mut v], &mut stacked)?;
             apply_rope(
                 &mut q,
                 input.positions,
@@ -412,8 +437,9 @@ impl Llama {
 
             hbuf.copy_from_slice(&x);
             rms_norm(&mut hbuf, &layer.ffn_norm, cfg.rms_norm_eps);
-            layer.w_gate.forward(&hbuf, n, &mut gate)?;
-            layer.w_up.forward(&hbuf, n, &mut up)?;
+            layer
+                .gate_up
+                .forward(&hbuf, n, &mut [&mut gate, &mut up], &mut stacked)?;
             silu_mul(&mut gate, &up);
             layer.w_down.forward(&gate, n, &mut o)?;
             for (xi, oi) in x.iter_mut().zip(&o) {

@@ -1,0 +1,218 @@
+//! The packed (row-interleaved, int8-activation) layout: packing is lossless, and the
+//! products of every level agree with each other and with a naive reference.
+
+use super::{assert_close, naive_matmul, rand_vec, rng};
+use crate::packed::Acts;
+use crate::quant::{Precision, QMatrix, QuantFormat};
+use crate::simd::available_levels;
+
+const FORMATS: [QuantFormat; 3] = [QuantFormat::Q4_0, QuantFormat::Q4_1, QuantFormat::Q8_0];
+
+fn rows_of(m: &QMatrix) -> Vec<f32> {
+    let mut w = vec![0f32; m.rows() * m.cols()];
+    for (r, row) in w.chunks_exact_mut(m.cols()).enumerate() {
+        m.dequantize_row(r, row);
+    }
+    w
+}
+
+#[test]
+fn packing_keeps_every_weight_and_the_size() {
+    let mut rng = rng(41);
+    for format in FORMATS {
+        let v = rand_vec(&mut rng, 24 * 96, 0.5);
+        let m = QMatrix::from_f32(format, 24, 96, &v).unwrap();
+        let bytes = m.data().len();
+        let before = rows_of(&m);
+        let p = m.into_packed();
+        assert!(p.is_packed(), "{format:?}");
+        assert_eq!(p.data().len(), bytes, "{format:?}: size changed");
+        assert_eq!(rows_of(&p), before, "{format:?}: a weight changed");
+        // Out-of-range rows are still an error, not a panic.
+        assert!(p.try_dequantize_row(24, &mut [0.0; 96]).is_err());
+    }
+    // Rows not a multiple of 8 keep the ggml layout.
+    let m = QMatrix::from_f32(QuantFormat::Q4_1, 5, 32, &[0.1; 160]).unwrap();
+    assert!(!m.into_packed().is_packed());
+}
+
+/// Activations that are exact multiples of their block's scale quantize without loss,
+/// so the int8 product must equal the f32 product up to rounding.
+fn exact_activations(rng: &mut rand::rngs::StdRng, n: usize, cols: usize) -> Vec<f32> {
+    use rand::Rng;
+    let mut x = vec![0f32; n * cols];
+    for block in x.chunks_exact_mut(32) {
+        let s: f32 = rng.gen_range(0.01..4.0);
+        for v in block.iter_mut() {
+            *v = rng.gen_range(-127i32..=127) as f32 * s / 127.0;
+        }
+        block[rng.gen_range(0..32)] = if rng.gen_bool(0.5) { s } else { -s };
+    }
+    x
+}
+
+fn check(format: QuantFormat, rows: usize, cols: usize, n: usize, seed: u64) {
+    let mut rng = rng(seed);
+    let v = rand_vec(&mut rng, rows * cols, 0.1);
+    let m = QMatrix::from_f32(format, rows, cols, &v).unwrap();
+    let w = rows_of(&m);
+    let packed = m.into_packed();
+    assert!(packed.is_packed());
+    let x = exact_activations(&mut rng, n, cols);
+    let (want, mag) = naive_matmul(&w, rows, cols, &x, n);
+    let mut results = Vec::new();
+    for precision in [Precision::Precise, Precision::Fast] {
+        let p = packed.clone().with_precision(precision);
+        for level in available_levels() {
+            let mut out = vec![f32::NAN; n * rows];
+            p.matmul_with(level, &x, n, &mut out).unwrap();
+            let ctx = format!("{format:?} {rows}x{cols} n={n} {level:?} {precision:?}");
+            assert_close(&out, &want, &mag, 2e-5, &ctx);
+            results.push(out);
+        }
+    }
+    for r in &results[1..] {
+        for (a, b) in r.iter().zip(&results[0]) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{format:?}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_matmul_matches_naive_on_exact_activations() {
+    let mut seed = 100;
+    for format in FORMATS {
+        for &(rows, cols) in &[(8, 32), (16, 96), (64, 256), (40, 576)] {
+            for n in [1, 2, 3, 5, 8, 9, 17] {
+                seed += 1;
+                check(format, rows, cols, n, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_matmul_model_shapes() {
+    // SmolLM2-135M: fused qkv (960×576), o (576×576), fused gate/up (3072×576),
+    // down (576×1536), and a slice of the Q8_0 output head.
+    for &(rows, cols) in &[(960, 576), (576, 576), (3072, 576), (576, 1536)] {
+        for n in [1, 4, 33] {
+            check(QuantFormat::Q4_1, rows, cols, n, (rows + cols + n) as u64);
+        }
+    }
+    check(QuantFormat::Q8_0, 1024, 576, 2, 7);
+}
+
+/// On ordinary activations the only extra error is the rounding of `x`: at most half a
+/// step per element (`amax / 254`) with one 8-bit plane, and one fine step
+/// (`amax / (127 · 256)`) with two.
+#[test]
+fn packed_matmul_error_is_bounded_by_activation_rounding() {
+    let mut rng = rng(77);
+    for (format, precision) in FORMATS
+        .into_iter()
+        .flat_map(|f| [(f, Precision::Fast), (f, Precision::Precise)])
+    {
+        let step = match precision {
+            Precision::Fast => 1.0 / 254.0,
+            Precision::Precise => 1.0 / (127.0 * 256.0),
+        };
+        let (rows, cols, n) = (32, 320, 6);
+        let v = rand_vec(&mut rng, rows * cols, 0.2);
+        let m = QMatrix::from_f32(format, rows, cols, &v).unwrap();
+        let w = rows_of(&m);
+        let p = m.into_packed().with_precision(precision);
+        let x = rand_vec(&mut rng, n * cols, 3.0);
+        let (want, _) = naive_matmul(&w, rows, cols, &x, n);
+        let mut out = vec![0f32; n * rows];
+        p.matmul(&x, n, &mut out).unwrap();
+        for t in 0..n {
+            for r in 0..rows {
+                // Σ over blocks of Σ|w − m| · step/2 bounds the rounding error (m = 0
+                // except for Q4_1, whose m is the block minimum, so |m| ≤ max |w|).
+                let mut bound = 0f64;
+                for b in 0..cols / 32 {
+                    let xb = &x[t * cols + b * 32..t * cols + b * 32 + 32];
+                    let wb = &w[r * cols + b * 32..r * cols + b * 32 + 32];
+                    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                    let wmax = wb.iter().fold(0f32, |a, &v| a.max(v.abs())) as f64;
+                    let wsum: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                    bound += (wsum + 32.0 * wmax) * amax * step;
+                }
+                let got = out[t * rows + r] as f64;
+                let want = want[t * rows + r];
+                assert!(
+                    (got - want).abs() <= bound * 1.01 + 1e-5,
+                    "{format:?} {precision:?} t={t} r={r}: {got} vs {want} (bound {bound})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn two_planes_round_trip_within_one_fine_step() {
+    let mut rng = rng(4);
+    let x = rand_vec(&mut rng, 3 * 96, 2.0);
+    let mut acts = Acts::default();
+    acts.quantize(&x, 3, 96, true);
+    for (i, xb) in x.chunks_exact(32).enumerate() {
+        let d = acts.d[i];
+        let (q, q2) = (
+            &acts.q[i * 32..(i + 1) * 32],
+            &acts.q2[i * 32..(i + 1) * 32],
+        );
+        let codes: Vec<i32> = q
+            .iter()
+            .zip(q2)
+            .map(|(&a, &b)| 256 * a as i32 + b as i32)
+            .collect();
+        assert_eq!(acts.sq[i], codes.iter().sum::<i32>());
+        for (&v, &c) in xb.iter().zip(&codes) {
+            // Half a fine step, or one where the remainder's code is clamped at ±127.
+            assert!(
+                (v - d * c as f32).abs() <= d * 1.01 + 1e-7,
+                "{v} vs {d}·{c}"
+            );
+        }
+    }
+}
+
+#[test]
+fn activation_quantization_round_trips_within_half_a_step() {
+    let mut rng = rng(3);
+    let x = rand_vec(&mut rng, 4 * 64, 5.0);
+    let mut acts = Acts::default();
+    acts.quantize(&x, 4, 64, false);
+    for (i, (xb, qb)) in x.chunks_exact(32).zip(acts.q.chunks_exact(32)).enumerate() {
+        let d = acts.d[i];
+        assert_eq!(acts.sq[i], qb.iter().map(|&q| q as i32).sum::<i32>());
+        assert!((acts.xs[i] - xb.iter().sum::<f32>()).abs() < 1e-4);
+        for (&v, &q) in xb.iter().zip(qb) {
+            assert!((v - d * q as f32).abs() <= d / 2.0 + 1e-6, "{v} vs {d}·{q}");
+        }
+    }
+    // An all-zero block quantizes to zeros with a zero scale (no NaN).
+    acts.quantize(&[0.0; 32], 1, 32, false);
+    assert_eq!(acts.d[0], 0.0);
+    assert!(acts.q.iter().all(|&q| q == 0));
+}
+
+#[test]
+fn concat_rows_stacks_and_validates() {
+    let mut rng = rng(9);
+    let a = QMatrix::from_f32(QuantFormat::Q4_1, 8, 64, &rand_vec(&mut rng, 512, 1.0)).unwrap();
+    let b = QMatrix::from_f32(QuantFormat::Q4_1, 16, 64, &rand_vec(&mut rng, 1024, 1.0)).unwrap();
+    let c = QMatrix::concat_rows(&[&a, &b]).unwrap();
+    assert_eq!((c.rows(), c.cols()), (24, 64));
+    let mut want = rows_of(&a);
+    want.extend(rows_of(&b));
+    assert_eq!(rows_of(&c), want);
+    let q8 = QMatrix::from_f32(QuantFormat::Q8_0, 8, 64, &[0.5; 512]).unwrap();
+    assert!(QMatrix::concat_rows(&[&a, &q8]).is_err());
+    assert!(QMatrix::concat_rows(&[]).is_err());
+    assert!(QMatrix::concat_rows(&[&a.clone().into_packed()]).is_err());
+}
