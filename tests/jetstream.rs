@@ -7,7 +7,11 @@
 //!   and the stream is empty afterwards. Prints the recovery time from the kill to the
 //!   first chunk of a redelivered job;
 //! - poison: with `max_deliver = 1`, the engine running a job is killed → the client gets
-//!   error code `failed`, the job lands on `<prefix>.dead`, and the stream is empty.
+//!   error code `failed`, the job lands on `<prefix>.dead`, and the stream is empty;
+//! - invalid jobs: a job without `reply_to`, an unreadable one, and a malformed one with a
+//!   readable `reply_to` are terminated (never redelivered, even after `ack_wait`), counted,
+//!   not dead-lettered; the malformed one gets `invalid_request`; a good job after them is
+//!   answered.
 
 mod common;
 #[path = "common/nats.rs"]
@@ -393,6 +397,208 @@ fn a_job_whose_engines_all_die_is_a_dead_letter() {
         );
         assert_eq!(wait_stream_empty(client.nats()).await, 0, "jobs left");
     });
+}
+
+/// The gateway's counters, from the micro service's `$SRV.STATS` (one engine).
+async fn gateway_stats(nats: &async_nats::Client) -> serde_json::Value {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(10),
+        nats.request("$SRV.STATS.pagoda", "".into()),
+    )
+    .await
+    .expect("$SRV.STATS answered in time")
+    .expect("$SRV.STATS");
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).expect("stats JSON");
+    v["endpoints"][0]["data"].clone()
+}
+
+fn counter(stats: &serde_json::Value, key: &str) -> u64 {
+    stats[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {key} in {stats}"))
+}
+
+#[test]
+fn jobs_without_reply_to_or_unreadable_are_terminated_not_redelivered() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut engine = Engine::spawn("engine", &nats.url(), dir.path(), 16);
+    engine.wait_ready();
+    let rt = runtime();
+    rt.block_on(async {
+        let client = Client::connect(&nats.url())
+            .await
+            .expect("connect")
+            .with_idle_timeout(Duration::from_secs(30));
+        let raw = client.nats().clone();
+        let js = async_nats::jetstream::new(raw.clone());
+        let mut dead = raw
+            .subscribe(IntakeConfig::dead_subject(PREFIX))
+            .await
+            .expect("subscribe to the dead letters");
+        // The server announces each terminated message (AckKind::Term) in an advisory.
+        let mut terminated = raw
+            .subscribe(format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{}.{}",
+                IntakeConfig::default().stream.name,
+                IntakeConfig::default().durable_name
+            ))
+            .await
+            .expect("subscribe to the terminated advisories");
+        raw.flush().await.expect("flush");
+        let before = gateway_stats(&raw).await;
+        let publish = |id: &'static str, body: Vec<u8>, content_type: &'static str| {
+            let js = js.clone();
+            async move {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(pagoda::client::MSG_ID_HEADER, id);
+                headers.insert("Content-Type", content_type);
+                js.publish_with_headers(IntakeConfig::jobs_subject(PREFIX), headers, body.into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("the stream stored the job")
+            }
+        };
+
+        // 1. A valid request, but no reply_to: nothing can be answered.
+        let mut no_reply = job(0);
+        no_reply.id = Some("no-reply-to".into());
+        assert!(no_reply.reply_to.is_none());
+        let body = pagoda_actors::protocol::WireFormat::MsgPack
+            .encode(&no_reply)
+            .expect("encode");
+        publish("no-reply-to", body, "application/msgpack").await;
+        // 2. Not MessagePack at all (0xc1 is never used): unreadable, no reply_to.
+        publish(
+            "unreadable",
+            vec![0xc1, 0xc1, 0x00, 0xff],
+            "application/msgpack",
+        )
+        .await;
+        // 3. Malformed (a number as the prompt), with a reply_to that can still be read:
+        //    the typed error goes there.
+        let inbox = raw.new_inbox();
+        let mut errors = raw.subscribe(inbox.clone()).await.expect("subscribe");
+        let body = serde_json::to_vec(&serde_json::json!({
+            "id": "malformed",
+            "prompt": 42,
+            "reply_to": inbox,
+        }))
+        .expect("json");
+        publish("malformed", body, "application/json").await;
+        let msg = tokio::time::timeout(ANSWER_TIMEOUT, errors.next())
+            .await
+            .expect("an error reply to the malformed job")
+            .expect("the subscription");
+        let reply = pagoda_actors::protocol::decode_reply(
+            &msg.payload,
+            pagoda_actors::protocol::WireFormat::Json,
+        )
+        .expect("a reply");
+        match reply {
+            pagoda_actors::protocol::Reply::Error(e) => {
+                assert_eq!(
+                    e.error.code,
+                    pagoda_actors::protocol::ErrorCode::InvalidRequest,
+                    "{e:?}"
+                );
+                assert_eq!(e.id.as_deref(), Some("malformed"));
+                assert_eq!(e.attempt, 1);
+            }
+            other => panic!("expected invalid_request, got {other:?}"),
+        }
+
+        // 4. The engine keeps serving: a good job after them is answered.
+        let good = client
+            .generate_durable(job(1))
+            .await
+            .expect("publish a good job");
+        let c = tokio::time::timeout(ANSWER_TIMEOUT, good.collect_text())
+            .await
+            .unwrap_or_else(|_| panic!("the good job was not answered; log:\n{}", engine.log()))
+            .unwrap_or_else(|e| panic!("the good job: {e}; log:\n{}", engine.log()));
+        check_completion(&c, "job-1");
+        assert_eq!(c.attempt, 1);
+
+        // 5. Past ack_wait (and then some), nothing came back: a job that was not
+        //    terminated would have been redelivered by now, and counted again.
+        tokio::time::sleep(Duration::from_millis(ACK_WAIT_MS * 2 + 500)).await;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+            .get_stream(IntakeConfig::default().stream.name)
+            .await
+            .expect("the jobs stream")
+            .get_consumer(&IntakeConfig::default().durable_name)
+            .await
+            .expect("the durable consumer");
+        let info = consumer.info().await.expect("consumer info").clone();
+        assert_eq!(
+            info.delivered.stream_sequence, 4,
+            "all four jobs delivered: {info:?}"
+        );
+        assert_eq!(info.num_redelivered, 0, "a job came back: {info:?}");
+        assert_eq!(
+            info.num_ack_pending, 0,
+            "a job is still unsettled: {info:?}"
+        );
+        assert_eq!(info.num_pending, 0, "a job was not delivered: {info:?}");
+        assert_eq!(info.ack_floor.stream_sequence, 4, "{info:?}");
+        assert_eq!(wait_stream_empty(&raw).await, 0, "jobs left in the stream");
+
+        // Counted as documented: the two without a reply subject in no_reply_subject, each
+        // job received once (no redelivery), the unreadable and the malformed as
+        // invalid_request errors.
+        let after = gateway_stats(&raw).await;
+        assert_eq!(
+            counter(&after, "no_reply_subject") - counter(&before, "no_reply_subject"),
+            2,
+            "before {before}, after {after}"
+        );
+        assert_eq!(
+            counter(&after, "received") - counter(&before, "received"),
+            4,
+            "each job once: before {before}, after {after}"
+        );
+        assert_eq!(
+            after["errors_by_code"]["invalid_request"]
+                .as_u64()
+                .unwrap_or(0)
+                - before["errors_by_code"]["invalid_request"]
+                    .as_u64()
+                    .unwrap_or(0),
+            2,
+            "before {before}, after {after}"
+        );
+        // Terminated, not merely acked: one advisory for each of the three invalid jobs
+        // (stream sequences 1, 2, 3), none for the good one.
+        let mut terms = Vec::new();
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(500), terminated.next()).await
+        {
+            let adv: serde_json::Value =
+                serde_json::from_slice(&msg.payload).expect("advisory JSON");
+            terms.push(adv["stream_seq"].as_u64().expect("stream_seq"));
+        }
+        terms.sort_unstable();
+        assert_eq!(terms, vec![1, 2, 3], "terminated jobs (stream sequences)");
+        // Invalid jobs are not dead letters (those are jobs that failed every delivery).
+        let letter = tokio::time::timeout(Duration::from_millis(200), dead.next()).await;
+        assert!(
+            letter.is_err(),
+            "an invalid job was dead-lettered: {letter:?}"
+        );
+        let log = engine.log();
+        assert!(
+            log.contains("neither a reply subject nor reply_to"),
+            "the job without reply_to was not logged:\n{log}"
+        );
+        assert!(
+            log.contains("an unreadable request without a reply subject"),
+            "the unreadable job was not logged:\n{log}"
+        );
+    });
+    engine.kill();
 }
 
 #[test]

@@ -19,7 +19,13 @@ A failure is a message with `error: {code, message}` instead, which also ends th
 Bodies are MessagePack maps, or JSON when the header `Content-Type: application/json` is
 set (`use_json=True`).
 
-Run it as a script to stream one answer:
+`generate_durable()` publishes the request as a durable JetStream job on
+`pagoda.v1.jobs.generate` instead (engines serving with `--intake jetstream`): it waits for
+the stream's publish ack, sets `reply_to` in the body and the header `Nats-Msg-Id` to the
+request id (a retried publish is stored once), and when the job is redelivered after an
+engine died it restarts the stream with the new attempt's chunks (docs/reliability.md).
+
+Run it as a script to stream one answer (`--durable` for the JetStream path):
 
     python examples/python/client.py --chat "What is the capital of France?"
 """
@@ -36,18 +42,24 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 
 import msgpack
 import nats
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 GENERATE_SUBJECT = "pagoda.v1.generate"
+JOBS_SUBJECT = "pagoda.v1.jobs.generate"
 CANCEL_SUBJECT = "pagoda.v1.cancel"
 DEFAULT_URL = os.environ.get("PAGODA_NATS_URL", "nats://127.0.0.1:4222")
 JSON_HEADERS = {"Content-Type": "application/json"}
+# JetStream's deduplication header: a job published again with the same id (within the
+# stream's duplicate window, 2 min by default) is stored once.
+MSG_ID_HEADER = "Nats-Msg-Id"
 
 
 class PagodaError(Exception):
     """An error reply from the engine (`code` is e.g. invalid_request, prompt_too_long,
-    overloaded, cancelled, timeout, internal), or a transport problem (`no_responders`,
-    `idle_timeout`)."""
+    overloaded, cancelled, timeout, internal, failed), or a transport problem
+    (`no_responders`, `idle_timeout`; for durable jobs `no_stream`, `publish_rejected`,
+    `publish_timeout`)."""
 
     def __init__(self, code: str, message: str, request_id: Optional[str] = None):
         super().__init__(f"{code}: {message}")
@@ -76,6 +88,29 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def build_request(
+    prompt: Optional[str] = None,
+    messages: Optional[List[Dict[str, str]]] = None,
+    prompt_token_ids: Optional[List[int]] = None,
+    request_id: Optional[str] = None,
+    **sampling: Any,
+) -> Dict[str, Any]:
+    """The request body: `id`, exactly one prompt form, and the sampling fields that are
+    not None (as top-level fields)."""
+    given = [x is not None for x in (prompt, messages, prompt_token_ids)]
+    if sum(given) != 1:
+        raise ValueError("pass exactly one of prompt, messages, prompt_token_ids")
+    body: Dict[str, Any] = {"id": request_id or new_request_id()}
+    if prompt is not None:
+        body["prompt"] = prompt
+    elif messages is not None:
+        body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        body["prompt_token_ids"] = list(prompt_token_ids)
+    body.update({k: v for k, v in sampling.items() if v is not None})
+    return body
+
+
 async def generate(
     nc: NATS,
     prompt: Optional[str] = None,
@@ -102,27 +137,124 @@ async def generate(
     contextlib.aclosing(generate(...))`, or `await gen.aclose()`), the request is
     cancelled on the engine.
     """
-    given = [x is not None for x in (prompt, messages, prompt_token_ids)]
-    if sum(given) != 1:
-        raise ValueError("pass exactly one of prompt, messages, prompt_token_ids")
-    request_id = request_id or new_request_id()
-    body: Dict[str, Any] = {"id": request_id}
-    if prompt is not None:
-        body["prompt"] = prompt
-    elif messages is not None:
-        body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
-    else:
-        body["prompt_token_ids"] = list(prompt_token_ids)
-    body.update({k: v for k, v in sampling.items() if v is not None})
-
+    body = build_request(prompt, messages, prompt_token_ids, request_id, **sampling)
     inbox = nc.new_inbox()
+    # Subscribe before publishing so no chunk can be missed.
     sub = await nc.subscribe(inbox)
-    finished = False
     try:
-        # Subscribe before publishing so no chunk can be missed.
         await nc.publish(
             subject, encode(body, use_json), reply=inbox, headers=JSON_HEADERS if use_json else None
         )
+    except BaseException:
+        await sub.unsubscribe()
+        raise
+    async for chunk in _read_replies(nc, sub, body["id"], subject, idle_timeout, cancel_subject):
+        yield chunk
+
+
+async def publish_job(
+    nc: NATS,
+    body: Dict[str, Any],
+    subject: str = JOBS_SUBJECT,
+    *,
+    use_json: bool = False,
+    publish_timeout: float = 5.0,
+    publish_attempts: int = 3,
+):
+    """Publishes `body` (which must have `id` and `reply_to`) as a durable job with
+    JetStream and returns the stream's PubAck once the job is stored. The header
+    `Nats-Msg-Id` is the request id, so a publish retried after a lost ack (up to
+    `publish_attempts` tries of `publish_timeout` seconds) is stored once; `ack.duplicate`
+    says when the stream already had it.
+
+    Raises PagodaError: `no_stream` (no stream holds the subject: no engine with
+    `--intake jetstream` ever started, and nobody created the stream), `publish_rejected`
+    (the stream refused it, e.g. full), `publish_timeout`."""
+    if not body.get("id") or not body.get("reply_to"):
+        raise ValueError("a durable job needs an id and a reply_to")
+    headers = {MSG_ID_HEADER: str(body["id"])}
+    if use_json:
+        headers.update(JSON_HEADERS)
+    data = encode(body, use_json)
+    js = nc.jetstream()
+    for attempt in range(1, max(1, publish_attempts) + 1):
+        try:
+            return await js.publish(subject, data, timeout=publish_timeout, headers=dict(headers))
+        except nats.js.errors.NoStreamResponseError:
+            raise PagodaError(
+                "no_stream", f"no JetStream stream holds {subject}", body["id"]
+            ) from None
+        except nats.js.errors.APIError as e:
+            raise PagodaError("publish_rejected", str(e), body["id"]) from None
+        except nats.errors.TimeoutError:
+            if attempt >= publish_attempts:
+                raise PagodaError(
+                    "publish_timeout",
+                    f"the stream did not acknowledge the job in {publish_attempts} tries",
+                    body["id"],
+                ) from None
+            # Same Nats-Msg-Id: if the first publish was stored after all, this one is
+            # recognised as a duplicate.
+
+
+async def generate_durable(
+    nc: NATS,
+    prompt: Optional[str] = None,
+    messages: Optional[List[Dict[str, str]]] = None,
+    subject: str = JOBS_SUBJECT,
+    *,
+    prompt_token_ids: Optional[List[int]] = None,
+    request_id: Optional[str] = None,
+    idle_timeout: float = 60.0,
+    use_json: bool = False,
+    cancel_subject: str = CANCEL_SUBJECT,
+    publish_timeout: float = 5.0,
+    publish_attempts: int = 3,
+    **sampling: Any,
+) -> AsyncIterator[Dict[str, Any]]:
+    """Like generate(), as a durable JetStream job on `pagoda.v1.jobs.generate` (engines
+    serving with `--intake jetstream`): the job survives an engine's death. The body
+    carries `reply_to` = a fresh inbox (subscribed before publishing), the header
+    `Nats-Msg-Id` = the request id; the job is published with publish_job() (waits for
+    the stream's ack, retries with the same id). When the job is redelivered, its chunks
+    come with a higher `attempt` from `seq` 0 again: the stream restarts with them (what
+    the earlier attempt yielded is void; complete() drops it). An error with code
+    `failed` means every delivery failed: it is final.
+
+    Keep `idle_timeout` above the consumer's ack_wait (30 s by default) plus the longest
+    time a job may wait in the stream."""
+    body = build_request(prompt, messages, prompt_token_ids, request_id, **sampling)
+    inbox = nc.new_inbox()
+    body["reply_to"] = inbox
+    sub = await nc.subscribe(inbox)
+    try:
+        await publish_job(
+            nc,
+            body,
+            subject,
+            use_json=use_json,
+            publish_timeout=publish_timeout,
+            publish_attempts=publish_attempts,
+        )
+    except BaseException:
+        await sub.unsubscribe()
+        raise
+    async for chunk in _read_replies(nc, sub, body["id"], subject, idle_timeout, cancel_subject):
+        yield chunk
+
+
+async def _read_replies(
+    nc: NATS,
+    sub,
+    request_id: str,
+    subject: str,
+    idle_timeout: float,
+    cancel_subject: str,
+) -> AsyncIterator[Dict[str, Any]]:
+    """Yields the chunks of one request from `sub` in seq order, restarting on a higher
+    attempt; cancels the request when the caller stops early."""
+    finished = False
+    try:
         attempt = 0  # the delivery attempt whose chunks we are yielding
         next_seq = 0
         pending: Dict[int, Dict[str, Any]] = {}  # out-of-order chunks of this attempt
@@ -138,15 +270,15 @@ async def generate(
                     "no_responders", f"no engine listens on {subject}", request_id
                 )
             reply = decode(msg.data, msg.headers)
+            # A redelivered request (JetStream path) starts over with a higher attempt:
+            # drop what is left of older attempts, and ignore their late messages.
+            a = int(reply.get("attempt", 1))
+            if a < attempt:
+                continue
             if reply.get("error") is not None:
                 err = reply["error"]
                 finished = True
                 raise PagodaError(err.get("code", "?"), err.get("message", ""), reply.get("id"))
-            # A redelivered request (JetStream path) starts over with a higher attempt:
-            # drop what is left of older attempts.
-            a = int(reply.get("attempt", 1))
-            if a < attempt:
-                continue
             if a > attempt:
                 attempt, next_seq, pending = a, 0, {}
             pending[int(reply["seq"])] = reply
@@ -166,11 +298,15 @@ async def generate(
             pass
 
 
-async def complete(nc: NATS, prompt: Optional[str] = None, messages=None, **kwargs):
-    """Runs one request to the end: returns (text, last_chunk)."""
+async def complete(
+    nc: NATS, prompt: Optional[str] = None, messages=None, *, durable: bool = False, **kwargs
+):
+    """Runs one request to the end: returns (text, last_chunk). `durable=True` sends it as
+    a JetStream job (generate_durable)."""
     parts = []
     last: Dict[str, Any] = {}
-    async for chunk in generate(nc, prompt, messages, **kwargs):
+    stream = generate_durable if durable else generate
+    async for chunk in stream(nc, prompt, messages, **kwargs):
         if last and chunk.get("attempt", 1) != last.get("attempt", 1):
             parts = []  # a redelivered job starts over: drop the earlier attempt's text
         parts.append(chunk.get("text", ""))
@@ -189,7 +325,9 @@ async def _main() -> int:
     p = argparse.ArgumentParser(description="Stream one answer from pagoda over NATS.")
     p.add_argument("prompt")
     p.add_argument("--url", default=DEFAULT_URL, help="NATS URL (env PAGODA_NATS_URL)")
-    p.add_argument("--subject", default=GENERATE_SUBJECT)
+    p.add_argument("--subject", help=f"default {GENERATE_SUBJECT} ({JOBS_SUBJECT} with --durable)")
+    p.add_argument("--durable", action="store_true",
+                   help="publish a durable JetStream job (engines with --intake jetstream)")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
     p.add_argument("--system", help="a system message (implies --chat)")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -202,21 +340,26 @@ async def _main() -> int:
     nc = await nats.connect(args.url, connect_timeout=5, max_reconnect_attempts=3)
     try:
         kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed)
+                      top_p=args.top_p, seed=args.seed, use_json=args.json)
+        if args.durable:
+            send, kwargs["subject"] = generate_durable, args.subject or JOBS_SUBJECT
+        else:
+            send, kwargs["subject"] = generate, args.subject or GENERATE_SUBJECT
         if args.chat or args.system:
             msgs = ([{"role": "system", "content": args.system}] if args.system else [])
             msgs.append({"role": "user", "content": args.prompt})
-            stream = generate(nc, messages=msgs, subject=args.subject, use_json=args.json, **kwargs)
+            stream = send(nc, messages=msgs, **kwargs)
         else:
-            stream = generate(nc, prompt=args.prompt, subject=args.subject, use_json=args.json, **kwargs)
+            stream = send(nc, prompt=args.prompt, **kwargs)
         try:
             async for chunk in stream:
                 sys.stdout.write(chunk.get("text", ""))
                 sys.stdout.flush()
                 if chunk.get("finish_reason") is not None:
                     print()
-                    print(f"[finish_reason={chunk['finish_reason']} usage={chunk.get('usage')} "
-                          f"timings={chunk.get('timings')}]", file=sys.stderr)
+                    print(f"[finish_reason={chunk['finish_reason']} attempt={chunk.get('attempt')} "
+                          f"usage={chunk.get('usage')} timings={chunk.get('timings')}]",
+                          file=sys.stderr)
         except PagodaError as e:
             print(f"\nerror: {e}", file=sys.stderr)
             return 1

@@ -1,11 +1,23 @@
-"""Checks client.py against a fake engine (no model, no pagoda needed, only a NATS server):
+"""Checks client.py, two ways.
+
+Against a fake engine (no model, no pagoda needed, only a NATS server with JetStream):
 
     python examples/python/test_client.py [--url nats://127.0.0.1:4222]
 
 The fake engine speaks wire protocol v1 on a private subject prefix, so a real pagoda on
 the same server is not disturbed. It records the requests it decodes and answers with
 MessagePack (or JSON) chunks: in order, out of order, after a redelivery (attempt 2), as
-an error, or slowly until a cancel arrives.
+an error, or slowly until a cancel arrives. A fake job worker pulls durable jobs from a
+private work-queue stream, like `pagoda serve --intake jetstream` does, and gives one job
+back (nak) so that JetStream really redelivers it with attempt 2.
+
+Against a real engine (`pagoda serve --intake jetstream` on the same server, prefix
+pagoda.v1), durable jobs published by generate_durable():
+
+    python examples/python/test_client.py --url nats://127.0.0.1:4222 --pagoda-jetstream
+
+tests/python_client.rs runs both in the test suite (scripts/python-env.sh installs
+requirements.txt for it).
 """
 
 import argparse
@@ -17,9 +29,20 @@ import uuid
 
 import msgpack
 import nats
+from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from client import PagodaError, cancel, complete, decode, encode, generate  # noqa: E402
+from client import (  # noqa: E402
+    MSG_ID_HEADER,
+    PagodaError,
+    cancel,
+    complete,
+    decode,
+    encode,
+    generate,
+    generate_durable,
+    publish_job,
+)
 
 
 class FakeEngine:
@@ -87,11 +110,85 @@ class FakeEngine:
                 await send(chunk(i, w, final="stop" if i == len(words) - 1 else None))
 
 
-async def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--url", default=os.environ.get("PAGODA_NATS_URL", "nats://127.0.0.1:4222"))
-    args = p.parse_args()
-    nc = await nats.connect(args.url)
+class FakeJobWorker:
+    """Pulls durable jobs from a private work-queue stream (`<prefix>.jobs.>`) the way
+    pagoda's JetStream intake does: answers on the body's `reply_to` with `attempt` = the
+    delivery count, acks when done. The prompt "redeliver me" is answered in part and
+    given back (nak) on its first delivery, so the server redelivers it."""
+
+    def __init__(self, nc, prefix):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.prefix = prefix
+        self.stream = "FAKE_JOBS_" + uuid.uuid4().hex[:8]
+        self.jobs = []  # (headers, decoded body, delivery count, the message's own reply)
+        self.task = None
+
+    async def start(self):
+        await self.js.add_stream(name=self.stream, subjects=[f"{self.prefix}.jobs.>"],
+                                 retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.MEMORY)
+        self.psub = await self.js.pull_subscribe(
+            f"{self.prefix}.jobs.generate", durable="fake", stream=self.stream,
+            config=ConsumerConfig(ack_wait=30, max_deliver=3))
+        self.task = asyncio.create_task(self.run())
+
+    async def stop(self):
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+        await self.js.delete_stream(self.stream)
+
+    async def run(self):
+        while True:
+            try:
+                msgs = await self.psub.fetch(1, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            for m in msgs:
+                await self.handle(m)
+
+    async def handle(self, m):
+        headers = m.headers or {}
+        req = decode(m.data, headers)
+        attempt = m.metadata.num_delivered
+        self.jobs.append((headers, req, attempt, m.reply))
+        reply = req.get("reply_to")
+        if not reply:
+            await m.term()
+            return
+        use_json = headers.get("Content-Type") == "application/json"
+
+        async def send(seq, text, final=None):
+            c = {"id": req["id"], "seq": seq, "attempt": attempt, "text": text, "token_ids": [seq]}
+            if final:
+                c.update(finish_reason=final,
+                         usage={"prompt_tokens": 3, "completion_tokens": seq + 1, "cached_tokens": 0})
+            await self.nc.publish(reply, encode(c, use_json),
+                                  headers={"Content-Type": "application/json"} if use_json else None)
+
+        if req.get("prompt") == "redeliver me" and attempt == 1:
+            await send(0, "lost")
+            await self.nc.flush()
+            await m.nak()  # as an engine that died would, sooner
+            return
+        for i, t in enumerate(["Fresh", " start"]):
+            await send(i, t, final="length" if i == 1 else None)
+        await m.ack()
+
+
+async def inbox_messages(sub, quiet=0.5):
+    """Every message on `sub` until none came for `quiet` seconds."""
+    got = []
+    while True:
+        try:
+            got.append(await sub.next_msg(timeout=quiet))
+        except nats.errors.TimeoutError:
+            return got
+
+
+async def check_fake(nc):
     prefix = "fake" + uuid.uuid4().hex[:8] + ".v1"
     gen, can = f"{prefix}.generate", f"{prefix}.cancel"
     engine = FakeEngine(nc, prefix)
@@ -167,8 +264,149 @@ async def main():
         assert e.code == "no_responders", e
         print("ok: no engine ->", e)
 
-    await nc.close()
+    # Durable jobs, through a real JetStream work-queue stream and a fake job worker.
+    jobs = f"{prefix}.jobs.generate"
+    worker = FakeJobWorker(nc, prefix)
+    await worker.start()
+    try:
+        # 9. generate_durable: Nats-Msg-Id = id, reply_to = our inbox; a redelivery
+        # (attempt 2, made by the server after the worker's nak) restarts the stream.
+        chunks = [c async for c in generate_durable(
+            nc, prompt="redeliver me", subject=jobs, request_id="durable-1", max_tokens=2)]
+        assert [(c["attempt"], c["seq"], c["text"]) for c in chunks] == [
+            (1, 0, "lost"), (2, 0, "Fresh"), (2, 1, " start")], chunks
+        deliveries = [j for j in worker.jobs if j[1]["id"] == "durable-1"]
+        assert [j[2] for j in deliveries] == [1, 2], deliveries
+        headers, req, _, own_reply = deliveries[0]
+        assert headers.get(MSG_ID_HEADER) == "durable-1", headers
+        assert "Content-Type" not in headers, headers
+        assert req["reply_to"].startswith("_INBOX."), req
+        assert own_reply.startswith("$JS.ACK."), own_reply  # not ours: hence reply_to
+        assert set(req) == {"id", "prompt", "max_tokens", "reply_to"}, req
+        print("ok: durable job (Nats-Msg-Id, reply_to), redelivered by JetStream as attempt 2")
+
+        # 10. complete(durable=True) keeps only the last attempt's text; JSON bodies.
+        text, last = await complete(nc, prompt="redeliver me", durable=True, subject=jobs,
+                                    request_id="durable-2", use_json=True)
+        assert text == "Fresh start" and last["attempt"] == 2, (text, last)
+        headers, req, _, _ = [j for j in worker.jobs if j[1]["id"] == "durable-2"][0]
+        assert headers.get("Content-Type") == "application/json", headers
+        assert headers.get(MSG_ID_HEADER) == "durable-2", headers
+        print("ok: complete(durable=True) drops the earlier attempt:", repr(text))
+
+        # 11. A publish repeated with the same id is stored once (the stream's duplicate
+        # window): one job, one answer.
+        nc_inbox = nc.new_inbox()
+        sub = await nc.subscribe(nc_inbox)
+        body = {"id": "durable-dup", "prompt": "hello", "reply_to": nc_inbox}
+        first = await publish_job(nc, body, jobs)
+        second = await publish_job(nc, body, jobs)
+        assert not first.duplicate and second.duplicate, (first, second)
+        assert second.seq == first.seq, (first, second)
+        got = [decode(m.data, m.headers) for m in await inbox_messages(sub)]
+        await sub.unsubscribe()
+        assert [(c["seq"], c.get("finish_reason")) for c in got] == [(0, None), (1, "length")], got
+        assert len([j for j in worker.jobs if j[1]["id"] == "durable-dup"]) == 1, worker.jobs
+        print("ok: a repeated publish is a duplicate (seq", second.seq, "), answered once")
+
+        # 12. No stream on the subject: no_stream, at once.
+        try:
+            await complete(nc, prompt="x", durable=True, subject=f"{prefix}.nostream.generate",
+                           idle_timeout=5)
+            raise AssertionError("no error raised")
+        except PagodaError as e:
+            assert e.code == "no_stream", e
+            print("ok: durable publish without a stream ->", e)
+    finally:
+        await worker.stop()
+
     print("all client checks passed")
+
+
+async def check_pagoda_jetstream(nc, prefix):
+    """Durable jobs answered by a real `pagoda serve --intake jetstream` (prefix `prefix`)."""
+    jobs = f"{prefix}.jobs.generate"
+    js = nc.jetstream()
+    common = dict(max_tokens=8, temperature=0, ignore_eos=True)
+
+    # 1. The same greedy request through core NATS and as a durable job: same answer.
+    core_text, core_last = await complete(nc, prompt="The capital of France is",
+                                          subject=f"{prefix}.generate", **common)
+    chunks = [c async for c in generate_durable(
+        nc, prompt="The capital of France is", subject=jobs, request_id="py-durable-1", **common)]
+    assert [c["seq"] for c in chunks] == list(range(len(chunks))), chunks
+    assert all(c["attempt"] == 1 and c["id"] == "py-durable-1" for c in chunks), chunks
+    last = chunks[-1]
+    assert last["finish_reason"] == "length", last
+    assert last["usage"]["completion_tokens"] == 8, last
+    text = "".join(c["text"] for c in chunks)
+    assert text == core_text and text.strip(), (text, core_text)
+    print(f"ok: durable job answered by pagoda in {len(chunks)} chunks, same as core: {text!r}")
+
+    # 2. JSON bodies, and a chat request, as durable jobs.
+    text, last = await complete(nc, messages=[{"role": "user", "content": "Say hi."}],
+                                durable=True, subject=jobs, use_json=True, **common)
+    assert last["attempt"] == 1 and last["usage"]["completion_tokens"] == 8, last
+    print(f"ok: JSON chat job: {text!r}")
+
+    # 3. Several jobs at once: each answered once, with its own id.
+    ids = [f"py-many-{i}" for i in range(8)]
+    results = await asyncio.gather(*[
+        complete(nc, prompt=f"Job {i}: one, two,", durable=True, subject=jobs,
+                 request_id=rid, **common)
+        for i, rid in enumerate(ids)])
+    assert [last["id"] for _, last in results] == ids, results
+    assert all(last["usage"]["completion_tokens"] == 8 for _, last in results), results
+    print(f"ok: {len(ids)} concurrent durable jobs answered")
+
+    # 4. A publish repeated with the same id is stored once: one answer.
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    body = {"id": "py-dup", "prompt": "Once upon a time", "reply_to": inbox, "stream": False,
+            **common}
+    first = await publish_job(nc, body, jobs)
+    second = await publish_job(nc, body, jobs)
+    assert not first.duplicate and second.duplicate and second.seq == first.seq, (first, second)
+    got = [decode(m.data, m.headers) for m in await inbox_messages(sub, quiet=2.0)]
+    await sub.unsubscribe()
+    assert len(got) == 1 and got[0]["finish_reason"] == "length", got
+    print("ok: a repeated publish is stored once and answered once")
+
+    # 5. An invalid job gets its typed error on reply_to (and is not redelivered).
+    try:
+        await complete(nc, prompt="x", durable=True, subject=jobs, temperature=-1.0,
+                       idle_timeout=30)
+        raise AssertionError("no error raised")
+    except PagodaError as e:
+        assert e.code == "invalid_request" and "temperature" in e.message, e
+        print("ok: invalid durable job ->", e)
+
+    # 6. Every job was acknowledged: the work-queue stream is empty.
+    for _ in range(100):
+        info = await js.stream_info("PAGODA_JOBS")
+        if info.state.messages == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert info.state.messages == 0, info.state
+    print("all pagoda jetstream checks passed")
+
+
+async def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", default=os.environ.get("PAGODA_NATS_URL", "nats://127.0.0.1:4222"))
+    p.add_argument("--pagoda-jetstream", action="store_true",
+                   help="check durable jobs against a real `pagoda serve --intake jetstream` "
+                        "on the server instead of the fake engine")
+    p.add_argument("--prefix", default="pagoda.v1", help="the engine's subject prefix")
+    args = p.parse_args()
+    nc = await nats.connect(args.url)
+    try:
+        if args.pagoda_jetstream:
+            await check_pagoda_jetstream(nc, args.prefix)
+        else:
+            await check_fake(nc)
+    finally:
+        await nc.close()
 
 
 if __name__ == "__main__":
