@@ -163,6 +163,21 @@ pub fn apply_rope(
 /// SwiGLU gating in place: `gate[i] = silu(gate[i]) · up[i]`, where
 /// `silu(g) = g / (1 + e^(−g))`. Only the common length is processed.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    let len = gate.len().min(up.len());
+    let (gate, up) = (&mut gate[..len], &up[..len]);
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() != crate::simd::Level::Scalar {
+        let full = len - len % 8;
+        // SAFETY: AVX2/FMA are present whenever the level is not Scalar; both slices
+        // hold `full` elements.
+        unsafe { crate::x86::silu_mul_avx2(&mut gate[..full], &up[..full]) };
+        silu_mul_portable(&mut gate[full..], &up[full..]);
+        return;
+    }
+    silu_mul_portable(gate, up);
+}
+
+fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }

@@ -204,41 +204,94 @@ impl Acts {
         self.d.resize(n * nb, 0.0);
         self.sq.resize(n * nb, 0);
         self.xs.resize(n * nb, 0.0);
-        for (i, (xb, qb)) in x[..n * cols]
-            .chunks_exact(BLOCK_WEIGHTS)
-            .zip(self.q.chunks_exact_mut(BLOCK_WEIGHTS))
-            .enumerate()
-        {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let sum: f32 = xb.iter().sum();
-            let (d, inv) = if amax > 0.0 && amax.is_finite() {
-                (amax / 127.0, 127.0 / amax)
-            } else {
-                (0.0, 0.0)
-            };
-            let mut s = 0i32;
-            if precise {
-                let q2b = &mut self.q2[i * BLOCK_WEIGHTS..(i + 1) * BLOCK_WEIGHTS];
-                for ((q, q2), &v) in qb.iter_mut().zip(q2b).zip(xb) {
-                    let y = (v * inv).clamp(-127.0, 127.0);
-                    let c = y.round();
-                    let c2 = ((y - c) * 256.0).round().clamp(-127.0, 127.0);
-                    *q = c as i8;
-                    *q2 = c2 as i8;
-                    s += 256 * c as i32 + c2 as i32;
-                }
-                self.d[i] = d / 256.0;
-            } else {
-                for (q, &v) in qb.iter_mut().zip(xb) {
-                    let c = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                    *q = c;
-                    s += c as i32;
-                }
-                self.d[i] = d;
-            }
-            self.sq[i] = s;
-            self.xs[i] = sum;
+        let q2 = if precise {
+            &mut self.q2[..]
+        } else {
+            &mut [][..]
+        };
+        let (q, d, sq, xs) = (
+            &mut self.q[..],
+            &mut self.d[..],
+            &mut self.sq[..],
+            &mut self.xs[..],
+        );
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::level() != crate::simd::Level::Scalar {
+            // SAFETY: AVX2/FMA are present whenever the level is not Scalar.
+            unsafe { quantize_avx2(&x[..n * cols], q, q2, d, sq, xs, precise) };
+            return;
         }
+        quantize_blocks(&x[..n * cols], q, q2, d, sq, xs, precise);
+    }
+}
+
+/// [`quantize_blocks`] compiled for AVX2 (the loops vectorise, rounding included).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(
+    x: &[f32],
+    q: &mut [i8],
+    q2: &mut [i8],
+    d: &mut [f32],
+    sq: &mut [i32],
+    xs: &mut [f32],
+    precise: bool,
+) {
+    quantize_blocks(x, q, q2, d, sq, xs, precise)
+}
+
+/// The body of [`Acts::quantize`], written as fixed-width loops the compiler vectorises.
+#[inline(always)]
+fn quantize_blocks(
+    x: &[f32],
+    q: &mut [i8],
+    q2: &mut [i8],
+    d: &mut [f32],
+    sq: &mut [i32],
+    xs: &mut [f32],
+    precise: bool,
+) {
+    const W: usize = BLOCK_WEIGHTS;
+    for (i, xb) in x.chunks_exact(W).enumerate() {
+        let xb: &[f32; W] = xb.try_into().expect("block of 32");
+        let mut amax = [0f32; 8];
+        let mut sum = [0f32; 8];
+        for c in 0..W / 8 {
+            for l in 0..8 {
+                let v = xb[c * 8 + l];
+                amax[l] = amax[l].max(v.abs());
+                sum[l] += v;
+            }
+        }
+        let amax = amax.iter().fold(0f32, |a, &v| a.max(v));
+        let (scale, inv) = if amax > 0.0 && amax.is_finite() {
+            (amax / 127.0, 127.0 / amax)
+        } else {
+            (0.0, 0.0)
+        };
+        let mut codes = [0i32; W];
+        let qb = &mut q[i * W..(i + 1) * W];
+        if precise {
+            let q2b = &mut q2[i * W..(i + 1) * W];
+            for l in 0..W {
+                let y = (xb[l] * inv).clamp(-127.0, 127.0);
+                let c = y.round_ties_even();
+                let c2 = ((y - c) * 256.0).round_ties_even().clamp(-127.0, 127.0);
+                qb[l] = c as i32 as i8;
+                q2b[l] = c2 as i32 as i8;
+                codes[l] = 256 * c as i32 + c2 as i32;
+            }
+            d[i] = scale / 256.0;
+        } else {
+            for l in 0..W {
+                let c = (xb[l] * inv).round_ties_even().clamp(-127.0, 127.0);
+                qb[l] = c as i32 as i8;
+                codes[l] = c as i32;
+            }
+            d[i] = scale;
+        }
+        sq[i] = codes.iter().sum();
+        xs[i] = sum.iter().sum();
     }
 }
 

@@ -403,6 +403,26 @@ unsafe fn exp256(x: __m256) -> __m256 {
     }
 }
 
+/// `gate[i] = gate[i] / (1 + e^(−gate[i])) · up[i]`, eight lanes at a time.
+///
+/// # Safety
+/// AVX2/FMA must be available; both slices must have the same length, a multiple of 8.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    assert!(gate.len() == up.len() && gate.len().is_multiple_of(8));
+    // SAFETY: in bounds by the assert; features enabled on this function.
+    unsafe {
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..gate.len()).step_by(8) {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+            let e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            let y = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), y);
+        }
+    }
+}
+
 /// AVX2 vector helpers for attention.
 pub(crate) struct Avx2Ops;
 
