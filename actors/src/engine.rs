@@ -151,12 +151,13 @@ impl Engine {
         let mut detok_addr = None;
         let bm = block_manager.clone();
         let max_waiting = cfg.scheduler.max_waiting;
+        let mut waiting_gauge = None;
         let scheduler = SchedulerActor::create(|ctx| {
             let detok = DetokenizerActor::new(decoder, ctx.address().recipient())
                 .with_metrics(request_metrics)
                 .start();
             detok_addr = Some(detok.clone());
-            SchedulerActor::new(
+            let actor = SchedulerActor::new(
                 policy,
                 bm,
                 executor,
@@ -164,7 +165,9 @@ impl Engine {
                 detok.recipient(),
             )
             .with_metrics(sched_metrics)
-            .with_max_waiting(max_waiting)
+            .with_max_waiting(max_waiting);
+            waiting_gauge = Some(actor.waiting_gauge());
+            actor
         });
         let detokenizer =
             detok_addr.ok_or_else(|| EngineError::Other("detokenizer did not start".into()))?;
@@ -175,7 +178,11 @@ impl Engine {
             max_model_len,
             scheduler.clone(),
             detokenizer,
-        )
+        );
+        let tokenizer = match waiting_gauge {
+            Some(gauge) => tokenizer.with_overload_gate(gauge, max_waiting),
+            None => tokenizer,
+        }
         .start();
         tracing::info!(
             model = %info.model_path,

@@ -1759,6 +1759,8 @@ mod tests {
 
 mod actor {
     use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+    use std::sync::Arc;
     use std::time::Instant;
 
     use actix::prelude::*;
@@ -1812,6 +1814,8 @@ mod actor {
         metrics: Option<SchedulerMetrics>,
         /// Bound on the waiting queue (`scheduler.max_waiting`); 0 = none.
         max_waiting: usize,
+        /// The waiting queue's length, published for the tokenizer's early refusal.
+        waiting_gauge: Arc<AtomicUsize>,
         /// When the step in flight was planned.
         step_started: Option<Instant>,
     }
@@ -1834,6 +1838,7 @@ mod actor {
                 released: Vec::new(),
                 queued_at: HashMap::new(),
                 max_waiting: 0,
+                waiting_gauge: Arc::new(AtomicUsize::new(0)),
                 metrics: None,
                 step_started: None,
             }
@@ -1851,7 +1856,15 @@ mod actor {
             self
         }
 
+        /// The length of the waiting queue, kept current after every change, so that the
+        /// tokenizer can refuse a request before spending time on encoding it.
+        pub fn waiting_gauge(&self) -> Arc<AtomicUsize> {
+            self.waiting_gauge.clone()
+        }
+
         fn record_stats(&self) {
+            self.waiting_gauge
+                .store(self.policy.num_waiting(), AtomicOrdering::Relaxed);
             if let Some(m) = &self.metrics {
                 m.record_stats(&self.policy.stats());
             }

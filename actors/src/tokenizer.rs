@@ -1183,6 +1183,9 @@ mod actor {
         next_seq_id: Arc<AtomicU64>,
         scheduler: Addr<SchedulerActor>,
         detokenizer: Addr<DetokenizerActor>,
+        /// The scheduler's waiting-queue length and `scheduler.max_waiting` (0 = no bound):
+        /// a full queue refuses new requests here, before they cost an encoding.
+        overload_gate: Option<(Arc<std::sync::atomic::AtomicUsize>, usize)>,
     }
 
     impl TokenizerActor {
@@ -1204,7 +1207,20 @@ mod actor {
                 next_seq_id: Arc::new(AtomicU64::new(1)),
                 scheduler,
                 detokenizer,
+                overload_gate: None,
             }
+        }
+
+        /// Refuse requests as `overloaded` before encoding them while the scheduler's
+        /// waiting queue (`gauge`) holds `max_waiting` or more (0 = no bound). The
+        /// scheduler still checks on admission; this only saves the encoding work.
+        pub fn with_overload_gate(
+            mut self,
+            gauge: Arc<std::sync::atomic::AtomicUsize>,
+            max_waiting: usize,
+        ) -> Self {
+            self.overload_gate = Some((gauge, max_waiting));
+            self
         }
 
         /// Prompt token ids of a request, or the error to answer with.
@@ -1287,6 +1303,17 @@ mod actor {
         fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
             let arrival_us = now_us();
             let Submit { request, sink } = msg;
+            if let Some((gauge, max_waiting)) = &self.overload_gate {
+                let waiting = gauge.load(Ordering::Relaxed);
+                if *max_waiting > 0 && waiting >= *max_waiting {
+                    let e = SchedulerError::Overloaded {
+                        waiting,
+                        max_waiting: *max_waiting,
+                    };
+                    let _ = sink.send(StreamEvent::Error(scheduler_error(e)));
+                    return;
+                }
+            }
             let prompt = match self.prompt_ids(&request) {
                 Ok(ids) => ids,
                 Err(e) => {
