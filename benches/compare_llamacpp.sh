@@ -4,6 +4,7 @@
 #
 #   benches/compare_llamacpp.sh [--sweep 1,8,32] [--input-len 128] [--output-len 128]
 #                               [--num-prompts N] [--out DIR] [--no-nats] [--build-only]
+#                               [--wait-idle SECONDS]
 #
 # 1. Builds llama-server (CPU only, -DGGML_NATIVE=ON, only the server target) from the
 #    llama.cpp that the PyPI sdist of llama-cpp-python vendors, into
@@ -21,7 +22,9 @@
 # PAGODA_THREADS (llama-server -t, default: nproc), PAGODA_MODEL (default: the model that
 # scripts/fetch-model.sh puts in models/).
 # Results go to --out (default target/bench-compare/): llama-server.json, pagoda.json
-# (every row, llama-server included), compare.png, and the logs.
+# (every row, llama-server included), compare.png, and the logs. Before each engine's
+# measurement the script samples the CPU for 2 s and warns when something else is using it;
+# --wait-idle S first waits up to S seconds for the CPU to become idle (shared machines).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,6 +39,7 @@ num_prompts=""
 out="$root/target/bench-compare"
 nats=1
 build_only=0
+wait_idle=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --sweep) sweep="$2"; shift 2 ;;
@@ -45,7 +49,8 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift 2 ;;
     --no-nats) nats=0; shift ;;
     --build-only) build_only=1; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --wait-idle) wait_idle="$2"; shift 2 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -161,17 +166,26 @@ stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # Both engines want every core: anything else running distorts the numbers. Say so,
 # instead of silently reporting them.
-check_quiet() {
+cpu_busy() {  # percent of the CPU busy over 2 s, from /proc/stat
   local a b
-  a=$(head -n1 /proc/stat 2>/dev/null) || return 0
+  a=$(head -n1 /proc/stat 2>/dev/null) || { echo 0; return; }
   sleep 2
   b=$(head -n1 /proc/stat)
-  local busy
-  busy=$(awk -v a="$a" -v b="$b" 'BEGIN {
+  awk -v a="$a" -v b="$b" 'BEGIN {
     n = split(a, x, " "); split(b, y, " "); tot = 0
     for (i = 2; i <= n; i++) tot += y[i] - x[i]
     idle = (y[5] - x[5]) + (y[6] - x[6])
-    printf "%d", (tot > 0 ? 100 * (tot - idle) / tot : 0) }')
+    printf "%d", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
+}
+
+check_quiet() {
+  local busy deadline=$((SECONDS + wait_idle))
+  busy=$(cpu_busy)
+  while [ "$busy" -gt 20 ] && [ "$SECONDS" -lt "$deadline" ]; do
+    say "the CPU is ${busy}% busy; waiting for it to become idle before measuring $1"
+    sleep 8
+    busy=$(cpu_busy)
+  done
   if [ "$busy" -gt 20 ]; then
     say "warning: the CPU is ${busy}% busy just before measuring $1: other processes distort the numbers (llama.cpp's spinning threads suffer most)"
   fi
