@@ -151,6 +151,8 @@ struct BenchArgs {
     /// llama-server's cache_prompt.
     #[arg(long)]
     prefix_caching: bool,
+    /// Seed of the prompts and of the arrival times (the same requests for every target
+    /// and concurrency level).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write the reports (baselines included) as JSON to this file.
