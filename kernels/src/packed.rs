@@ -215,34 +215,74 @@ impl Acts {
             &mut self.sq[..],
             &mut self.xs[..],
         );
-        #[cfg(target_arch = "x86_64")]
-        if crate::simd::level() != crate::simd::Level::Scalar {
-            // SAFETY: AVX2/FMA are present whenever the level is not Scalar.
-            unsafe { quantize_avx2(&x[..n * cols], q, q2, d, sq, xs, precise) };
-            return;
-        }
-        quantize_blocks(&x[..n * cols], q, q2, d, sq, xs, precise);
+        let out = BlockOut { q, q2, d, sq, xs };
+        quantize_split(&x[..n * cols], out, precise);
     }
 }
 
-/// [`quantize_blocks`] compiled for AVX2 (the loops vectorise, rounding included).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(
-    x: &[f32],
-    q: &mut [i8],
-    q2: &mut [i8],
-    d: &mut [f32],
-    sq: &mut [i32],
-    xs: &mut [f32],
-    precise: bool,
-) {
-    quantize_blocks(x, q, q2, d, sq, xs, precise)
+/// Where the codes, scales and sums of a run of blocks go.
+struct BlockOut<'a> {
+    q: &'a mut [i8],
+    q2: &'a mut [i8],
+    d: &'a mut [f32],
+    sq: &'a mut [i32],
+    xs: &'a mut [f32],
 }
 
-/// The body of [`Acts::quantize`], written as fixed-width loops the compiler vectorises.
+/// Blocks below which quantizing on one thread beats handing half to another.
+const SPLIT_BLOCKS: usize = 2048;
+
+/// Quantize `x` into `out`, halving the work across rayon while it is large (prefill
+/// steps quantize hundreds of thousands of activations per matmul).
+fn quantize_split(x: &[f32], out: BlockOut<'_>, precise: bool) {
+    let blocks = out.d.len();
+    if blocks >= 2 * SPLIT_BLOCKS && rayon::current_num_threads() > 1 {
+        let mid = blocks / 2;
+        let w = mid * BLOCK_WEIGHTS;
+        let (xa, xb) = x.split_at(w);
+        let (qa, qb) = out.q.split_at_mut(w);
+        let (q2a, q2b) = if precise {
+            out.q2.split_at_mut(w)
+        } else {
+            (&mut [][..], &mut [][..])
+        };
+        let (da, db) = out.d.split_at_mut(mid);
+        let (sa, sb) = out.sq.split_at_mut(mid);
+        let (xsa, xsb) = out.xs.split_at_mut(mid);
+        let a = BlockOut {
+            q: qa,
+            q2: q2a,
+            d: da,
+            sq: sa,
+            xs: xsa,
+        };
+        let b = BlockOut {
+            q: qb,
+            q2: q2b,
+            d: db,
+            sq: sb,
+            xs: xsb,
+        };
+        rayon::join(
+            || quantize_split(xa, a, precise),
+            || quantize_split(xb, b, precise),
+        );
+        return;
+    }
+    let BlockOut { q, q2, d, sq, xs } = out;
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() != crate::simd::Level::Scalar {
+        // SAFETY: AVX2/FMA are present whenever the level is not Scalar; the slices
+        // hold `blocks` blocks (q2 too when `precise`).
+        unsafe { crate::x86::quantize_acts_avx2(x, q, q2, d, sq, xs, precise) };
+        return;
+    }
+    quantize_blocks(x, q, q2, d, sq, xs, precise);
+}
+
+/// The portable body of [`Acts::quantize`] (and the reference of its AVX2 version).
 #[inline(always)]
-fn quantize_blocks(
+pub(crate) fn quantize_blocks(
     x: &[f32],
     q: &mut [i8],
     q2: &mut [i8],

@@ -403,6 +403,101 @@ unsafe fn exp256(x: __m256) -> __m256 {
     }
 }
 
+/// AVX2 version of `packed::quantize_blocks`: per 32-value block, the scale
+/// `amax / 127`, the i8 codes (and with `precise` the codes of the remainder, the scale
+/// then divided by 256), the sum of the combined codes and the exact sum of the values.
+///
+/// # Safety
+/// AVX2/FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn quantize_acts_avx2(
+    x: &[f32],
+    q: &mut [i8],
+    q2: &mut [i8],
+    d: &mut [f32],
+    sq: &mut [i32],
+    xs: &mut [f32],
+    precise: bool,
+) {
+    let blocks = d.len();
+    assert!(x.len() >= blocks * 32 && q.len() >= blocks * 32);
+    assert!(sq.len() >= blocks && xs.len() >= blocks);
+    assert!(!precise || q2.len() >= blocks * 32);
+    // SAFETY: every pointer stays inside the lengths asserted above.
+    unsafe {
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let hi = _mm256_set1_ps(127.0);
+        let lo = _mm256_set1_ps(-127.0);
+        let fine = _mm256_set1_ps(256.0);
+        // packs_epi32 / packs_epi16 interleave 128-bit lanes; this puts bytes back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let pack = |c: [__m256i; 4]| {
+            let a = _mm256_packs_epi32(c[0], c[1]);
+            let b = _mm256_packs_epi32(c[2], c[3]);
+            _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order)
+        };
+        for i in 0..blocks {
+            let p = x.as_ptr().add(i * 32);
+            let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(p.add(8 * k)));
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+            );
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+            let sum = hsum(_mm256_add_ps(
+                _mm256_add_ps(v[0], v[1]),
+                _mm256_add_ps(v[2], v[3]),
+            ));
+            let (scale, inv) = if amax > 0.0 && amax.is_finite() {
+                (amax / 127.0, 127.0 / amax)
+            } else {
+                (0.0, 0.0)
+            };
+            let iv = _mm256_set1_ps(inv);
+            let mut codes = [_mm256_setzero_si256(); 4];
+            let mut rest = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                let y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[k], iv), lo), hi);
+                let c = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+                codes[k] = _mm256_cvtps_epi32(c);
+                if precise {
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                        _mm256_mul_ps(_mm256_sub_ps(y, c), fine),
+                    );
+                    rest[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+                }
+            }
+            _mm256_storeu_si256(q.as_mut_ptr().add(i * 32) as *mut __m256i, pack(codes));
+            let mut total = _mm256_add_epi32(
+                _mm256_add_epi32(codes[0], codes[1]),
+                _mm256_add_epi32(codes[2], codes[3]),
+            );
+            if precise {
+                _mm256_storeu_si256(q2.as_mut_ptr().add(i * 32) as *mut __m256i, pack(rest));
+                let r = _mm256_add_epi32(
+                    _mm256_add_epi32(rest[0], rest[1]),
+                    _mm256_add_epi32(rest[2], rest[3]),
+                );
+                total = _mm256_add_epi32(_mm256_slli_epi32::<8>(total), r);
+                d[i] = scale / 256.0;
+            } else {
+                d[i] = scale;
+            }
+            let t4 = _mm_add_epi32(
+                _mm256_castsi256_si128(total),
+                _mm256_extracti128_si256::<1>(total),
+            );
+            let t2 = _mm_add_epi32(t4, _mm_shuffle_epi32::<0b01_00_11_10>(t4));
+            let t1 = _mm_add_epi32(t2, _mm_shuffle_epi32::<0b10_11_00_01>(t2));
+            sq[i] = _mm_cvtsi128_si32(t1);
+            xs[i] = sum;
+        }
+    }
+}
+
 /// `gate[i] = gate[i] / (1 + e^(−gate[i])) · up[i]`, eight lanes at a time.
 ///
 /// # Safety

@@ -216,3 +216,31 @@ fn concat_rows_stacks_and_validates() {
     assert!(QMatrix::concat_rows(&[]).is_err());
     assert!(QMatrix::concat_rows(&[&a.clone().into_packed()]).is_err());
 }
+
+/// The SIMD quantizer (split across threads for a prefill-sized input) gives exactly the
+/// codes and scales of the portable one.
+#[test]
+fn simd_and_parallel_quantization_match_the_portable_one() {
+    use crate::packed::quantize_blocks;
+    let mut rng = rng(12);
+    let (n, cols) = (300, 576);
+    let mut x = rand_vec(&mut rng, n * cols, 4.0);
+    x[..32].fill(0.0);
+    x[64] = 1e30;
+    for precise in [false, true] {
+        let mut acts = Acts::default();
+        acts.quantize(&x, n, cols, precise);
+        let blocks = n * cols / 32;
+        let mut q = vec![0i8; n * cols];
+        let mut q2 = vec![0i8; if precise { n * cols } else { 0 }];
+        let (mut d, mut sq, mut xs) = (vec![0f32; blocks], vec![0i32; blocks], vec![0f32; blocks]);
+        quantize_blocks(&x, &mut q, &mut q2, &mut d, &mut sq, &mut xs, precise);
+        assert_eq!(acts.q, q, "precise={precise}");
+        assert_eq!(acts.q2, q2, "precise={precise}");
+        assert_eq!(acts.d, d, "precise={precise}");
+        assert_eq!(acts.sq, sq, "precise={precise}");
+        for (a, b) in acts.xs.iter().zip(&xs) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}
