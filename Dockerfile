@@ -25,6 +25,8 @@ COPY actors actors
 COPY kernels kernels
 COPY src src
 COPY configs configs
+# include_bytes! of the bench plot's font
+COPY assets assets
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin pagoda \

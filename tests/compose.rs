@@ -361,6 +361,72 @@ fn the_dockerfile_is_multi_stage_and_copies_what_exists() {
     );
 }
 
+/// Files the crates embed at compile time (`include_bytes!` / `include_str!` in src/,
+/// actors/src, kernels/src) must be in the builder stage, or `docker build` fails.
+#[test]
+fn the_builder_copies_every_file_the_sources_embed() {
+    let df = read("Dockerfile");
+    let copied: Vec<String> = df
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|rest| !rest.contains("--from="))
+        .flat_map(|rest| {
+            let parts: Vec<String> = rest.split_whitespace().map(String::from).collect();
+            parts[..parts.len().saturating_sub(1)].to_vec()
+        })
+        .collect();
+    let mut embedded = Vec::new();
+    for dir in ["src", "actors/src", "kernels/src"] {
+        embedded_files(&repo_root().join(dir), &mut embedded);
+    }
+    assert!(
+        !embedded.is_empty(),
+        "found no include_bytes!/include_str! (parser broken?)"
+    );
+    for file in &embedded {
+        let rel = file
+            .strip_prefix(repo_root().canonicalize().unwrap())
+            .unwrap_or_else(|_| panic!("{} is outside the repository", file.display()))
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            copied
+                .iter()
+                .any(|c| rel == *c || rel.starts_with(&format!("{}/", c.trim_end_matches('/')))),
+            "the sources embed {rel}, which the Dockerfile's builder does not COPY (copied: {copied:?})"
+        );
+        assert!(
+            !dockerignored(&rel),
+            "the sources embed {rel}, which .dockerignore excludes"
+        );
+    }
+}
+
+/// The files named by `include_bytes!("…")` / `include_str!("…")` under `dir`, resolved
+/// against the including file's directory.
+fn embedded_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            embedded_files(&p, out);
+        } else if p.extension().and_then(|e| e.to_str()) == Some("rs") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            for mac in ["include_bytes!(\"", "include_str!(\""] {
+                for (at, _) in text.match_indices(mac) {
+                    let rest = &text[at + mac.len()..];
+                    let Some(end) = rest.find('"') else { continue };
+                    let target = p.parent().unwrap().join(&rest[..end]);
+                    let target = target.canonicalize().unwrap_or_else(|e| {
+                        panic!("{} embeds {}: {e}", p.display(), target.display())
+                    });
+                    out.push(target);
+                }
+            }
+        }
+    }
+}
+
 /// Whether a top-level `.dockerignore` pattern excludes `rel` (plain prefixes only).
 fn dockerignored(rel: &str) -> bool {
     let ignore = read(".dockerignore");
