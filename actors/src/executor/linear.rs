@@ -310,3 +310,96 @@ impl Projections {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagoda_kernels::quant::QuantFormat;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn values(rng: &mut StdRng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    fn quant(rng: &mut StdRng, rows: usize, cols: usize) -> Linear {
+        let w = values(rng, rows * cols);
+        Linear::quant(QMatrix::from_f32(QuantFormat::Q4_1, rows, cols, &w).unwrap())
+    }
+
+    /// Stacked projections (with biases on some parts, as Qwen2's Q/K/V) give what the
+    /// parts give one by one, for dense and quantized (packed on this CPU) weights.
+    #[test]
+    fn stacked_projections_match_the_parts() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (cols, n) = (64, 5);
+        let x = values(&mut rng, n * cols);
+        let sizes = [24, 8, 16];
+        for kind in ["dense", "quant"] {
+            let make = |rng: &mut StdRng| -> Vec<Linear> {
+                sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &rows)| {
+                        let l = match kind {
+                            "dense" => Linear::dense(values(rng, rows * cols), rows, cols).unwrap(),
+                            _ => quant(rng, rows, cols),
+                        };
+                        if i == 1 {
+                            l
+                        } else {
+                            l.with_bias(values(rng, rows)).unwrap()
+                        }
+                    })
+                    .collect()
+            };
+            let mut r1 = StdRng::seed_from_u64(9);
+            let mut r2 = StdRng::seed_from_u64(9);
+            let parts = make(&mut r1);
+            let stacked = Projections::new(make(&mut r2));
+            assert!(matches!(stacked, Projections::Stacked { .. }), "{kind}");
+            let mut want: Vec<Vec<f32>> = sizes.iter().map(|&r| vec![0f32; n * r]).collect();
+            for (p, w) in parts.iter().zip(want.iter_mut()) {
+                p.forward(&x, n, w).unwrap();
+            }
+            let mut got: Vec<Vec<f32>> = sizes.iter().map(|&r| vec![f32::NAN; n * r]).collect();
+            let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| v.as_mut_slice()).collect();
+            stacked.forward(&x, n, &mut outs, &mut Vec::new()).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                for (a, b) in g.iter().zip(w) {
+                    // Quantized parts run unpacked, the stack packed (int8 activations
+                    // in two planes): close, not bit-equal.
+                    assert!(
+                        (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
+                        "{kind}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_refuses_mismatched_parts() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let a = quant(&mut rng, 8, 64);
+        let b = quant(&mut rng, 8, 32);
+        assert!(Linear::stack(&[a, b]).is_none(), "different widths");
+        let a = quant(&mut rng, 8, 64);
+        let d = Linear::dense(values(&mut rng, 8 * 64), 8, 64).unwrap();
+        assert!(Linear::stack(&[a, d]).is_none(), "mixed storage");
+        assert!(Linear::stack(&[]).is_none());
+        // Unstackable parts still work, one by one.
+        let a = quant(&mut rng, 8, 64);
+        let d = Linear::dense(values(&mut rng, 8 * 64), 8, 64).unwrap();
+        let p = Projections::new(vec![a, d]);
+        assert!(matches!(p, Projections::Separate(_)));
+        let x = values(&mut rng, 2 * 64);
+        let (mut o1, mut o2) = (vec![0f32; 16], vec![0f32; 16]);
+        p.forward(&x, 2, &mut [&mut o1, &mut o2], &mut Vec::new())
+            .unwrap();
+        // A wrong output size is an error, not a panic.
+        let mut short = vec![0f32; 3];
+        assert!(p
+            .forward(&x, 2, &mut [&mut o1, &mut short], &mut Vec::new())
+            .is_err());
+    }
+}
