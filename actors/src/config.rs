@@ -66,6 +66,49 @@ pub struct CacheConfig {
     pub num_blocks: usize,
     /// Share full prompt blocks between requests with the same prefix.
     pub enable_prefix_caching: bool,
+    /// Element type of the KV cache: `auto` (f32 for f32 safetensors models, f16 for
+    /// everything else), `f16` or `f32`.
+    pub kv_cache_dtype: KvCacheDtype,
+}
+
+/// See [`CacheConfig::kv_cache_dtype`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// The model's own precision: f32 for f32 weights, f16 otherwise.
+    #[default]
+    Auto,
+    /// Half the memory and memory traffic of f32; values rounded to f16 when stored.
+    F16,
+    F32,
+}
+
+impl KvCacheDtype {
+    /// `Auto` made concrete for a model whose weights are (`model_f32`) or are not f32.
+    pub fn resolve(self, model_f32: bool) -> Self {
+        match self {
+            KvCacheDtype::Auto if model_f32 => KvCacheDtype::F32,
+            KvCacheDtype::Auto => KvCacheDtype::F16,
+            other => other,
+        }
+    }
+
+    /// Bytes per element (`Auto` counts as f16: resolve it first).
+    pub fn bytes(self) -> usize {
+        match self {
+            KvCacheDtype::Auto | KvCacheDtype::F16 => 2,
+            KvCacheDtype::F32 => 4,
+        }
+    }
+
+    /// The name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::F16 => "f16",
+            KvCacheDtype::F32 => "f32",
+        }
+    }
 }
 
 impl Default for CacheConfig {
@@ -75,6 +118,7 @@ impl Default for CacheConfig {
             kv_cache_bytes: 512 * 1024 * 1024,
             num_blocks: 0,
             enable_prefix_caching: true,
+            kv_cache_dtype: KvCacheDtype::Auto,
         }
     }
 }

@@ -86,6 +86,7 @@ impl Engine {
             });
         }
         let template = Arc::new(parts.compile_chat_template()?);
+        let kv_dtype = cfg.cache.kv_cache_dtype.resolve(src.stores_f32());
         let model = Llama::load_with(
             &mut src,
             model_cfg.clone(),
@@ -94,7 +95,7 @@ impl Engine {
         drop(src);
 
         let block_size = cfg.cache.block_size;
-        let num_blocks = num_kv_blocks(cfg, &model_cfg);
+        let num_blocks = num_kv_blocks(cfg, &model_cfg, kv_dtype);
         let capacity = num_blocks * block_size;
         let model_len = match cfg.model.max_model_len {
             0 => model_cfg.max_position_embeddings,
@@ -135,12 +136,13 @@ impl Engine {
             block_size,
             num_blocks,
             cfg.cache.enable_prefix_caching,
+            kv_dtype.name(),
         );
         let counters = Arc::new(TokenCounters::default());
         let sched_metrics = SchedulerMetrics::new(&info.model_name);
         let request_metrics = RequestMetrics::new(&info.model_name, counters.clone());
 
-        let executor = Executor::new(model, num_blocks, block_size, eos_ids);
+        let executor = Executor::new(model, num_blocks, block_size, kv_dtype, eos_ids);
         // The executor's thread: forward passes block it for milliseconds at a time.
         let exec_arbiter = Arbiter::new();
         let executor = ExecutorActor::start_in_arbiter(&exec_arbiter.handle(), move |_| {

@@ -197,6 +197,7 @@ pub fn record_cache_config(
     block_size: usize,
     num_blocks: usize,
     enable_prefix_caching: bool,
+    cache_dtype: &str,
 ) {
     gauge!(
         CACHE_CONFIG_INFO,
@@ -204,7 +205,7 @@ pub fn record_cache_config(
         "block_size" => block_size.to_string(),
         "num_gpu_blocks" => num_blocks.to_string(),
         "num_cpu_blocks" => "0",
-        "cache_dtype" => "auto",
+        "cache_dtype" => cache_dtype.to_owned(),
         "enable_prefix_caching" => if enable_prefix_caching { "True" } else { "False" },
     )
     .set(1.0);

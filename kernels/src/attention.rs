@@ -10,10 +10,81 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, checked_product, KernelError};
-use crate::simd::{self, Level};
+use crate::simd::{Level, LANES};
+
+/// An element type of the KV cache: `f32`, or `half::f16` (half the memory and half the
+/// bytes each decode step reads; values are rounded to f16 when written, and attention
+/// computes in f32).
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    /// Round an f32 to this type.
+    fn from_f32(v: f32) -> Self;
+    /// Widen to f32.
+    fn to_f32(self) -> f32;
+    /// Eight consecutive elements at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// `p` must be valid for eight reads; AVX2/F16C must be available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees eight readable floats and AVX.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees eight readable halves (16 bytes) and F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+/// Portable `Σ a[i] · b[i]` over f32 queries and cache rows of any element type.
+#[inline(always)]
+pub(crate) fn dot_elems<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
+    let len = a.len().min(b.len());
+    let (a, b) = (&a[..len], &b[..len]);
+    let mut acc = [0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (xa, xb) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] += xa[l] * xb[l].to_f32();
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y.to_f32();
+    }
+    crate::simd::hsum_lanes(&acc) + tail
+}
 
 /// Shape of one layer's K (or V) cache:
-/// `[num_blocks][block_size][num_kv_heads][head_dim]` f32, row-major.
+/// `[num_blocks][block_size][num_kv_heads][head_dim]` elements, row-major.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
     /// Blocks in the pool.
@@ -76,10 +147,10 @@ impl KvShape {
 /// Write `n = slots.len()` tokens' keys and values (each `n × num_kv_heads ×
 /// head_dim`) into the cache; token `i` goes to slot `slots[i]`, where
 /// `slot = block_id × block_size + offset`.
-pub fn write_kv(
+pub fn write_kv<E: KvElem>(
     shape: &KvShape,
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
+    k_cache: &mut [E],
+    v_cache: &mut [E],
     k: &[f32],
     v: &[f32],
     slots: &[usize],
@@ -105,8 +176,12 @@ pub fn write_kv(
         .zip(v.chunks_exact(tok))
     {
         let at = slot * tok;
-        k_cache[at..at + tok].copy_from_slice(ks);
-        v_cache[at..at + tok].copy_from_slice(vs);
+        for (d, &s) in k_cache[at..at + tok].iter_mut().zip(ks) {
+            *d = E::from_f32(s);
+        }
+        for (d, &s) in v_cache[at..at + tok].iter_mut().zip(vs) {
+            *d = E::from_f32(s);
+        }
     }
     Ok(())
 }
@@ -132,10 +207,10 @@ pub struct AttnSeq<'a> {
 /// positions `0..=` that one. With grouped-query attention, head `h` reads KV
 /// head `h / (num_heads / num_kv_heads)`. Token rows not covered by any
 /// sequence are set to zero. Work is split over (token, KV head) pairs.
-pub fn paged_attention(
+pub fn paged_attention<E: KvElem>(
     shape: &KvShape,
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     q: &[f32],
     num_heads: usize,
     seqs: &[AttnSeq<'_>],
@@ -147,10 +222,10 @@ pub fn paged_attention(
 
 /// [`paged_attention`] with an explicit softmax scale.
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention_with_scale(
+pub fn paged_attention_with_scale<E: KvElem>(
     shape: &KvShape,
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     q: &[f32],
     num_heads: usize,
     seqs: &[AttnSeq<'_>],
@@ -158,7 +233,7 @@ pub fn paged_attention_with_scale(
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     attention_with(
-        simd::level(),
+        crate::simd::level(),
         shape,
         k_cache,
         v_cache,
@@ -173,11 +248,11 @@ pub fn paged_attention_with_scale(
 const NO_SEQ: usize = usize::MAX;
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_with(
+pub(crate) fn attention_with<E: KvElem>(
     level: Level,
     shape: &KvShape,
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     q: &[f32],
     num_heads: usize,
     seqs: &[AttnSeq<'_>],
@@ -288,7 +363,7 @@ pub(crate) fn attention_with(
         };
         match level {
             // SAFETY: the portable ops need no target features.
-            Level::Scalar => unsafe { attend_group::<PortableOps>(&job, out_g, scratch) },
+            Level::Scalar => unsafe { attend_group::<PortableOps, E>(&job, out_g, scratch) },
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => {
                 // SAFETY: Avx2 is only selected when the CPU supports it.
@@ -313,38 +388,34 @@ pub(crate) fn attention_with(
 /// Vector primitives the attention loop is generic over, so each
 /// instruction-set variant is compiled as one inlined unit.
 pub(crate) trait VecOps {
-    /// Dot product over the common length.
-    ///
-    /// # Safety
-    /// The implementation's target features must be available.
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
     /// `out[j] = scale · q · rows[j]` for `j < out.len()`, where row `j` is
     /// `rows[j * stride..j * stride + q.len()]`.
     ///
     /// # Safety
-    /// As for `dot`; `rows` must hold every row addressed.
-    unsafe fn scores(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]);
+    /// The implementation's target features must be available; `rows` must hold every
+    /// row addressed.
+    unsafe fn scores<E: KvElem>(q: &[f32], rows: &[E], stride: usize, scale: f32, out: &mut [f32]);
     /// `s[i] ← exp(s[i] − shift)` for every element; returns the new sum.
     ///
     /// # Safety
-    /// As for `dot`.
+    /// As for `scores`.
     unsafe fn exp_shift_sum(s: &mut [f32], shift: f32) -> f32;
     /// `out ← out · corr + Σ_j p[j] · rows[j]`, where row `j` is
     /// `rows[j * stride..j * stride + out.len()]`.
     ///
     /// # Safety
-    /// As for `dot`; `rows` must hold every row addressed.
-    unsafe fn rescale_accumulate(
+    /// As for `scores`; `rows` must hold every row addressed.
+    unsafe fn rescale_accumulate<E: KvElem>(
         out: &mut [f32],
         corr: f32,
         p: &[f32],
-        rows: &[f32],
+        rows: &[E],
         stride: usize,
     );
     /// `y ← y · a`.
     ///
     /// # Safety
-    /// As for `dot`.
+    /// As for `scores`.
     unsafe fn scale(y: &mut [f32], a: f32);
 }
 
@@ -353,15 +424,10 @@ pub(crate) struct PortableOps;
 
 impl VecOps for PortableOps {
     #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        simd::dot_portable(a, b)
-    }
-
-    #[inline(always)]
-    unsafe fn scores(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    unsafe fn scores<E: KvElem>(q: &[f32], rows: &[E], stride: usize, scale: f32, out: &mut [f32]) {
         let len = q.len();
         for (j, o) in out.iter_mut().enumerate() {
-            *o = simd::dot_portable(q, &rows[j * stride..j * stride + len]) * scale;
+            *o = dot_elems(q, &rows[j * stride..j * stride + len]) * scale;
         }
     }
 
@@ -376,11 +442,11 @@ impl VecOps for PortableOps {
     }
 
     #[inline(always)]
-    unsafe fn rescale_accumulate(
+    unsafe fn rescale_accumulate<E: KvElem>(
         out: &mut [f32],
         corr: f32,
         p: &[f32],
-        rows: &[f32],
+        rows: &[E],
         stride: usize,
     ) {
         let len = out.len();
@@ -392,7 +458,7 @@ impl VecOps for PortableOps {
         for (j, &pj) in p.iter().enumerate() {
             let row = &rows[j * stride..j * stride + len];
             for (o, &r) in out.iter_mut().zip(row) {
-                *o += pj * r;
+                *o += pj * r.to_f32();
             }
         }
     }
@@ -406,10 +472,10 @@ impl VecOps for PortableOps {
 }
 
 /// The query heads sharing one KV head, for one token.
-pub(crate) struct GroupJob<'a> {
+pub(crate) struct GroupJob<'a, E> {
     shape: &'a KvShape,
-    k_cache: &'a [f32],
-    v_cache: &'a [f32],
+    k_cache: &'a [E],
+    v_cache: &'a [E],
     /// `group × head_dim` query values.
     q: &'a [f32],
     block_table: &'a [u32],
@@ -429,8 +495,8 @@ pub(crate) struct GroupJob<'a> {
 /// # Safety
 /// `O`'s target features must be available.
 #[inline(always)]
-pub(crate) unsafe fn attend_group<O: VecOps>(
-    job: &GroupJob<'_>,
+pub(crate) unsafe fn attend_group<O: VecOps, E: KvElem>(
+    job: &GroupJob<'_, E>,
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {

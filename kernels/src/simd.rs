@@ -54,27 +54,6 @@ pub(crate) fn available_levels() -> Vec<Level> {
 /// Number of lanes in the portable accumulators.
 pub(crate) const LANES: usize = 8;
 
-/// Portable dot product with independent lane accumulators, so the compiler
-/// can vectorise it without reassociating a single running sum.
-#[inline(always)]
-pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let len = a.len().min(b.len());
-    let (a, b) = (&a[..len], &b[..len]);
-    let mut acc = [0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (xa, xb) in (&mut ca).zip(&mut cb) {
-        for l in 0..LANES {
-            acc[l] += xa[l] * xb[l];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    hsum_lanes(&acc) + tail
-}
-
 /// Pairwise sum of a lane array.
 #[inline(always)]
 pub(crate) fn hsum_lanes(acc: &[f32; LANES]) -> f32 {

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::attention::VecOps;
+use crate::attention::{KvElem, VecOps};
 use crate::gemm::{self, OutWriter, Tile};
 use crate::quant::{QuantFormat, BLOCK_WEIGHTS};
 
@@ -523,35 +523,7 @@ pub(crate) struct Avx2Ops;
 
 impl VecOps for Avx2Ops {
     #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let len = a.len().min(b.len());
-        let full = len - len % 16;
-        // SAFETY: indices stay below `len`; AVX2/FMA per the trait contract.
-        unsafe {
-            let (pa, pb) = (a.as_ptr(), b.as_ptr());
-            let mut s0 = _mm256_setzero_ps();
-            let mut s1 = _mm256_setzero_ps();
-            let mut i = 0;
-            while i < full {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-                s1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(pa.add(i + 8)),
-                    _mm256_loadu_ps(pb.add(i + 8)),
-                    s1,
-                );
-                i += 16;
-            }
-            let mut s = hsum(_mm256_add_ps(s0, s1));
-            while i < len {
-                s += *pa.add(i) * *pb.add(i);
-                i += 1;
-            }
-            s
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn scores(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    unsafe fn scores<E: KvElem>(q: &[f32], rows: &[E], stride: usize, scale: f32, out: &mut [f32]) {
         let len = q.len();
         let count = out.len();
         if count == 0 {
@@ -568,13 +540,13 @@ impl VecOps for Avx2Ops {
             let mut j = 0;
             // Four keys at a time: four accumulators, one reduction.
             while j + 4 <= count {
-                let kp: [*const f32; 4] = std::array::from_fn(|k| r.add((j + k) * stride));
+                let kp: [*const E; 4] = std::array::from_fn(|k| r.add((j + k) * stride));
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
                 while i < full {
                     let qv = _mm256_loadu_ps(qp.add(i));
                     for k in 0..4 {
-                        acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[k].add(i)), acc[k]);
+                        acc[k] = _mm256_fmadd_ps(qv, E::load8(kp[k].add(i)), acc[k]);
                     }
                     i += 8;
                 }
@@ -586,7 +558,7 @@ impl VecOps for Avx2Ops {
                     let mut tail = [0f32; 4];
                     for (k, tk) in tail.iter_mut().enumerate() {
                         for c in full..len {
-                            *tk += *qp.add(c) * *kp[k].add(c);
+                            *tk += *qp.add(c) * (*kp[k].add(c)).to_f32();
                         }
                     }
                     sums = _mm_add_ps(sums, _mm_loadu_ps(tail.as_ptr()));
@@ -595,7 +567,8 @@ impl VecOps for Avx2Ops {
                 j += 4;
             }
             while j < count {
-                out[j] = Self::dot(q, &rows[j * stride..j * stride + len]) * scale;
+                out[j] =
+                    crate::attention::dot_elems(q, &rows[j * stride..j * stride + len]) * scale;
                 j += 1;
             }
         }
@@ -637,11 +610,11 @@ impl VecOps for Avx2Ops {
     }
 
     #[inline(always)]
-    unsafe fn rescale_accumulate(
+    unsafe fn rescale_accumulate<E: KvElem>(
         out: &mut [f32],
         corr: f32,
         p: &[f32],
-        rows: &[f32],
+        rows: &[E],
         stride: usize,
     ) {
         let len = out.len();
@@ -664,7 +637,7 @@ impl VecOps for Avx2Ops {
                     let pv = _mm256_set1_ps(pj);
                     let row = r.add(j * stride + c);
                     for (k, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * k)), *a);
+                        *a = _mm256_fmadd_ps(pv, E::load8(row.add(8 * k)), *a);
                     }
                 }
                 for (k, a) in acc.iter().enumerate() {
@@ -675,11 +648,7 @@ impl VecOps for Avx2Ops {
             while c + 8 <= len {
                 let mut acc = _mm256_mul_ps(_mm256_loadu_ps(o.add(c)), cv);
                 for (j, &pj) in p.iter().enumerate() {
-                    acc = _mm256_fmadd_ps(
-                        _mm256_set1_ps(pj),
-                        _mm256_loadu_ps(r.add(j * stride + c)),
-                        acc,
-                    );
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(pj), E::load8(r.add(j * stride + c)), acc);
                 }
                 _mm256_storeu_ps(o.add(c), acc);
                 c += 8;
@@ -687,7 +656,7 @@ impl VecOps for Avx2Ops {
             while c < len {
                 let mut acc = *o.add(c) * corr;
                 for (j, &pj) in p.iter().enumerate() {
-                    acc += pj * *r.add(j * stride + c);
+                    acc += pj * (*r.add(j * stride + c)).to_f32();
                 }
                 *o.add(c) = acc;
                 c += 1;
@@ -708,11 +677,11 @@ impl VecOps for Avx2Ops {
 /// # Safety
 /// AVX2/FMA must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn attend_group_avx2(
-    job: &crate::attention::GroupJob<'_>,
+pub(crate) unsafe fn attend_group_avx2<E: KvElem>(
+    job: &crate::attention::GroupJob<'_, E>,
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
     // SAFETY: features enabled on this function.
-    unsafe { crate::attention::attend_group::<Avx2Ops>(job, out, scratch) }
+    unsafe { crate::attention::attend_group::<Avx2Ops, E>(job, out, scratch) }
 }

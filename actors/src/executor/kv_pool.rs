@@ -1,13 +1,42 @@
 //! The unified paged KV pool: one K and one V buffer per layer, allocated once at start-up
 //! and shared by every sequence through block tables. Layout per layer:
-//! `[num_blocks][block_size][num_kv_heads][head_dim]` f32.
+//! `[num_blocks][block_size][num_kv_heads][head_dim]`, in f16 (the default: half the
+//! memory, and half the bytes every decode step reads) or f32 (`cache.kv_cache_dtype`).
 
-use pagoda_kernels::attention::KvShape;
+use half::f16;
+use pagoda_kernels::attention::{paged_attention, write_kv, AttnSeq, KvElem, KvShape};
+use pagoda_kernels::KernelError;
+
+use crate::config::KvCacheDtype;
+
+enum Layers {
+    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+}
 
 pub struct KvPool {
     shape: KvShape,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    layers: Layers,
+}
+
+fn alloc<E: KvElem>(num_layers: usize, len: usize) -> Vec<Vec<E>> {
+    (0..num_layers).map(|_| vec![E::default(); len]).collect()
+}
+
+fn layer<'a, E>(
+    k: &'a mut [Vec<E>],
+    v: &'a mut [Vec<E>],
+    i: usize,
+) -> Result<(&'a mut [E], &'a mut [E]), KernelError> {
+    let bound = k.len();
+    match (k.get_mut(i), v.get_mut(i)) {
+        (Some(k), Some(v)) => Ok((k, v)),
+        _ => Err(KernelError::OutOfRange {
+            what: "KV layer",
+            index: i,
+            bound,
+        }),
+    }
 }
 
 impl KvPool {
@@ -17,37 +46,129 @@ impl KvPool {
         block_size: usize,
         num_kv_heads: usize,
         head_dim: usize,
+        dtype: KvCacheDtype,
     ) -> usize {
-        2 * num_layers * block_size * num_kv_heads * head_dim * std::mem::size_of::<f32>()
+        2 * num_layers * block_size * num_kv_heads * head_dim * dtype.bytes()
     }
 
-    pub fn new(num_layers: usize, shape: KvShape) -> Self {
+    pub fn new(num_layers: usize, shape: KvShape, dtype: KvCacheDtype) -> Self {
         let len = shape.layer_len();
-        Self {
-            k: (0..num_layers).map(|_| vec![0f32; len]).collect(),
-            v: (0..num_layers).map(|_| vec![0f32; len]).collect(),
-            shape,
-        }
+        let layers = match dtype {
+            KvCacheDtype::F16 | KvCacheDtype::Auto => Layers::F16 {
+                k: alloc(num_layers, len),
+                v: alloc(num_layers, len),
+            },
+            KvCacheDtype::F32 => Layers::F32 {
+                k: alloc(num_layers, len),
+                v: alloc(num_layers, len),
+            },
+        };
+        Self { shape, layers }
     }
 
     pub fn shape(&self) -> KvShape {
-        KvShape {
-            num_blocks: self.shape.num_blocks,
-            block_size: self.shape.block_size,
-            num_kv_heads: self.shape.num_kv_heads,
-            head_dim: self.shape.head_dim,
-        }
+        self.shape
     }
 
     pub fn num_blocks(&self) -> usize {
         self.shape.num_blocks
     }
 
-    pub fn layer(&self, i: usize) -> (&[f32], &[f32]) {
-        (&self.k[i], &self.v[i])
+    /// Store `n` tokens' keys and values (`n × num_kv_heads × head_dim` each) of layer
+    /// `li` at `slots`.
+    pub fn write(
+        &mut self,
+        li: usize,
+        k: &[f32],
+        v: &[f32],
+        slots: &[usize],
+    ) -> Result<(), KernelError> {
+        let shape = self.shape;
+        match &mut self.layers {
+            Layers::F16 { k: kc, v: vc } => {
+                let (kc, vc) = layer(kc, vc, li)?;
+                write_kv(&shape, kc, vc, k, v, slots)
+            }
+            Layers::F32 { k: kc, v: vc } => {
+                let (kc, vc) = layer(kc, vc, li)?;
+                write_kv(&shape, kc, vc, k, v, slots)
+            }
+        }
     }
 
-    pub fn layer_mut(&mut self, i: usize) -> (&mut [f32], &mut [f32]) {
-        (&mut self.k[i], &mut self.v[i])
+    /// Paged attention of `q` over layer `li` (see `pagoda_kernels::attention`).
+    pub fn attend(
+        &mut self,
+        li: usize,
+        q: &[f32],
+        num_heads: usize,
+        seqs: &[AttnSeq<'_>],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let shape = self.shape;
+        match &mut self.layers {
+            Layers::F16 { k, v } => {
+                let (k, v) = layer(k, v, li)?;
+                paged_attention(&shape, k, v, q, num_heads, seqs, out)
+            }
+            Layers::F32 { k, v } => {
+                let (k, v) = layer(k, v, li)?;
+                paged_attention(&shape, k, v, q, num_heads, seqs, out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The f16 and f32 pools attend alike (up to f16 rounding); a bad layer is an error.
+    #[test]
+    fn f16_and_f32_pools_agree_and_check_layers() {
+        let shape = KvShape {
+            num_blocks: 4,
+            block_size: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+        };
+        let n = 6;
+        let k: Vec<f32> = (0..n * 16)
+            .map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0)
+            .collect();
+        let v: Vec<f32> = (0..n * 16)
+            .map(|i| ((i * 17) % 19) as f32 / 9.0 - 1.0)
+            .collect();
+        let q: Vec<f32> = (0..n * 4 * 8)
+            .map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0)
+            .collect();
+        let table = [2u32, 0];
+        let slots: Vec<usize> = (0..n).map(|p| table[p / 4] as usize * 4 + p % 4).collect();
+        let seqs = [AttnSeq {
+            query_start: 0,
+            query_len: n,
+            context_len: n,
+            block_table: &table,
+        }];
+        let mut outs = Vec::new();
+        for dtype in [KvCacheDtype::F16, KvCacheDtype::F32] {
+            let mut pool = KvPool::new(2, shape, dtype);
+            pool.write(1, &k, &v, &slots).unwrap();
+            let mut out = vec![0f32; q.len()];
+            pool.attend(1, &q, 4, &seqs, &mut out).unwrap();
+            assert!(pool.write(2, &k, &v, &slots).is_err());
+            assert!(pool.attend(2, &q, 4, &seqs, &mut out).is_err());
+            outs.push(out);
+        }
+        for (a, b) in outs[0].iter().zip(&outs[1]) {
+            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        }
+        assert_eq!(
+            KvPool::bytes_per_block(30, 16, 3, 64, KvCacheDtype::F32),
+            2 * KvPool::bytes_per_block(30, 16, 3, 64, KvCacheDtype::F16)
+        );
+        assert_eq!(KvCacheDtype::Auto.resolve(true), KvCacheDtype::F32);
+        assert_eq!(KvCacheDtype::Auto.resolve(false), KvCacheDtype::F16);
+        assert_eq!(KvCacheDtype::F32.resolve(false), KvCacheDtype::F32);
     }
 }

@@ -17,7 +17,7 @@ use pagoda_kernels::attention::{AttnSeq, KvShape};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, KvCacheDtype};
 use crate::messages::{SamplingParams, SeqId, TokenId};
 use crate::scheduler::{SampledToken, ScheduledBatch, ScheduledSeq, StepOutput};
 use kv_pool::KvPool;
@@ -46,7 +46,7 @@ pub fn open_model(path: &Path) -> Result<(WeightSource, LlamaConfig), LoadError>
 }
 
 /// How many KV blocks the configuration asks for, for this model.
-pub fn num_kv_blocks(cfg: &EngineConfig, model: &LlamaConfig) -> usize {
+pub fn num_kv_blocks(cfg: &EngineConfig, model: &LlamaConfig, dtype: KvCacheDtype) -> usize {
     if cfg.cache.num_blocks > 0 {
         return cfg.cache.num_blocks;
     }
@@ -55,6 +55,7 @@ pub fn num_kv_blocks(cfg: &EngineConfig, model: &LlamaConfig) -> usize {
         cfg.cache.block_size,
         model.num_kv_heads,
         model.head_dim,
+        dtype,
     );
     ((cfg.cache.kv_cache_bytes as usize) / per_block.max(1)).max(1)
 }
@@ -87,7 +88,13 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(model: Llama, num_blocks: usize, block_size: usize, eos_ids: Vec<TokenId>) -> Self {
+    pub fn new(
+        model: Llama,
+        num_blocks: usize,
+        block_size: usize,
+        kv_dtype: KvCacheDtype,
+        eos_ids: Vec<TokenId>,
+    ) -> Self {
         let c = &model.config;
         let shape = KvShape {
             num_blocks,
@@ -95,12 +102,18 @@ impl Executor {
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
-        let kv = KvPool::new(c.num_layers, shape);
+        let kv = KvPool::new(c.num_layers, shape, kv_dtype);
         tracing::info!(
             num_blocks,
             block_size,
-            kv_mib = (KvPool::bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim)
-                * num_blocks) as f64
+            dtype = kv_dtype.name(),
+            kv_mib = (KvPool::bytes_per_block(
+                c.num_layers,
+                block_size,
+                c.num_kv_heads,
+                c.head_dim,
+                kv_dtype
+            ) * num_blocks) as f64
                 / (1024.0 * 1024.0),
             "KV pool allocated"
         );

@@ -57,6 +57,17 @@ pub enum WeightSource {
 }
 
 impl WeightSource {
+    /// Whether the weights are stored in f32 (a safetensors model with f32 tensors), for
+    /// `cache.kv_cache_dtype = "auto"`: such models keep an f32 KV cache.
+    pub fn stores_f32(&self) -> bool {
+        match self {
+            WeightSource::Gguf { .. } => false,
+            WeightSource::Safetensors { tensors, .. } => {
+                tensors.values().any(|t| t.dtype() == DType::F32)
+            }
+        }
+    }
+
     /// Opens a GGUF file and reads its header, metadata and tensor directory.
     pub fn open_gguf(path: &Path) -> Result<Self, LoadError> {
         let file = File::open(path).map_err(|e| LoadError::Io {

@@ -420,3 +420,58 @@ fn avx2_exp_accuracy() {
     unsafe { crate::x86::Avx2Ops::exp_shift_sum(&mut nan, 0.0) };
     assert!(nan[0].is_nan() && nan[1] == 1.0);
 }
+
+/// An f16 cache, written through `write_kv`, gives the attention of the f16-rounded keys
+/// and values, on every level.
+#[test]
+fn f16_cache_matches_naive_on_rounded_values() {
+    use half::f16;
+    let mut rng = rng(44);
+    let lens = [(1, 1), (17, 1), (90, 25), (333, 1), (40, 40), (7, 1)];
+    let mut b = build(&mut rng, 16, 3, 3, 64, &lens, 3.0, false);
+    let bs = b.shape.block_size;
+    let mut kc = vec![f16::NAN; b.shape.layer_len()];
+    let mut vc = vec![f16::NAN; b.shape.layer_len()];
+    for s in &mut b.seqs {
+        let slots: Vec<usize> = (0..s.context_len)
+            .map(|p| s.table[p / bs] as usize * bs + p % bs)
+            .collect();
+        write_kv(&b.shape, &mut kc, &mut vc, &s.k, &s.v, &slots).unwrap();
+        for x in s.k.iter_mut().chain(s.v.iter_mut()) {
+            *x = f16::from_f32(*x).to_f32();
+        }
+    }
+    let want = naive(&b);
+    let seqs: Vec<AttnSeq<'_>> = b
+        .seqs
+        .iter()
+        .map(|s| AttnSeq {
+            query_start: s.query_start,
+            query_len: s.query_len,
+            context_len: s.context_len,
+            block_table: &s.table,
+        })
+        .collect();
+    let scale = 1.0 / (b.shape.head_dim as f32).sqrt();
+    for level in available_levels() {
+        let mut out = vec![f32::NAN; b.q.len()];
+        attention_with(
+            level,
+            &b.shape,
+            &kc,
+            &vc,
+            &b.q,
+            b.num_heads,
+            &seqs,
+            scale,
+            &mut out,
+        )
+        .unwrap();
+        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-4,
+                "f16 {level:?}: index {i}: got {g}, want {w}"
+            );
+        }
+    }
+}

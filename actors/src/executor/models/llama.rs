@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use pagoda_kernels::attention::{paged_attention, write_kv, AttnSeq};
+use pagoda_kernels::attention::AttnSeq;
 use pagoda_kernels::ops::{apply_rope, rms_norm, silu_mul, RopeStyle, RopeTable};
 use pagoda_kernels::quant::Precision;
 
@@ -279,6 +279,8 @@ pub struct Llama {
     /// None when the output projection is tied to the embedding.
     lm_head: Option<Linear>,
     rope: RopeTable,
+    /// KV element type of `cache.kv_cache_dtype = "auto"` for this model.
+    auto_kv_dtype: crate::config::KvCacheDtype,
 }
 
 impl Llama {
@@ -293,6 +295,7 @@ impl Llama {
         config: LlamaConfig,
         xp: Precision,
     ) -> Result<Self, LoadError> {
+        let auto_kv_dtype = crate::config::KvCacheDtype::Auto.resolve(src.stores_f32());
         let embed = src
             .linear("token_embd.weight", true)?
             .prepare()
@@ -344,6 +347,7 @@ impl Llama {
             final_norm,
             lm_head,
             rope,
+            auto_kv_dtype,
             config,
         })
     }
@@ -394,7 +398,6 @@ impl Llama {
         let mut gate = vec![0f32; n * cfg.intermediate_size];
         let mut up = vec![0f32; n * cfg.intermediate_size];
         let mut stacked = Vec::new();
-        let shape = kv.shape();
 
         for (li, layer) in self.layers.iter().enumerate() {
             hbuf.copy_from_slice(&x);
@@ -418,18 +421,8 @@ impl Llama {
                 &self.rope,
                 cfg.rope_style,
             )?;
-            let (k_cache, v_cache) = kv.layer_mut(li);
-            write_kv(&shape, k_cache, v_cache, &k, &v, input.slots)?;
-            let (k_cache, v_cache) = kv.layer(li);
-            paged_attention(
-                &shape,
-                k_cache,
-                v_cache,
-                &q,
-                cfg.num_heads,
-                input.seqs,
-                &mut attn,
-            )?;
+            kv.write(li, &k, &v, input.slots)?;
+            kv.attend(li, &q, cfg.num_heads, input.seqs, &mut attn)?;
             layer.wo.forward(&attn, n, &mut o)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
@@ -484,6 +477,7 @@ impl Llama {
                 num_kv_heads: cfg.num_kv_heads,
                 head_dim: cfg.head_dim,
             },
+            self.auto_kv_dtype,
         );
         let table: Vec<u32> = (0..num_blocks as u32).collect();
         let positions: Vec<usize> = (0..tokens.len()).collect();
