@@ -146,7 +146,7 @@ impl Engine {
         // The executor's thread: forward passes block it for milliseconds at a time.
         let exec_arbiter = Arbiter::new();
         let executor = ExecutorActor::start_in_arbiter(&exec_arbiter.handle(), move |_| {
-            ExecutorActor { executor }
+            ExecutorActor::new(executor)
         });
         let block_manager = BlockManagerActor::new(manager).start();
         let decoder = Arc::new(parts.tokenizer.clone());

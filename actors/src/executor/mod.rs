@@ -241,15 +241,48 @@ impl Executor {
 /// The executor actor: a thin shell around [`Executor`] on its own thread.
 pub struct ExecutorActor {
     pub executor: Executor,
+    /// The kernels' thread pool, with this actor's thread as one of its workers, so a
+    /// step's parallel calls run here and on (cores − 1) other threads instead of waking
+    /// a pool of `cores` threads while this one sleeps. None until started (or if the
+    /// pool cannot be built: the global pool is used then).
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl ExecutorActor {
+    pub fn new(executor: Executor) -> Self {
+        Self {
+            executor,
+            pool: None,
+        }
+    }
 }
 
 impl Actor for ExecutorActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .use_current_thread()
+            .thread_name(|i| format!("pagoda-kernel-{i}"))
+            .build()
+        {
+            Ok(pool) => self.pool = Some(pool),
+            Err(e) => tracing::warn!(error = %e, "kernel thread pool: using rayon's global pool"),
+        }
+    }
 }
 
 impl Handler<RunBatch> for ExecutorActor {
     type Result = Result<StepOutput, String>;
     fn handle(&mut self, msg: RunBatch, _: &mut Context<Self>) -> Self::Result {
-        self.executor.execute(msg)
+        match &self.pool {
+            Some(pool) => {
+                let executor = &mut self.executor;
+                pool.install(|| executor.execute(msg))
+            }
+            None => self.executor.execute(msg),
+        }
     }
 }
