@@ -16,10 +16,11 @@
 mod common;
 #[path = "common/nats.rs"]
 mod nats_server;
+#[path = "common/process.rs"]
+mod serve_process;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,9 +29,8 @@ use nats_server::NatsServer;
 use pagoda::client::{Client, Completion};
 use pagoda::config::IntakeConfig;
 use pagoda_actors::protocol::WireRequest;
+use serve_process::Serve;
 
-/// How long an engine may take to load the model and start pulling.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long all requests of a test may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Short, so that the jobs of a killed engine come back fast.
@@ -41,87 +41,32 @@ const PREFIX: &str = "pagoda.v1";
 /// The engines load a model each: run the tests one at a time on small machines.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-struct Engine {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
+/// A `pagoda serve --intake jetstream` process (see `common/process.rs`).
+type Engine = Serve;
+
+/// Engine `name` with a small KV pool, this file's `ack_wait`, `max_in_flight`
+/// concurrent jobs and `env` on top.
+fn spawn_engine(
+    name: &str,
+    url: &str,
+    dir: &std::path::Path,
+    max_in_flight: usize,
+    env: &[(&str, &str)],
+) -> Engine {
+    let ack_wait = ACK_WAIT_MS.to_string();
+    let in_flight = max_in_flight.to_string();
+    let mut all = vec![
+        ("PAGODA_CACHE__NUM_BLOCKS", "128"),
+        ("PAGODA_INTAKE__ACK_WAIT_MS", ack_wait.as_str()),
+        ("PAGODA_INTAKE__MAX_IN_FLIGHT", in_flight.as_str()),
+    ];
+    all.extend_from_slice(env);
+    Serve::spawn(name, url, dir, &["--intake", "jetstream"], &all)
 }
 
-impl Engine {
-    fn spawn(name: &'static str, url: &str, dir: &std::path::Path, max_in_flight: usize) -> Self {
-        Self::spawn_with(name, url, dir, max_in_flight, &[])
-    }
-
-    fn spawn_with(
-        name: &'static str,
-        url: &str,
-        dir: &std::path::Path,
-        max_in_flight: usize,
-        env: &[(&str, &str)],
-    ) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("create a log file");
-        let err = out.try_clone().expect("clone the log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_pagoda"))
-            .args([
-                "serve",
-                "--intake",
-                "jetstream",
-                "--nats-url",
-                url,
-                "--metrics-listen",
-                "",
-            ])
-            .current_dir(common::repo_root())
-            .env("RUST_LOG", "info")
-            .env("PAGODA_CACHE__NUM_BLOCKS", "128")
-            .env("PAGODA_INTAKE__ACK_WAIT_MS", ACK_WAIT_MS.to_string())
-            .env("PAGODA_INTAKE__MAX_IN_FLIGHT", max_in_flight.to_string())
-            .env("PAGODA_LOG__STATS_INTERVAL_S", "0")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start pagoda serve: {e}"));
-        Engine { name, child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the engine pulls jobs; panics with its log when it exits or hangs.
-    fn wait_ready(&mut self) {
-        let t0 = Instant::now();
-        loop {
-            if self.log().contains("pulling jobs") {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}); its log:\n{}", self.name, self.log());
-            }
-            assert!(
-                t0.elapsed() < READY_TIMEOUT,
-                "{} did not start pulling within {READY_TIMEOUT:?}; its log:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL: no chance to settle its jobs.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Waits until the engine pulls jobs; panics with its log when it exits or hangs.
+fn wait_ready(engine: &mut Engine) {
+    engine.wait_for_log("pulling jobs");
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -195,8 +140,8 @@ fn jobs_published_before_any_engine_are_all_answered() {
         gens
     });
 
-    let mut engine = Engine::spawn("engine", &nats.url(), dir.path(), 64);
-    engine.wait_ready();
+    let mut engine = spawn_engine("engine", &nats.url(), dir.path(), 64, &[]);
+    wait_ready(&mut engine);
     rt.block_on(async {
         let answers = futures_util::future::join_all(
             generations
@@ -221,10 +166,10 @@ fn killing_an_engine_loses_no_request() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
     // 16 jobs each at most, so both engines hold work when one dies.
-    let mut a = Engine::spawn("engine-a", &nats.url(), dir.path(), 16);
-    let mut b = Engine::spawn("engine-b", &nats.url(), dir.path(), 16);
-    a.wait_ready();
-    b.wait_ready();
+    let mut a = spawn_engine("engine-a", &nats.url(), dir.path(), 16, &[]);
+    let mut b = spawn_engine("engine-b", &nats.url(), dir.path(), 16, &[]);
+    wait_ready(&mut a);
+    wait_ready(&mut b);
     let rt = runtime();
     let client = rt.block_on(async {
         Client::connect(&nats.url())
@@ -333,11 +278,11 @@ fn a_job_whose_engines_all_die_is_a_dead_letter() {
         ("RUST_LOG", "info,pagoda::gateway=debug"),
     ];
     let mut engines = [
-        Engine::spawn_with("engine-a", &nats.url(), dir.path(), 16, &env),
-        Engine::spawn_with("engine-b", &nats.url(), dir.path(), 16, &env),
+        spawn_engine("engine-a", &nats.url(), dir.path(), 16, &env),
+        spawn_engine("engine-b", &nats.url(), dir.path(), 16, &env),
     ];
     for e in engines.iter_mut() {
-        e.wait_ready();
+        wait_ready(e);
     }
     let rt = runtime();
     rt.block_on(async {
@@ -423,8 +368,8 @@ fn jobs_without_reply_to_or_unreadable_are_terminated_not_redelivered() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut engine = Engine::spawn("engine", &nats.url(), dir.path(), 16);
-    engine.wait_ready();
+    let mut engine = spawn_engine("engine", &nats.url(), dir.path(), 16, &[]);
+    wait_ready(&mut engine);
     let rt = runtime();
     rt.block_on(async {
         let client = Client::connect(&nats.url())
@@ -608,10 +553,10 @@ fn sigterm_hands_unfinished_jobs_to_the_other_engine() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     // A short drain, so that the stopping engine gives jobs back rather than finishing all.
     let env = [("PAGODA_NATS__DRAIN_TIMEOUT_MS", "300")];
-    let mut a = Engine::spawn_with("engine-a", &nats.url(), dir.path(), 16, &env);
-    let mut b = Engine::spawn_with("engine-b", &nats.url(), dir.path(), 16, &env);
-    a.wait_ready();
-    b.wait_ready();
+    let mut a = spawn_engine("engine-a", &nats.url(), dir.path(), 16, &env);
+    let mut b = spawn_engine("engine-b", &nats.url(), dir.path(), 16, &env);
+    wait_ready(&mut a);
+    wait_ready(&mut b);
     const N: usize = 32;
     const LONG: u32 = 64;
     let rt = runtime();
@@ -709,14 +654,14 @@ fn durable_vs_core_throughput() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut engine = Engine::spawn_with(
+    let mut engine = spawn_engine(
         "engine",
         &nats.url(),
         dir.path(),
         64,
         &[("PAGODA_CACHE__NUM_BLOCKS", "1024")],
     );
-    engine.wait_ready();
+    wait_ready(&mut engine);
     const C: usize = 32;
     const TOKENS: u32 = 64;
     let rt = runtime();
