@@ -3,7 +3,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use super::{rand_vec, rng};
-use crate::attention::{attention_with, paged_attention, write_kv, AttnSeq, KvShape};
+use crate::attention::{attention_with, paged_attention, write_kv, AttnSeq, KvElem, KvShape};
 use crate::simd::{available_levels, Level};
 use crate::KernelError;
 
@@ -131,6 +131,11 @@ fn naive(b: &Batch) -> Vec<f64> {
 }
 
 fn run(b: &Batch, level: Level) -> Result<Vec<f32>, KernelError> {
+    run_on(b, level, &b.k_cache, &b.v_cache)
+}
+
+/// Attention of `b`'s queries over the caches `k` / `v` (laid out as `b.shape`).
+fn run_on<E: KvElem>(b: &Batch, level: Level, k: &[E], v: &[E]) -> Result<Vec<f32>, KernelError> {
     let seqs: Vec<AttnSeq<'_>> = b
         .seqs
         .iter()
@@ -146,8 +151,8 @@ fn run(b: &Batch, level: Level) -> Result<Vec<f32>, KernelError> {
     attention_with(
         level,
         &b.shape,
-        &b.k_cache,
-        &b.v_cache,
+        k,
+        v,
         &b.q,
         b.num_heads,
         &seqs,
@@ -442,31 +447,8 @@ fn f16_cache_matches_naive_on_rounded_values() {
         }
     }
     let want = naive(&b);
-    let seqs: Vec<AttnSeq<'_>> = b
-        .seqs
-        .iter()
-        .map(|s| AttnSeq {
-            query_start: s.query_start,
-            query_len: s.query_len,
-            context_len: s.context_len,
-            block_table: &s.table,
-        })
-        .collect();
-    let scale = 1.0 / (b.shape.head_dim as f32).sqrt();
     for level in available_levels() {
-        let mut out = vec![f32::NAN; b.q.len()];
-        attention_with(
-            level,
-            &b.shape,
-            &kc,
-            &vc,
-            &b.q,
-            b.num_heads,
-            &seqs,
-            scale,
-            &mut out,
-        )
-        .unwrap();
+        let out = run_on(&b, level, &kc, &vc).unwrap();
         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
             assert!(
                 (*g as f64 - w).abs() <= 1e-4,
