@@ -69,32 +69,16 @@ impl Linear {
     }
 
     /// Convert quantized weights to the layout fastest on this CPU (see
-    /// `QMatrix::prepare`); other storage is returned unchanged. Call after any
-    /// [`Linear::stack`].
-    pub fn prepare(self) -> Self {
-        match self.weight {
-            Weight::Quant(m) => Self {
-                weight: Weight::Quant(m.prepare()),
-                bias: self.bias,
-            },
-            weight => Self {
-                weight,
-                bias: self.bias,
-            },
-        }
-    }
-
-    /// Set the activation precision of packed quantized products (no effect otherwise).
-    pub fn with_precision(self, p: Precision) -> Self {
-        match self.weight {
-            Weight::Quant(m) => Self {
-                weight: Weight::Quant(m.with_precision(p)),
-                bias: self.bias,
-            },
-            weight => Self {
-                weight,
-                bias: self.bias,
-            },
+    /// `QMatrix::prepare`), with `precision` for the activations of packed products;
+    /// other storage is returned unchanged. Call after any [`Linear::stack`].
+    pub fn prepare(self, precision: Precision) -> Self {
+        let weight = match self.weight {
+            Weight::Quant(m) => Weight::Quant(m.prepare().with_precision(precision)),
+            other => other,
+        };
+        Self {
+            weight,
+            bias: self.bias,
         }
     }
 
@@ -240,26 +224,16 @@ pub enum Projections {
 }
 
 impl Projections {
-    /// Stack `parts` if possible, and convert the result for this CPU (`Linear::prepare`).
-    pub fn new(parts: Vec<Linear>) -> Self {
+    /// Stack `parts` if possible, and convert the result for this CPU
+    /// (`Linear::prepare`).
+    pub fn new(parts: Vec<Linear>, precision: Precision) -> Self {
         match Linear::stack(&parts) {
             Some(lin) => Projections::Stacked {
                 rows: parts.iter().map(Linear::rows).collect(),
-                lin: lin.prepare(),
+                lin: lin.prepare(precision),
             },
-            None => Projections::Separate(parts.into_iter().map(Linear::prepare).collect()),
-        }
-    }
-
-    /// Set the activation precision of packed quantized products.
-    pub fn with_precision(self, p: Precision) -> Self {
-        match self {
-            Projections::Stacked { lin, rows } => Projections::Stacked {
-                lin: lin.with_precision(p),
-                rows,
-            },
-            Projections::Separate(parts) => {
-                Projections::Separate(parts.into_iter().map(|l| l.with_precision(p)).collect())
+            None => {
+                Projections::Separate(parts.into_iter().map(|l| l.prepare(precision)).collect())
             }
         }
     }
@@ -355,7 +329,7 @@ mod tests {
             let mut r1 = StdRng::seed_from_u64(9);
             let mut r2 = StdRng::seed_from_u64(9);
             let parts = make(&mut r1);
-            let stacked = Projections::new(make(&mut r2));
+            let stacked = Projections::new(make(&mut r2), Precision::default());
             assert!(matches!(stacked, Projections::Stacked { .. }), "{kind}");
             let mut want: Vec<Vec<f32>> = sizes.iter().map(|&r| vec![0f32; n * r]).collect();
             for (p, w) in parts.iter().zip(want.iter_mut()) {
@@ -390,7 +364,7 @@ mod tests {
         // Unstackable parts still work, one by one.
         let a = quant(&mut rng, 8, 64);
         let d = Linear::dense(values(&mut rng, 8 * 64), 8, 64).unwrap();
-        let p = Projections::new(vec![a, d]);
+        let p = Projections::new(vec![a, d], Precision::default());
         assert!(matches!(p, Projections::Separate(_)));
         let x = values(&mut rng, 2 * 64);
         let (mut o1, mut o2) = (vec![0f32; 16], vec![0f32; 16]);

@@ -237,10 +237,10 @@ impl Layer {
             attn_norm: norm(src, &p("attn_norm.weight"), h)?,
             ffn_norm: norm(src, &p("ffn_norm.weight"), h)?,
             format: wq.format_name(),
-            qkv: Projections::new(vec![wq, wk, wv]).with_precision(xp),
-            wo: wo.prepare().with_precision(xp),
-            gate_up: Projections::new(vec![w_gate, w_up]).with_precision(xp),
-            w_down: w_down.prepare().with_precision(xp),
+            qkv: Projections::new(vec![wq, wk, wv], xp),
+            wo: wo.prepare(xp),
+            gate_up: Projections::new(vec![w_gate, w_up], xp),
+            w_down: w_down.prepare(xp),
         })
     }
 }
@@ -296,10 +296,7 @@ impl Llama {
         xp: Precision,
     ) -> Result<Self, LoadError> {
         let auto_kv_dtype = crate::config::KvCacheDtype::Auto.resolve(src.stores_f32());
-        let embed = src
-            .linear("token_embd.weight", true)?
-            .prepare()
-            .with_precision(xp);
+        let embed = src.linear("token_embd.weight", true)?.prepare(xp);
         if embed.rows() != config.vocab_size || embed.cols() != config.hidden_size {
             return Err(LoadError::Shape(format!(
                 "token_embd.weight is {}×{}, expected {}×{}",
@@ -315,11 +312,7 @@ impl Llama {
         }
         let final_norm = norm(src, "output_norm.weight", config.hidden_size)?;
         let lm_head = if src.has("output.weight") {
-            Some(
-                src.linear("output.weight", false)?
-                    .prepare()
-                    .with_precision(xp),
-            )
+            Some(src.linear("output.weight", false)?.prepare(xp))
         } else {
             None
         };
