@@ -220,13 +220,14 @@ impl Acts {
     }
 }
 
-/// Where the codes, scales and sums of a run of blocks go.
-struct BlockOut<'a> {
-    q: &'a mut [i8],
-    q2: &'a mut [i8],
-    d: &'a mut [f32],
-    sq: &'a mut [i32],
-    xs: &'a mut [f32],
+/// Where the codes, scales and sums of a run of blocks go (the fields of [`Acts`], for a
+/// range of blocks; `q2` empty unless precise).
+pub(crate) struct BlockOut<'a> {
+    pub q: &'a mut [i8],
+    pub q2: &'a mut [i8],
+    pub d: &'a mut [f32],
+    pub sq: &'a mut [i32],
+    pub xs: &'a mut [f32],
 }
 
 /// Blocks below which quantizing on one thread beats handing half to another.
@@ -269,28 +270,19 @@ fn quantize_split(x: &[f32], out: BlockOut<'_>, precise: bool) {
         );
         return;
     }
-    let BlockOut { q, q2, d, sq, xs } = out;
     #[cfg(target_arch = "x86_64")]
     if crate::simd::level() != crate::simd::Level::Scalar {
-        // SAFETY: AVX2/FMA are present whenever the level is not Scalar; the slices
-        // hold `blocks` blocks (q2 too when `precise`).
-        unsafe { crate::x86::quantize_acts_avx2(x, q, q2, d, sq, xs, precise) };
+        // SAFETY: AVX2/FMA are present whenever the level is not Scalar.
+        unsafe { crate::x86::quantize_acts_avx2(x, out, precise) };
         return;
     }
-    quantize_blocks(x, q, q2, d, sq, xs, precise);
+    quantize_blocks(x, out, precise);
 }
 
 /// The portable body of [`Acts::quantize`] (and the reference of its AVX2 version).
 #[inline(always)]
-pub(crate) fn quantize_blocks(
-    x: &[f32],
-    q: &mut [i8],
-    q2: &mut [i8],
-    d: &mut [f32],
-    sq: &mut [i32],
-    xs: &mut [f32],
-    precise: bool,
-) {
+pub(crate) fn quantize_blocks(x: &[f32], out: BlockOut<'_>, precise: bool) {
+    let BlockOut { q, q2, d, sq, xs } = out;
     const W: usize = BLOCK_WEIGHTS;
     for (i, xb) in x.chunks_exact(W).enumerate() {
         let xb: &[f32; W] = xb.try_into().expect("block of 32");

@@ -410,16 +410,12 @@ unsafe fn exp256(x: __m256) -> __m256 {
 /// # Safety
 /// AVX2/FMA must be available.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn quantize_acts_avx2(
     x: &[f32],
-    q: &mut [i8],
-    q2: &mut [i8],
-    d: &mut [f32],
-    sq: &mut [i32],
-    xs: &mut [f32],
+    out: crate::packed::BlockOut<'_>,
     precise: bool,
 ) {
+    let crate::packed::BlockOut { q, q2, d, sq, xs } = out;
     let blocks = d.len();
     assert!(x.len() >= blocks * 32 && q.len() >= blocks * 32);
     assert!(sq.len() >= blocks && xs.len() >= blocks);

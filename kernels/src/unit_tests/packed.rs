@@ -221,7 +221,7 @@ fn concat_rows_stacks_and_validates() {
 /// codes and scales of the portable one.
 #[test]
 fn simd_and_parallel_quantization_match_the_portable_one() {
-    use crate::packed::quantize_blocks;
+    use crate::packed::{quantize_blocks, BlockOut};
     let mut rng = rng(12);
     let (n, cols) = (300, 576);
     let mut x = rand_vec(&mut rng, n * cols, 4.0);
@@ -234,7 +234,14 @@ fn simd_and_parallel_quantization_match_the_portable_one() {
         let mut q = vec![0i8; n * cols];
         let mut q2 = vec![0i8; if precise { n * cols } else { 0 }];
         let (mut d, mut sq, mut xs) = (vec![0f32; blocks], vec![0i32; blocks], vec![0f32; blocks]);
-        quantize_blocks(&x, &mut q, &mut q2, &mut d, &mut sq, &mut xs, precise);
+        let out = BlockOut {
+            q: &mut q,
+            q2: &mut q2,
+            d: &mut d,
+            sq: &mut sq,
+            xs: &mut xs,
+        };
+        quantize_blocks(&x, out, precise);
         assert_eq!(acts.q, q, "precise={precise}");
         assert_eq!(acts.q2, q2, "precise={precise}");
         assert_eq!(acts.d, d, "precise={precise}");
