@@ -23,19 +23,16 @@ fn alloc<E: KvElem>(num_layers: usize, len: usize) -> Vec<Vec<E>> {
     (0..num_layers).map(|_| vec![E::default(); len]).collect()
 }
 
-fn layer<'a, E>(
-    k: &'a mut [Vec<E>],
-    v: &'a mut [Vec<E>],
-    i: usize,
-) -> Result<(&'a mut [E], &'a mut [E]), KernelError> {
-    let bound = k.len();
-    match (k.get_mut(i), v.get_mut(i)) {
-        (Some(k), Some(v)) => Ok((k, v)),
-        _ => Err(KernelError::OutOfRange {
+/// The index of layer `i`, or an error naming it.
+fn check_layer(num_layers: usize, i: usize) -> Result<usize, KernelError> {
+    if i < num_layers {
+        Ok(i)
+    } else {
+        Err(KernelError::OutOfRange {
             what: "KV layer",
             index: i,
-            bound,
-        }),
+            bound: num_layers,
+        })
     }
 }
 
@@ -86,19 +83,19 @@ impl KvPool {
         let shape = self.shape;
         match &mut self.layers {
             Layers::F16 { k: kc, v: vc } => {
-                let (kc, vc) = layer(kc, vc, li)?;
-                write_kv(&shape, kc, vc, k, v, slots)
+                let i = check_layer(kc.len(), li)?;
+                write_kv(&shape, &mut kc[i], &mut vc[i], k, v, slots)
             }
             Layers::F32 { k: kc, v: vc } => {
-                let (kc, vc) = layer(kc, vc, li)?;
-                write_kv(&shape, kc, vc, k, v, slots)
+                let i = check_layer(kc.len(), li)?;
+                write_kv(&shape, &mut kc[i], &mut vc[i], k, v, slots)
             }
         }
     }
 
     /// Paged attention of `q` over layer `li` (see `pagoda_kernels::attention`).
     pub fn attend(
-        &mut self,
+        &self,
         li: usize,
         q: &[f32],
         num_heads: usize,
@@ -106,14 +103,14 @@ impl KvPool {
         out: &mut [f32],
     ) -> Result<(), KernelError> {
         let shape = self.shape;
-        match &mut self.layers {
+        match &self.layers {
             Layers::F16 { k, v } => {
-                let (k, v) = layer(k, v, li)?;
-                paged_attention(&shape, k, v, q, num_heads, seqs, out)
+                let i = check_layer(k.len(), li)?;
+                paged_attention(&shape, &k[i], &v[i], q, num_heads, seqs, out)
             }
             Layers::F32 { k, v } => {
-                let (k, v) = layer(k, v, li)?;
-                paged_attention(&shape, k, v, q, num_heads, seqs, out)
+                let i = check_layer(k.len(), li)?;
+                paged_attention(&shape, &k[i], &v[i], q, num_heads, seqs, out)
             }
         }
     }
