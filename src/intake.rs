@@ -245,6 +245,9 @@ impl IntakeDrain {
 /// How many jobs the engine has room for now: free slots, but none while the scheduler
 /// already has requests waiting and its KV cache is (nearly) full.
 async fn room(shared: &Shared, free_slots: usize) -> usize {
+    if shared.engine.supervisor().is_failed() {
+        return 0;
+    }
     match shared.engine.scheduler_stats().await {
         Ok(s) if s.num_waiting > 0 && s.kv_cache_usage >= 0.95 => 0,
         _ => free_slots,

@@ -255,13 +255,27 @@ fn init_tracing(log: &pagoda::config::LogConfig) {
     };
 }
 
+/// Exit status of `pagoda serve` when an actor died (sysexits' EX_SOFTWARE): the process
+/// supervisor (compose `restart:`, systemd) starts a fresh one.
+const EXIT_ENGINE_FAILED: u8 = 70;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            let engine_failed = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<pagoda::gateway::GatewayError>(),
+                    Some(pagoda::gateway::GatewayError::EngineFailed { .. })
+                )
+            });
+            if engine_failed {
+                std::process::ExitCode::from(EXIT_ENGINE_FAILED)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
@@ -567,6 +581,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let health = metrics.as_ref().map(|m| m.health.clone());
         if let Some(h) = &health {
             h.set_ready();
+            // A dead actor turns /health to 503 at once.
+            let h = h.clone();
+            let supervisor = engine.supervisor().clone();
+            actix::spawn(async move {
+                supervisor.failed().await;
+                h.set_failed();
+            });
         }
         let shutdown = async move {
             pagoda::gateway::shutdown_signal().await;

@@ -111,6 +111,7 @@ pub struct Health(Arc<AtomicU8>);
 const LOADING: u8 = 0;
 const READY: u8 = 1;
 const DRAINING: u8 = 2;
+const FAILED: u8 = 3;
 
 impl Health {
     /// A fresh state: loading (503).
@@ -122,8 +123,16 @@ impl Health {
         self.0.store(READY, Ordering::Release);
     }
 
+    /// Draining after a shutdown signal (a failed engine stays failed).
     pub fn set_draining(&self) {
-        self.0.store(DRAINING, Ordering::Release);
+        if self.0.load(Ordering::Acquire) != FAILED {
+            self.0.store(DRAINING, Ordering::Release);
+        }
+    }
+
+    /// An actor died: the engine cannot serve any more (503 until the process exits).
+    pub fn set_failed(&self) {
+        self.0.store(FAILED, Ordering::Release);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -135,6 +144,7 @@ impl Health {
             READY => "ok",
             DRAINING => "draining",
             LOADING => "loading",
+            FAILED => "failed",
             _ => "unknown",
         }
     }

@@ -769,72 +769,21 @@ mod actor {
     use std::sync::Arc;
 
     use actix::prelude::*;
-    use tokio::sync::mpsc::UnboundedSender;
 
     use super::{DetokOutput, IncrementalDetokenizer, RequestIndex};
-    use crate::messages::{now_us, FinishReason, SeqId, TokenId};
+    use crate::fault;
+    use crate::messages::{
+        now_us, post, CancelStreams, ErrorBody, ErrorCode, FinishReason, FinishSequence,
+        RegisterStream, SeqId, SeqOutput, StepTokens, StreamEnd, StreamEvent, Timings, TokenId,
+        Usage,
+    };
     use crate::metrics::{FinishedSample, RequestMetrics};
-    use crate::protocol::{ErrorBody, ErrorCode, StreamEvent, Timings, Usage};
-    use crate::scheduler::{FinishSequence, SeqOutput};
-
-    /// Tokenizer → detokenizer: a new request's output stream.
-    #[derive(Message)]
-    #[rtype(result = "()")]
-    pub struct RegisterStream {
-        pub seq_id: SeqId,
-        /// The client's request id (what a cancel names).
-        pub request_id: String,
-        /// The prompt (its last tokens give the first output token its context).
-        pub prompt_tokens: Vec<TokenId>,
-        pub stop: Vec<String>,
-        pub sink: UnboundedSender<StreamEvent>,
-        /// When the request arrived (µs since the epoch).
-        pub arrival_us: u64,
-    }
-
-    /// Scheduler → detokenizer, once per step: every sampled token of the step.
-    #[derive(Debug, Message)]
-    #[rtype(result = "()")]
-    pub struct StepTokens {
-        pub outputs: Vec<SeqOutput>,
-        /// Sequences scheduled for the first time in this step.
-        pub first_scheduled: Vec<FirstScheduled>,
-    }
-
-    /// A sequence's first step: how long it waited and how much of its prompt the prefix
-    /// cache already held.
-    #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-    pub struct FirstScheduled {
-        pub seq_id: SeqId,
-        /// When the step that first scheduled it was planned (µs since the epoch).
-        pub scheduled_us: u64,
-        pub queue_us: u64,
-        pub cached_tokens: usize,
-    }
-
-    /// Client → (tokenizer →) detokenizer: cancel every live sequence of a request. Each
-    /// one is finished with `abort` by the scheduler within one step; the stream then ends
-    /// with a `Finished { finish_reason: Abort }` event. Unknown ids are ignored (another
-    /// engine may be running the request, or it already finished).
-    #[derive(Debug, Message)]
-    #[rtype(result = "bool")]
-    pub struct CancelRequest {
-        pub request_id: String,
-    }
-
-    /// A stream ends without a token: cancelled, or failed (`error` set).
-    #[derive(Debug, Message)]
-    #[rtype(result = "()")]
-    pub struct StreamEnd {
-        pub seq_id: SeqId,
-        pub reason: FinishReason,
-        pub error: Option<ErrorBody>,
-    }
+    use crate::streams::Streams;
+    use crate::supervisor::LifeGuard;
 
     struct Stream {
         request_id: String,
         detok: IncrementalDetokenizer,
-        sink: UnboundedSender<StreamEvent>,
         num_prompt_tokens: u32,
         num_output_tokens: u32,
         arrival_us: u64,
@@ -846,29 +795,37 @@ mod actor {
         scheduled_us: Option<u64>,
         /// Token ids not yet sent with a text delta.
         unsent_ids: Vec<TokenId>,
+        /// A cancel was already passed on (repeated cancels send nothing more).
+        cancelling: bool,
     }
 
-    /// The detokenizer actor: owns one [`IncrementalDetokenizer`] per live request and
-    /// turns sampled tokens into stream events on the request's sink.
+    /// The detokenizer actor: owns one [`IncrementalDetokenizer`] per live sequence and
+    /// turns sampled tokens into stream events in the [`Streams`] registry.
     pub struct DetokenizerActor {
         tokenizer: Arc<tokenizers::Tokenizer>,
         scheduler: Recipient<FinishSequence>,
-        streams: HashMap<SeqId, Stream>,
+        streams: Streams,
+        live: HashMap<SeqId, Stream>,
         requests: RequestIndex,
         metrics: Option<RequestMetrics>,
+        _guard: LifeGuard,
     }
 
     impl DetokenizerActor {
         pub fn new(
             tokenizer: Arc<tokenizers::Tokenizer>,
             scheduler: Recipient<FinishSequence>,
+            streams: Streams,
+            guard: LifeGuard,
         ) -> Self {
             Self {
                 tokenizer,
                 scheduler,
-                streams: HashMap::new(),
+                streams,
+                live: HashMap::new(),
                 requests: RequestIndex::default(),
                 metrics: None,
+                _guard: guard,
             }
         }
 
@@ -880,13 +837,25 @@ mod actor {
 
         /// Removes a stream that ended, and its request-id entry.
         fn take_stream(&mut self, seq_id: SeqId) -> Option<Stream> {
-            let st = self.streams.remove(&seq_id)?;
+            let st = self.live.remove(&seq_id)?;
             self.requests.remove(&st.request_id, seq_id);
+            fault::disarm(seq_id);
             Some(st)
         }
 
+        /// Tells the scheduler to end a sequence; true when the message is on its way.
+        fn finish_in_scheduler(&self, seq_id: SeqId, reason: FinishReason) -> bool {
+            match post(&self.scheduler, FinishSequence { seq_id, reason }) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(seq_id, error = %e, "cannot tell the scheduler to end a sequence");
+                    false
+                }
+            }
+        }
+
         fn on_token(&mut self, o: &SeqOutput) {
-            let Some(st) = self.streams.get_mut(&o.seq_id) else {
+            let Some(st) = self.live.get_mut(&o.seq_id) else {
                 return; // already ended (stop string, cancel)
             };
             let now = now_us();
@@ -919,74 +888,80 @@ mod actor {
                 Err(e) => self.fail(
                     o.seq_id,
                     ErrorBody::new(ErrorCode::Internal, format!("detokenizing: {e}")),
+                    o.finish_reason.is_none(),
                 ),
             }
         }
 
         fn emit(&mut self, seq_id: SeqId, out: DetokOutput, scheduler_still_running: bool) {
-            let Some(st) = self.streams.get_mut(&seq_id) else {
+            let Some(st) = self.live.get_mut(&seq_id) else {
                 return;
             };
-            match out.finished {
-                None => {
-                    if !out.text_delta.is_empty() {
-                        let _ = st.sink.send(StreamEvent::Delta {
+            let Some(reason) = out.finished else {
+                if !out.text_delta.is_empty() {
+                    self.streams.send(
+                        seq_id,
+                        StreamEvent::Delta {
                             text: out.text_delta,
                             token_ids: std::mem::take(&mut st.unsent_ids),
-                        });
-                    }
+                        },
+                    );
                 }
-                Some(reason) => {
-                    if scheduler_still_running {
-                        // A stop string ended it: the scheduler must stop generating.
-                        let _ = self.scheduler.try_send(FinishSequence { seq_id, reason });
-                    }
-                    if let Some(st) = self.take_stream(seq_id) {
-                        let now = now_us();
-                        if let Some(m) = &self.metrics {
-                            m.finished(&FinishedSample {
-                                reason: Some(reason),
-                                arrival_us: st.arrival_us,
-                                queue_us: st.queue_us,
-                                scheduled_us: st.scheduled_us,
-                                first_token_us: st.first_token_us,
-                                finished_us: now,
-                                prompt_tokens: st.num_prompt_tokens,
-                                output_tokens: st.num_output_tokens,
-                            });
-                        }
-                        let ms = |us: u64| us as f64 / 1e3;
-                        let timings = Timings {
-                            queue_ms: ms(st.queue_us),
-                            ttft_ms: ms(st
-                                .first_token_us
-                                .unwrap_or(now)
-                                .saturating_sub(st.arrival_us)),
-                            total_ms: ms(now.saturating_sub(st.arrival_us)),
-                        };
-                        let _ = st.sink.send(StreamEvent::Finished {
-                            text: out.text_delta,
-                            token_ids: st.unsent_ids,
-                            finish_reason: reason,
-                            usage: Usage {
-                                prompt_tokens: st.num_prompt_tokens,
-                                completion_tokens: st.num_output_tokens,
-                                cached_tokens: st.cached_tokens,
-                            },
-                            timings,
-                        });
-                    }
-                }
+                return;
+            };
+            if scheduler_still_running {
+                // A stop string ended it: the scheduler must stop generating.
+                self.finish_in_scheduler(seq_id, reason);
             }
+            let Some(st) = self.take_stream(seq_id) else {
+                return;
+            };
+            let now = now_us();
+            if let Some(m) = &self.metrics {
+                m.finished(&FinishedSample {
+                    reason: Some(reason),
+                    arrival_us: st.arrival_us,
+                    queue_us: st.queue_us,
+                    scheduled_us: st.scheduled_us,
+                    first_token_us: st.first_token_us,
+                    finished_us: now,
+                    prompt_tokens: st.num_prompt_tokens,
+                    output_tokens: st.num_output_tokens,
+                });
+            }
+            let ms = |us: u64| us as f64 / 1e3;
+            let timings = Timings {
+                queue_ms: ms(st.queue_us),
+                ttft_ms: ms(st
+                    .first_token_us
+                    .unwrap_or(now)
+                    .saturating_sub(st.arrival_us)),
+                total_ms: ms(now.saturating_sub(st.arrival_us)),
+            };
+            self.streams.end(
+                seq_id,
+                StreamEvent::Finished {
+                    text: out.text_delta,
+                    token_ids: st.unsent_ids,
+                    finish_reason: reason,
+                    usage: Usage {
+                        prompt_tokens: st.num_prompt_tokens,
+                        completion_tokens: st.num_output_tokens,
+                        cached_tokens: st.cached_tokens,
+                    },
+                    timings,
+                },
+            );
         }
 
-        fn fail(&mut self, seq_id: SeqId, error: ErrorBody) {
-            if let Some(st) = self.take_stream(seq_id) {
-                let _ = st.sink.send(StreamEvent::Error(error));
-                let _ = self.scheduler.try_send(FinishSequence {
-                    seq_id,
-                    reason: FinishReason::Abort,
-                });
+        /// Ends a stream with an error; the scheduler is told to stop it when it may still
+        /// be running.
+        fn fail(&mut self, seq_id: SeqId, error: ErrorBody, scheduler_still_running: bool) {
+            if self.take_stream(seq_id).is_some() {
+                self.streams.end(seq_id, StreamEvent::Error(error));
+                if scheduler_still_running {
+                    self.finish_in_scheduler(seq_id, FinishReason::Abort);
+                }
             }
         }
     }
@@ -998,13 +973,13 @@ mod actor {
     impl Handler<RegisterStream> for DetokenizerActor {
         type Result = ();
         fn handle(&mut self, msg: RegisterStream, _: &mut Context<Self>) {
+            fault::panic_if_armed("detokenizer", std::iter::once(msg.seq_id));
             self.requests.insert(&msg.request_id, msg.seq_id);
-            self.streams.insert(
+            self.live.insert(
                 msg.seq_id,
                 Stream {
                     request_id: msg.request_id,
                     detok: IncrementalDetokenizer::new(&msg.prompt_tokens, &msg.stop),
-                    sink: msg.sink,
                     num_prompt_tokens: msg.prompt_tokens.len() as u32,
                     num_output_tokens: 0,
                     arrival_us: msg.arrival_us,
@@ -1014,6 +989,7 @@ mod actor {
                     last_token_us: 0,
                     scheduled_us: None,
                     unsent_ids: Vec::new(),
+                    cancelling: false,
                 },
             );
         }
@@ -1023,7 +999,7 @@ mod actor {
         type Result = ();
         fn handle(&mut self, msg: StepTokens, _: &mut Context<Self>) {
             for f in msg.first_scheduled {
-                if let Some(st) = self.streams.get_mut(&f.seq_id) {
+                if let Some(st) = self.live.get_mut(&f.seq_id) {
                     st.queue_us = f.queue_us;
                     st.scheduled_us = Some(f.scheduled_us);
                     st.cached_tokens = f.cached_tokens as u32;
@@ -1038,16 +1014,25 @@ mod actor {
         }
     }
 
-    impl Handler<CancelRequest> for DetokenizerActor {
+    impl Handler<CancelStreams> for DetokenizerActor {
         type Result = bool;
-        fn handle(&mut self, msg: CancelRequest, _: &mut Context<Self>) -> bool {
-            let seqs = self.requests.seqs(&msg.request_id);
-            for &seq_id in seqs {
+        fn handle(&mut self, msg: CancelStreams, _: &mut Context<Self>) -> bool {
+            let seqs = self.requests.seqs(&msg.request_id).to_vec();
+            for &seq_id in &seqs {
+                let Some(st) = self.live.get_mut(&seq_id) else {
+                    continue;
+                };
+                if std::mem::replace(&mut st.cancelling, true) {
+                    continue; // already on its way
+                }
                 tracing::debug!(request_id = %msg.request_id, seq_id, "cancel");
-                let _ = self.scheduler.try_send(FinishSequence {
-                    seq_id,
-                    reason: FinishReason::Abort,
-                });
+                if !self.finish_in_scheduler(seq_id, FinishReason::Abort) {
+                    self.fail(
+                        seq_id,
+                        ErrorBody::internal("cancelled, but the scheduler is unreachable"),
+                        false,
+                    );
+                }
             }
             !seqs.is_empty()
         }
@@ -1057,13 +1042,13 @@ mod actor {
         type Result = ();
         fn handle(&mut self, msg: StreamEnd, _: &mut Context<Self>) {
             if let Some(error) = msg.error {
-                if let Some(st) = self.take_stream(msg.seq_id) {
-                    let _ = st.sink.send(StreamEvent::Error(error));
+                if self.take_stream(msg.seq_id).is_some() {
+                    self.streams.end(msg.seq_id, StreamEvent::Error(error));
                 }
                 return;
             }
             let tok: &tokenizers::Tokenizer = &self.tokenizer;
-            let res = match self.streams.get_mut(&msg.seq_id) {
+            let res = match self.live.get_mut(&msg.seq_id) {
                 Some(st) => st.detok.finish(tok, msg.reason),
                 None => return,
             };
@@ -1076,12 +1061,11 @@ mod actor {
                 Err(e) => self.fail(
                     msg.seq_id,
                     ErrorBody::new(ErrorCode::Internal, format!("detokenizing: {e}")),
+                    false,
                 ),
             }
         }
     }
 }
 
-pub use actor::{
-    CancelRequest, DetokenizerActor, FirstScheduled, RegisterStream, StepTokens, StreamEnd,
-};
+pub use actor::DetokenizerActor;

@@ -1,5 +1,16 @@
-//! Wiring: loads the model and tokenizer, sizes the KV pool, and starts the five actors.
-//! [`Engine`] is the in-process handle front ends (the CLI, the NATS gateway) talk to.
+//! Wiring: loads the model and tokenizer, sizes the KV pool, and starts the actors.
+//!
+//! An engine is two halves that meet only through the message layer:
+//!
+//! - the **core** ([`EngineCore`]): scheduler, block manager and executor — the model, the
+//!   KV pool and the batching;
+//! - the **frontend** ([`Engine`]): tokenizer and detokenizer, the clients' streams, and
+//!   the handle front ends (the CLI, the NATS gateway) talk to.
+//!
+//! [`Engine::start`] runs both in this process, the detokenizer and the scheduler addressing
+//! each other directly (no serialization). [`EngineCore::start`] runs a core alone, its
+//! tokens going to whatever recipients the caller gives (a bridge to frontends over NATS),
+//! and [`Engine::start_frontend`] a frontend alone, its sequences going to a router.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,21 +18,24 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::mpsc;
 
-use crate::block_manager::{
-    BlockManager, BlockManagerActor, BlockManagerConfig, BlockStats, InspectPool,
-};
+use crate::block_manager::{BlockManager, BlockManagerActor};
 use crate::config::EngineConfig;
 use crate::detokenizer::DetokenizerActor;
-use crate::executor::models::llama::Llama;
+use crate::executor::models::llama::{Llama, LlamaConfig};
 use crate::executor::weights::LoadError;
 use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
-use crate::metrics::{RequestMetrics, SchedulerMetrics, TokenCounters};
-use crate::protocol::{GenerateRequest, StreamEvent};
-use crate::scheduler::{
-    GetSchedulerStats, SchedulerActor, SchedulerLimits, SchedulerPolicy, SchedulerStats,
+use crate::load::EngineLoad;
+use crate::messages::{
+    now_us, post, AddSequence, BlockManagerConfig, BlockStats, Cancel, ErrorBody, FinishSequence,
+    GenerateRequest, GetSchedulerStats, InspectPool, SchedulerStats, StepTokens, StreamEnd,
+    StreamEvent, Submit, TokenId,
 };
+use crate::metrics::{RequestMetrics, SchedulerMetrics, TokenCounters};
+use crate::scheduler::{SchedulerActor, SchedulerLimits, SchedulerLinks, SchedulerPolicy};
+use crate::streams::Streams;
+use crate::supervisor::Supervisor;
 use crate::tokenizer::{
-    tokenizer_from_gguf_file, tokenizer_from_hf_dir, Cancel, Submit, TokenizerActor,
+    tokenizer_from_gguf_file, tokenizer_from_hf_dir, TokenizerActor, TokenizerLinks, TokenizerParts,
 };
 
 /// Why the engine could not start.
@@ -36,7 +50,7 @@ pub enum EngineError {
     #[error("scheduler: {0}")]
     Scheduler(#[from] crate::scheduler::SchedulerError),
     #[error("block manager: {0}")]
-    Blocks(#[from] crate::block_manager::BlockError),
+    Blocks(#[from] crate::messages::BlockError),
     #[error("the model's vocabulary ({model}) is smaller than the tokenizer's ({tokenizer})")]
     VocabMismatch { model: usize, tokenizer: usize },
     #[error("engine: {0}")]
@@ -50,58 +64,106 @@ pub struct EngineInfo {
     pub architecture: String,
     pub vocab_size: usize,
     pub max_model_len: usize,
+    /// KV blocks of this process's pool (0 for a frontend without a core).
     pub num_blocks: usize,
     pub block_size: usize,
     /// The `model_name` label of the metrics.
     pub model_name: String,
 }
 
-/// Handle to a running engine. Cheap to clone.
-#[derive(Clone)]
-pub struct Engine {
-    tokenizer: Addr<TokenizerActor>,
-    scheduler: Addr<SchedulerActor>,
-    block_manager: Addr<BlockManagerActor>,
-    pub info: Arc<EngineInfo>,
-    counters: Arc<TokenCounters>,
+/// The model's description and tokenizer, read without loading any weights.
+pub struct ModelFiles {
+    pub model_cfg: LlamaConfig,
+    pub tokenizer: TokenizerParts,
 }
 
-impl Engine {
-    /// Loads everything and starts the actors. Must run inside an actix `System`. Loading
-    /// is synchronous (seconds for a small model).
-    pub fn start(cfg: &EngineConfig) -> Result<Self, EngineError> {
-        cfg.validate()?;
-        let path = Path::new(&cfg.model.path);
-        let (mut src, model_cfg) = open_model(path)?;
-        let parts = if path.is_dir() {
+impl ModelFiles {
+    pub fn open(path: &Path) -> Result<Self, EngineError> {
+        let (_, model_cfg) = open_model(path)?;
+        Self::with_config(path, model_cfg)
+    }
+
+    fn with_config(path: &Path, model_cfg: LlamaConfig) -> Result<Self, EngineError> {
+        let tokenizer = if path.is_dir() {
             tokenizer_from_hf_dir(path)?
         } else {
             tokenizer_from_gguf_file(path)?
         };
-        let tok_vocab = parts.tokenizer.get_vocab_size(true);
+        let tok_vocab = tokenizer.tokenizer.get_vocab_size(true);
         if tok_vocab > model_cfg.vocab_size {
             return Err(EngineError::VocabMismatch {
                 model: model_cfg.vocab_size,
                 tokenizer: tok_vocab,
             });
         }
-        let template = Arc::new(parts.compile_chat_template()?);
+        Ok(Self {
+            model_cfg,
+            tokenizer,
+        })
+    }
+
+    /// The context length the configuration allows for this model (before the KV pool's
+    /// capacity caps it).
+    pub fn model_len(&self, cfg: &EngineConfig) -> usize {
+        match cfg.model.max_model_len {
+            0 => self.model_cfg.max_position_embeddings,
+            n => n.min(self.model_cfg.max_position_embeddings),
+        }
+    }
+}
+
+/// Where a core's results go: the detokenizer, or a bridge to frontends.
+pub struct CoreOutputs {
+    pub tokens: Recipient<StepTokens>,
+    pub ends: Recipient<StreamEnd>,
+}
+
+/// A running core: scheduler, block manager, executor.
+#[derive(Clone)]
+pub struct EngineCore {
+    pub add: Recipient<AddSequence>,
+    pub finish: Recipient<FinishSequence>,
+    pub stats: Recipient<GetSchedulerStats>,
+    pub pool: Recipient<InspectPool>,
+    pub load: Arc<EngineLoad>,
+    pub info: Arc<EngineInfo>,
+    pub supervisor: Supervisor,
+}
+
+impl EngineCore {
+    /// Loads the weights, allocates the KV pool and starts the core's actors, sending its
+    /// results to `outputs`. Must run inside an actix `System`. Loading is synchronous
+    /// (seconds for a small model).
+    pub fn start(
+        cfg: &EngineConfig,
+        outputs: CoreOutputs,
+        supervisor: Supervisor,
+    ) -> Result<Self, EngineError> {
+        Self::launch(cfg, outputs, supervisor).map(|(core, _)| core)
+    }
+
+    /// [`Self::start`], also returning the model's files (for a frontend in this process).
+    fn launch(
+        cfg: &EngineConfig,
+        outputs: CoreOutputs,
+        supervisor: Supervisor,
+    ) -> Result<(Self, ModelFiles), EngineError> {
+        cfg.validate()?;
+        let path = Path::new(&cfg.model.path);
+        let (mut src, model_cfg) = open_model(path)?;
+        let files = ModelFiles::with_config(path, model_cfg)?;
         let kv_dtype = cfg.cache.kv_cache_dtype.resolve(src.stores_f32());
         let model = Llama::load_with(
             &mut src,
-            model_cfg.clone(),
+            files.model_cfg.clone(),
             cfg.model.activations.precision(),
         )?;
         drop(src);
 
         let block_size = cfg.cache.block_size;
-        let num_blocks = num_kv_blocks(cfg, &model_cfg, kv_dtype);
-        let capacity = num_blocks * block_size;
-        let model_len = match cfg.model.max_model_len {
-            0 => model_cfg.max_position_embeddings,
-            n => n.min(model_cfg.max_position_embeddings),
-        };
-        let max_model_len = model_len.min(capacity);
+        let num_blocks = num_kv_blocks(cfg, &files.model_cfg, kv_dtype);
+        let model_len = files.model_len(cfg);
+        let max_model_len = model_len.min(num_blocks * block_size);
         if max_model_len < model_len {
             tracing::warn!(
                 max_model_len,
@@ -112,7 +174,7 @@ impl Engine {
         let bm_cfg =
             BlockManagerConfig::new(num_blocks, block_size, cfg.cache.enable_prefix_caching);
         let manager = BlockManager::new(bm_cfg.clone())?;
-        let eos_ids = parts.special.eos_ids.clone();
+        let eos_ids: Vec<TokenId> = files.tokenizer.special.eos_ids.clone();
         let policy = SchedulerPolicy::new(
             SchedulerLimits {
                 max_num_seqs: cfg.scheduler.max_num_seqs,
@@ -124,8 +186,8 @@ impl Engine {
         )?;
         let info = Arc::new(EngineInfo {
             model_path: cfg.model.path.clone(),
-            architecture: model_cfg.architecture.clone(),
-            vocab_size: model_cfg.vocab_size,
+            architecture: files.model_cfg.architecture.clone(),
+            vocab_size: files.model_cfg.vocab_size,
             max_model_len,
             num_blocks,
             block_size,
@@ -138,53 +200,28 @@ impl Engine {
             cfg.cache.enable_prefix_caching,
             kv_dtype.name(),
         );
-        let counters = Arc::new(TokenCounters::default());
-        let sched_metrics = SchedulerMetrics::new(&info.model_name);
-        let request_metrics = RequestMetrics::new(&info.model_name, counters.clone());
-
         let executor = Executor::new(model, num_blocks, block_size, kv_dtype, eos_ids);
         // The executor's thread: forward passes block it for milliseconds at a time.
-        let exec_arbiter = Arbiter::new();
-        let executor = ExecutorActor::start_in_arbiter(&exec_arbiter.handle(), move |_| {
-            ExecutorActor::new(executor)
+        let exec_guard = supervisor.guard("executor");
+        let executor = ExecutorActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            ExecutorActor::new(executor, exec_guard)
         });
-        let block_manager = BlockManagerActor::new(manager).start();
-        let decoder = Arc::new(parts.tokenizer.clone());
-        let mut detok_addr = None;
-        let bm = block_manager.clone();
-        let max_waiting = cfg.scheduler.max_waiting;
-        let mut waiting_gauge = None;
-        let scheduler = SchedulerActor::create(|ctx| {
-            let detok = DetokenizerActor::new(decoder, ctx.address().recipient())
-                .with_metrics(request_metrics)
-                .start();
-            detok_addr = Some(detok.clone());
-            let actor = SchedulerActor::new(
-                policy,
-                bm,
-                executor,
-                detok.clone().recipient(),
-                detok.recipient(),
-            )
-            .with_metrics(sched_metrics)
-            .with_max_waiting(max_waiting);
-            waiting_gauge = Some(actor.waiting_gauge());
-            actor
-        });
-        let detokenizer =
-            detok_addr.ok_or_else(|| EngineError::Other("detokenizer did not start".into()))?;
-        let tokenizer = TokenizerActor::new(
-            Arc::new(parts),
-            template,
-            model_cfg.vocab_size,
-            max_model_len,
-            scheduler.clone(),
-            detokenizer,
-        );
-        let tokenizer = match waiting_gauge {
-            Some(gauge) => tokenizer.with_overload_gate(gauge, max_waiting),
-            None => tokenizer,
-        }
+        let block_manager =
+            BlockManagerActor::new(manager, supervisor.guard("block_manager")).start();
+        let load = Arc::new(EngineLoad::new(num_blocks));
+        let scheduler = SchedulerActor::new(
+            policy,
+            SchedulerLinks {
+                block_manager: block_manager.clone().recipient(),
+                executor: executor.recipient(),
+                tokens: outputs.tokens,
+                ends: outputs.ends,
+            },
+            load.clone(),
+            supervisor.guard("scheduler"),
+        )
+        .with_metrics(SchedulerMetrics::new(&info.model_name))
+        .with_max_waiting(cfg.scheduler.max_waiting)
         .start();
         tracing::info!(
             model = %info.model_path,
@@ -192,12 +229,166 @@ impl Engine {
             max_model_len,
             num_blocks,
             block_size,
-            "engine ready"
+            fault_injection = crate::fault::ENABLED,
+            "engine core ready"
         );
+        let core = Self {
+            add: scheduler.clone().recipient(),
+            finish: scheduler.clone().recipient(),
+            stats: scheduler.recipient(),
+            pool: block_manager.recipient(),
+            load,
+            info,
+            supervisor,
+        };
+        Ok((core, files))
+    }
+}
+
+/// What a frontend sends its sequences to: a core in this process, or a router to cores in
+/// other processes.
+pub struct Backend {
+    pub add: Recipient<AddSequence>,
+    pub finish: Recipient<FinishSequence>,
+    pub stats: Recipient<GetSchedulerStats>,
+    /// The pool, when it is in this process.
+    pub pool: Option<Recipient<InspectPool>>,
+    /// The load the tokenizer's early refusal reads.
+    pub load: Arc<EngineLoad>,
+}
+
+/// Handle to a running engine (a frontend, with its core in this process or behind a
+/// router). Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    submit: Recipient<Submit>,
+    cancel: Recipient<Cancel>,
+    stats: Recipient<GetSchedulerStats>,
+    pool: Option<Recipient<InspectPool>>,
+    streams: Streams,
+    supervisor: Supervisor,
+    load: Arc<EngineLoad>,
+    pub info: Arc<EngineInfo>,
+    counters: Arc<TokenCounters>,
+}
+
+impl Engine {
+    /// Loads everything and starts all the actors in this process. Must run inside an
+    /// actix `System`. Loading is synchronous (seconds for a small model).
+    pub fn start(cfg: &EngineConfig) -> Result<Self, EngineError> {
+        let streams = Streams::new();
+        let supervisor = Supervisor::new(Some(streams.clone()));
+        // The detokenizer's address exists before the actor, so the core can send to it
+        // and it to the core.
+        let detok_ctx = Context::<DetokenizerActor>::new();
+        let detok = detok_ctx.address();
+        let (core, files) = EngineCore::launch(
+            cfg,
+            CoreOutputs {
+                tokens: detok.clone().recipient(),
+                ends: detok.clone().recipient(),
+            },
+            supervisor.clone(),
+        )?;
+        let backend = Backend {
+            add: core.add.clone(),
+            finish: core.finish.clone(),
+            stats: core.stats.clone(),
+            pool: Some(core.pool.clone()),
+            load: core.load.clone(),
+        };
+        let info = core.info.clone();
+        Self::start_parts(
+            cfg,
+            files,
+            info,
+            backend,
+            streams,
+            supervisor,
+            Some(detok_ctx),
+        )
+    }
+
+    /// Starts a frontend alone (tokenizer and detokenizer), its sequences going to
+    /// `backend`. `max_model_len` is the longest sequence it accepts (the cores check
+    /// their own limit again). Must run inside an actix `System`.
+    pub fn start_frontend(
+        cfg: &EngineConfig,
+        backend: Backend,
+        max_model_len: usize,
+    ) -> Result<Self, EngineError> {
+        cfg.validate()?;
+        let path = Path::new(&cfg.model.path);
+        let files = ModelFiles::open(path)?;
+        let info = Arc::new(EngineInfo {
+            model_path: cfg.model.path.clone(),
+            architecture: files.model_cfg.architecture.clone(),
+            vocab_size: files.model_cfg.vocab_size,
+            max_model_len,
+            num_blocks: 0,
+            block_size: cfg.cache.block_size,
+            model_name: cfg.model.served_name(),
+        });
+        let streams = Streams::new();
+        let supervisor = Supervisor::new(Some(streams.clone()));
+        Self::start_parts(cfg, files, info, backend, streams, supervisor, None)
+    }
+
+    fn start_parts(
+        cfg: &EngineConfig,
+        files: ModelFiles,
+        info: Arc<EngineInfo>,
+        backend: Backend,
+        streams: Streams,
+        supervisor: Supervisor,
+        detok_ctx: Option<Context<DetokenizerActor>>,
+    ) -> Result<Self, EngineError> {
+        let counters = Arc::new(TokenCounters::default());
+        let template = Arc::new(files.tokenizer.compile_chat_template()?);
+        let detok_ctx = detok_ctx.unwrap_or_default();
+        let detok_addr = detok_ctx.address();
+        let detok = DetokenizerActor::new(
+            Arc::new(files.tokenizer.tokenizer.clone()),
+            backend.finish.clone(),
+            streams.clone(),
+            supervisor.guard("detokenizer"),
+        )
+        .with_metrics(RequestMetrics::new(&info.model_name, counters.clone()));
+        detok_ctx.run(detok);
+        let links = TokenizerLinks {
+            register: detok_addr.clone().recipient(),
+            ends: detok_addr.clone().recipient(),
+            cancel: detok_addr.recipient(),
+            add: backend.add.clone(),
+        };
+        let tok_guard = supervisor.guard("tokenizer");
+        let parts = Arc::new(files.tokenizer);
+        let vocab_size = files.model_cfg.vocab_size;
+        let max_model_len = info.max_model_len;
+        let max_waiting = cfg.scheduler.max_waiting;
+        let load = backend.load.clone();
+        let tok_streams = streams.clone();
+        // Its own thread: encoding a long prompt must not hold up the other actors.
+        let tokenizer = TokenizerActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            TokenizerActor::new(
+                parts,
+                template,
+                vocab_size,
+                max_model_len,
+                links,
+                tok_streams,
+                tok_guard,
+            )
+            .with_overload_gate(load, max_waiting)
+        });
         Ok(Self {
-            tokenizer,
-            scheduler,
-            block_manager,
+            submit: tokenizer.clone().recipient(),
+            cancel: tokenizer.recipient(),
+            stats: backend.stats,
+            pool: backend.pool,
+            streams,
+            supervisor,
+            load: backend.load,
             info,
             counters,
         })
@@ -208,11 +399,38 @@ impl Engine {
         &self.counters
     }
 
+    /// The actors' watchdog: whether the engine still serves, and a future that resolves
+    /// when an actor died.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// The clients' live streams.
+    pub fn streams(&self) -> &Streams {
+        &self.streams
+    }
+
+    /// The scheduler's load as last published (the sum over the engines for a frontend
+    /// with a router).
+    pub fn load(&self) -> &EngineLoad {
+        &self.load
+    }
+
     /// Submits a request; its events arrive on the returned channel, ending with exactly
     /// one `Finished` or `Error`.
     pub fn generate(&self, request: GenerateRequest) -> mpsc::UnboundedReceiver<StreamEvent> {
-        let (sink, rx) = mpsc::unbounded_channel();
-        self.tokenizer.do_send(Submit { request, sink });
+        let (seq_id, rx) = self.streams.open();
+        let submit = Submit {
+            seq_id,
+            request,
+            arrival_us: now_us(),
+        };
+        if let Err(e) = post(&self.submit, submit) {
+            self.streams.end(
+                seq_id,
+                StreamEvent::Error(ErrorBody::internal(e.to_string())),
+            );
+        }
         rx
     }
 
@@ -220,7 +438,7 @@ impl Engine {
     /// blocks are freed, and its stream ends with `Finished { finish_reason: Abort }`.
     /// Returns whether this engine had such a request (false also when it just finished).
     pub async fn cancel(&self, request_id: &str) -> bool {
-        self.tokenizer
+        self.cancel
             .send(Cancel {
                 request_id: request_id.to_owned(),
             })
@@ -228,16 +446,18 @@ impl Engine {
             .unwrap_or(false)
     }
 
-    /// Block pool statistics, after checking the pool's invariants.
+    /// Block pool statistics, after checking the pool's invariants (only when the pool is
+    /// in this process).
     pub async fn pool_stats(&self) -> Result<BlockStats, String> {
-        self.block_manager
-            .send(InspectPool)
-            .await
-            .map_err(|e| e.to_string())?
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| "the KV pool is in another process".to_owned())?;
+        pool.send(InspectPool).await.map_err(|e| e.to_string())?
     }
 
     pub async fn scheduler_stats(&self) -> Result<SchedulerStats, String> {
-        self.scheduler
+        self.stats
             .send(GetSchedulerStats)
             .await
             .map_err(|e| e.to_string())

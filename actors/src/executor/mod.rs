@@ -12,18 +12,20 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use actix::{Actor, Context, Handler, Message};
+use actix::{Actor, Context, Handler};
 use pagoda_kernels::attention::{AttnSeq, KvShape};
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{EngineConfig, KvCacheDtype};
-use crate::messages::{SamplingParams, SeqId, TokenId};
-use crate::scheduler::{SampledToken, ScheduledBatch, ScheduledSeq, StepOutput};
+use crate::fault;
+use crate::messages::{
+    ErrorBody, ErrorCode, RunBatch, SampledToken, SamplingParams, ScheduledSeq, SeqFailure, SeqId,
+    StepOutput, TokenId,
+};
+use crate::supervisor::LifeGuard;
 use kv_pool::KvPool;
 use linear::ForwardError;
 use models::llama::{BatchInput, Llama, LlamaConfig};
-use sampler::Sampler;
+use sampler::{Sampler, SamplingError};
 use weights::{LoadError, WeightSource};
 
 /// Opens a model path: a GGUF file, or a Hugging Face directory with `config.json`.
@@ -64,18 +66,6 @@ struct SeqState {
     params: SamplingParams,
     num_output: usize,
     sampler: Sampler,
-}
-
-/// Scheduler → executor: run one step. `released` lists sequences that ended since the
-/// previous batch, whose sampler state can go.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunBatch {
-    pub batch: ScheduledBatch,
-    pub released: Vec<SeqId>,
-}
-
-impl Message for RunBatch {
-    type Result = Result<StepOutput, String>;
 }
 
 /// Model + KV pool + samplers. Plain struct: the actor below only forwards messages to it.
@@ -214,6 +204,9 @@ impl Executor {
             let st = self.seqs.get_mut(&seq_id).ok_or_else(|| {
                 ForwardError::Shape(format!("sequence {seq_id} has no sampler state"))
             })?;
+            if fault::nan_logits(seq_id) {
+                row.fill(f32::NAN);
+            }
             suppress.clear();
             if (st.num_output as u32) < st.params.min_tokens {
                 if !st.params.ignore_eos {
@@ -221,12 +214,17 @@ impl Executor {
                 }
                 suppress.extend_from_slice(&st.params.stop_token_ids);
             }
-            let token_id = st
-                .sampler
-                .sample(row, &suppress)
-                .map_err(|e| ForwardError::Shape(format!("sampling: {e}")))?;
-            st.num_output += 1;
-            out.sampled.push(SampledToken { seq_id, token_id });
+            // A sequence that cannot be sampled fails alone; the rest of the batch goes on.
+            match st.sampler.sample(row, &suppress) {
+                Ok(token_id) => {
+                    st.num_output += 1;
+                    out.sampled.push(SampledToken { seq_id, token_id });
+                }
+                Err(e) => out.failed.push(SeqFailure {
+                    seq_id,
+                    error: sampling_failure(&e, row, &suppress),
+                }),
+            }
         }
         tracing::debug!(
             tokens = total,
@@ -238,6 +236,25 @@ impl Executor {
     }
 }
 
+/// The typed error of a sequence that could not be sampled: the engine's when the model
+/// gave it NaN logits, its own request's when the tokens it suppresses (stop token ids,
+/// EOS before `min_tokens`) left nothing to choose.
+fn sampling_failure(e: &SamplingError, row: &[f32], suppress: &[TokenId]) -> ErrorBody {
+    if row.iter().any(|x| x.is_nan()) || suppress.is_empty() {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("the model produced no usable logits for this sequence ({e})"),
+        )
+    } else {
+        ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "no token can be sampled: stop_token_ids (and EOS, before min_tokens) exclude every candidate ({e})"
+            ),
+        )
+    }
+}
+
 /// The executor actor: a thin shell around [`Executor`] on its own thread.
 pub struct ExecutorActor {
     pub executor: Executor,
@@ -246,13 +263,15 @@ pub struct ExecutorActor {
     /// a pool of `cores` threads while this one sleeps. None until started (or if the
     /// pool cannot be built: the global pool is used then).
     pool: Option<rayon::ThreadPool>,
+    _guard: LifeGuard,
 }
 
 impl ExecutorActor {
-    pub fn new(executor: Executor) -> Self {
+    pub fn new(executor: Executor, guard: LifeGuard) -> Self {
         Self {
             executor,
             pool: None,
+            _guard: guard,
         }
     }
 }
@@ -277,6 +296,7 @@ impl Actor for ExecutorActor {
 impl Handler<RunBatch> for ExecutorActor {
     type Result = Result<StepOutput, String>;
     fn handle(&mut self, msg: RunBatch, _: &mut Context<Self>) -> Self::Result {
+        fault::panic_if_armed("executor", msg.batch.seqs.iter().map(|s| s.seq_id));
         match &self.pool {
             Some(pool) => {
                 let executor = &mut self.executor;

@@ -1,5 +1,5 @@
-//! Messages that travel between the actors. Every type derives Serialize/Deserialize so the
-//! same values can cross a process boundary as MessagePack (rmp-serde, named fields).
+//! What a client hands the engine and gets back: the request, its sampling parameters, and
+//! the events of its stream (text deltas, then exactly one final event or typed error).
 
 use serde::{Deserialize, Serialize};
 
@@ -121,4 +121,133 @@ pub fn now_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// What to complete: raw text, a conversation (the chat template is applied) or token ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prompt {
+    Text(String),
+    Messages(Vec<ChatMessage>),
+    TokenIds(Vec<TokenId>),
+}
+
+/// A generation request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub id: String,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cached_tokens: u32,
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub queue_ms: f64,
+    pub ttft_ms: f64,
+    pub total_ms: f64,
+}
+
+/// Stable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidRequest,
+    PromptTooLong,
+    Overloaded,
+    Cancelled,
+    Timeout,
+    Internal,
+    /// A durable (JetStream) job failed on every delivery attempt (`intake.max_deliver`).
+    Failed,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire (`invalid_request`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::PromptTooLong => "prompt_too_long",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A typed error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+/// What a request's stream carries: text deltas, then exactly one `Finished` or `Error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamEvent {
+    Delta {
+        text: String,
+        token_ids: Vec<TokenId>,
+    },
+    Finished {
+        text: String,
+        token_ids: Vec<TokenId>,
+        finish_reason: FinishReason,
+        usage: Usage,
+        timings: Timings,
+    },
+    Error(ErrorBody),
+}
+
+impl StreamEvent {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, StreamEvent::Delta { .. })
+    }
 }

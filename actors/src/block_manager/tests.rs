@@ -1,0 +1,656 @@
+use super::pool::FreeBlockQueue;
+use super::*;
+use crate::messages::TokenId;
+use proptest::prelude::*;
+
+fn manager(num_blocks: usize, block_size: usize, caching: bool) -> BlockManager {
+    BlockManager::new(BlockManagerConfig::new(num_blocks, block_size, caching))
+        .expect("valid config")
+}
+
+fn toks(range: std::ops::Range<u32>) -> Vec<TokenId> {
+    range.collect()
+}
+
+fn grow(seq_id: SeqId, num_tokens: usize) -> GrowRequest {
+    GrowRequest {
+        seq_id,
+        num_tokens,
+        computed_hashes: Vec::new(),
+    }
+}
+
+fn admit(seq_id: SeqId, num_tokens: usize) -> AdmitRequest {
+    AdmitRequest {
+        seq_id,
+        num_tokens,
+        num_new_tokens: num_tokens,
+        block_hashes: Vec::new(),
+    }
+}
+
+#[test]
+fn config_validation() {
+    assert!(BlockManager::new(BlockManagerConfig::new(0, 16, true)).is_err());
+    assert!(BlockManager::new(BlockManagerConfig::new(4, 0, true)).is_err());
+    let bm = manager(4, 16, true);
+    assert_eq!(bm.num_free_blocks(), 4);
+    assert_eq!(bm.usage(), 0.0);
+    assert_eq!(bm.config().capacity_tokens(), 64);
+    bm.check_invariants().expect("fresh pool is consistent");
+}
+
+#[test]
+fn free_queue_links_and_middle_removal() {
+    let mut q = FreeBlockQueue::new_full(5);
+    assert_eq!(q.walk().expect("ok"), vec![0, 1, 2, 3, 4]);
+    q.remove(2);
+    q.remove(0);
+    q.remove(4);
+    assert_eq!(q.walk().expect("ok"), vec![1, 3]);
+    q.push_back(2);
+    q.push_back(0);
+    assert_eq!(q.walk().expect("ok"), vec![1, 3, 2, 0]);
+    assert_eq!(q.pop_front(), Some(1));
+    assert_eq!(q.pop_front(), Some(3));
+    assert_eq!(q.pop_front(), Some(2));
+    assert_eq!(q.pop_front(), Some(0));
+    assert_eq!(q.pop_front(), None);
+    assert_eq!(q.walk().expect("ok"), Vec::<BlockId>::new());
+    q.push_back(4);
+    assert_eq!(q.walk().expect("ok"), vec![4]);
+    assert_eq!((q.head, q.tail, q.len), (4, 4, 1));
+}
+
+#[test]
+fn allocate_append_free_and_slots() {
+    let mut bm = manager(8, 4, false);
+    bm.allocate(1, 5).expect("fits");
+    assert_eq!(bm.block_table(1), Some(&[0, 1][..]));
+    assert_eq!(bm.num_free_blocks(), 6);
+    // Token 5 lives in block 1, offset 1.
+    assert_eq!(bm.slot(1, 5), Some(4 + 1));
+    assert_eq!(bm.slot(1, 8), None);
+    assert_eq!(slot_for(&[7, 3], 4, 6), Some(3 * 4 + 2));
+    // Growing within the last block allocates nothing.
+    assert_eq!(bm.append_slots(1, 8), Ok(0));
+    assert_eq!(bm.append_slots(1, 9), Ok(1));
+    assert_eq!(bm.block_table(1), Some(&[0, 1, 2][..]));
+    // Tables never shrink.
+    assert_eq!(bm.append_slots(1, 1), Ok(0));
+    assert_eq!(bm.append_slots(9, 1), Err(BlockError::UnknownSequence(9)));
+    assert_eq!(bm.allocate(1, 1), Err(BlockError::DuplicateSequence(1)));
+    assert!((bm.usage() - 3.0 / 8.0).abs() < 1e-12);
+    bm.check_invariants().expect("consistent");
+    assert!(bm.free(1));
+    assert!(!bm.free(1));
+    assert_eq!(bm.num_free_blocks(), 8);
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn out_of_blocks_changes_nothing() {
+    let mut bm = manager(4, 4, false);
+    bm.allocate(1, 12).expect("fits");
+    assert!(!bm.can_allocate(5));
+    assert!(bm.can_allocate(4));
+    assert_eq!(
+        bm.allocate(2, 5),
+        Err(BlockError::OutOfBlocks { needed: 2, free: 1 })
+    );
+    assert!(!bm.contains(2));
+    assert!(!bm.can_append(1, 20));
+    assert_eq!(
+        bm.append_slots(1, 20),
+        Err(BlockError::OutOfBlocks { needed: 2, free: 1 })
+    );
+    assert_eq!(bm.block_table(1).map(<[_]>::len), Some(3));
+    assert_eq!(bm.num_free_blocks(), 1);
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn invalid_admissions_are_rejected() {
+    let mut bm = manager(4, 4, true);
+    assert!(matches!(
+        bm.allocate(1, 0),
+        Err(BlockError::InvalidRequest(_))
+    ));
+    let bad = AdmitRequest {
+        seq_id: 1,
+        num_tokens: 3,
+        num_new_tokens: 4,
+        block_hashes: vec![],
+    };
+    assert!(matches!(bm.admit(&bad), Err(BlockError::InvalidRequest(_))));
+    assert_eq!(bm.num_seqs(), 0);
+}
+
+#[test]
+fn released_blocks_are_reused_least_recently_freed_first() {
+    let mut bm = manager(4, 1, false);
+    bm.allocate(1, 2).expect("fits"); // 0, 1
+    bm.allocate(2, 2).expect("fits"); // 2, 3
+    bm.free(2); // tail-first: queue 3, 2
+    bm.free(1); // queue 3, 2, 1, 0
+    bm.allocate(3, 3).expect("fits");
+    assert_eq!(bm.block_table(3), Some(&[3, 2, 1][..]));
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn hash_chain_depends_on_parent() {
+    let a = BlockHash::new(None, &[1, 2]);
+    let b = BlockHash::new(Some(a), &[3, 4]);
+    let c = BlockHash::new(Some(BlockHash::new(None, &[9, 9])), &[3, 4]);
+    assert_ne!(b, c);
+    assert_eq!(b, BlockHash::new(Some(a), &[3, 4]));
+    let chain = block_hashes(&[1, 2, 3, 4, 5], 2);
+    assert_eq!(chain, vec![a, b]);
+    let mut inc = Vec::new();
+    for n in 0..=5 {
+        extend_block_hashes(&mut inc, &[1, 2, 3, 4, 5][..n], 2);
+    }
+    assert_eq!(inc, chain);
+}
+
+#[test]
+fn prefix_hit_shares_blocks_and_keeps_last_token_uncached() {
+    let bs = 4;
+    let mut bm = manager(16, bs, true);
+    let prompt = toks(0..10); // 2 full blocks + 2 tokens
+    let hashes = block_hashes(&prompt, bs);
+    assert_eq!(bm.allocate_with_prefix(1, prompt.len(), &hashes), Ok(0));
+    // Nothing is shareable before its K/V is reported as computed.
+    assert_eq!(bm.peek_cached_tokens(&hashes, 10), 0);
+    bm.cache_blocks(1, &hashes).expect("two full blocks");
+    assert_eq!(bm.peek_cached_tokens(&hashes, 10), 8);
+
+    // Same prompt while seq 1 is alive: both full blocks are shared.
+    assert_eq!(bm.allocate_with_prefix(2, prompt.len(), &hashes), Ok(8));
+    let (t1, t2) = (
+        bm.block_table(1).expect("t1").to_vec(),
+        bm.block_table(2).expect("t2").to_vec(),
+    );
+    assert_eq!(t1[..2], t2[..2]);
+    assert_ne!(t1[2], t2[2]);
+    assert_eq!(bm.pool().ref_count(t1[0]), 2);
+    bm.check_invariants().expect("consistent");
+
+    // A prompt that is exactly the two cached blocks: the last token must be computed,
+    // so only the first block is reused.
+    let exact = &prompt[..8];
+    assert_eq!(
+        bm.allocate_with_prefix(3, exact.len(), &block_hashes(exact, bs)),
+        Ok(4)
+    );
+    assert_eq!(bm.block_table(3).map(<[_]>::len), Some(2));
+    assert_eq!(bm.block_table(3).map(|t| t[0]), Some(t1[0]));
+
+    let stats = bm.stats();
+    assert_eq!(stats.prefix_cache_queries, 10 + 10 + 8);
+    assert_eq!(stats.prefix_cache_hits, 8 + 4);
+    for s in [1, 2, 3] {
+        bm.free(s);
+    }
+    assert_eq!(bm.num_free_blocks(), 16);
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn free_cached_blocks_are_revived_then_evicted_lazily() {
+    let bs = 2;
+    let mut bm = manager(4, bs, true);
+    let prompt = toks(0..5);
+    let hashes = block_hashes(&prompt, bs);
+    bm.allocate_with_prefix(1, 5, &hashes).expect("fits");
+    bm.cache_blocks(1, &hashes).expect("ok");
+    let t1 = bm.block_table(1).expect("t1").to_vec();
+    bm.free(1);
+    assert_eq!(bm.num_free_blocks(), 4);
+    assert_eq!(bm.pool().num_cached_blocks(), 2);
+
+    // The cached blocks are free yet findable: a hit takes them out of the queue.
+    assert_eq!(bm.allocate_with_prefix(2, 5, &hashes), Ok(4));
+    assert_eq!(
+        bm.block_table(2).map(|t| t[..2].to_vec()),
+        Some(t1[..2].to_vec())
+    );
+    assert_eq!(bm.num_free_blocks(), 1);
+    bm.check_invariants().expect("consistent");
+    bm.free(2);
+
+    // Other content needs every block: the cached ones are evicted and lose their hash.
+    bm.allocate(3, 8).expect("whole pool");
+    assert_eq!(bm.pool().num_cached_blocks(), 0);
+    assert_eq!(bm.peek_cached_tokens(&hashes, 5), 0);
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn prefix_caching_disabled_never_hits() {
+    let mut bm = manager(8, 2, false);
+    let prompt = toks(0..5);
+    let hashes = block_hashes(&prompt, 2);
+    bm.allocate_with_prefix(1, 5, &hashes).expect("fits");
+    bm.cache_blocks(1, &hashes).expect("ok");
+    assert_eq!(bm.allocate_with_prefix(2, 5, &hashes), Ok(0));
+    assert_eq!(bm.pool().num_cached_blocks(), 0);
+    assert_eq!(bm.stats().prefix_cache_queries, 0);
+}
+
+#[test]
+fn cache_blocks_rejects_more_hashes_than_blocks() {
+    let mut bm = manager(8, 2, true);
+    bm.allocate(1, 3).expect("fits");
+    let hashes = block_hashes(&toks(0..6), 2);
+    assert!(matches!(
+        bm.cache_blocks(1, &hashes),
+        Err(BlockError::InvalidRequest(_))
+    ));
+    assert_eq!(bm.pool().num_cached_blocks(), 0);
+    assert_eq!(bm.cache_blocks(7, &[]), Err(BlockError::UnknownSequence(7)));
+}
+
+#[test]
+fn apply_frees_grows_and_admits_in_one_call() {
+    let mut bm = manager(8, 4, false);
+    bm.allocate(1, 4).expect("fits");
+    bm.allocate(2, 4).expect("fits");
+    let resp = bm
+        .apply(StepRequest {
+            free: vec![FreeRequest {
+                seq_id: 2,
+                computed_hashes: vec![],
+            }],
+            grow: vec![grow(1, 5)],
+            admit: vec![admit(3, 6), admit(4, 4)],
+        })
+        .expect("valid");
+    assert!(resp.preempted.is_empty());
+    assert_eq!(resp.grown.len(), 1);
+    assert_eq!(resp.grown[0].new_blocks.len(), 1);
+    assert_eq!(
+        resp.admitted.iter().map(|a| a.seq_id).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    assert_eq!(resp.admitted[0].block_table.len(), 2);
+    assert!(!bm.contains(2));
+    assert_eq!(resp.stats.num_free_blocks, 8 - 2 - 2 - 1);
+    assert_eq!(resp.stats, bm.stats());
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn apply_preempts_from_the_back_and_skips_admission() {
+    let mut bm = manager(4, 2, false);
+    for s in 1..=3 {
+        bm.allocate(s, 2).expect("fits");
+    }
+    // 1 free block; seq 1 and seq 2 each need one more: seq 1 takes the free one, seq 2
+    // forces the newest (seq 3) out.
+    let resp = bm
+        .apply(StepRequest {
+            free: vec![],
+            grow: vec![grow(1, 3), grow(2, 3), grow(3, 3)],
+            admit: vec![admit(9, 1)],
+        })
+        .expect("valid");
+    assert_eq!(
+        resp.grown.iter().map(|g| g.seq_id).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(resp.preempted, vec![3]);
+    assert!(
+        resp.admitted.is_empty(),
+        "no admission in a step that preempted"
+    );
+    assert!(!bm.contains(3));
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn apply_preempts_the_requester_when_it_is_the_newest() {
+    let mut bm = manager(2, 2, false);
+    bm.allocate(1, 2).expect("fits");
+    bm.allocate(2, 2).expect("fits");
+    let resp = bm
+        .apply(StepRequest {
+            grow: vec![grow(1, 2), grow(2, 3)],
+            ..Default::default()
+        })
+        .expect("valid");
+    assert_eq!(
+        resp.grown.iter().map(|g| g.seq_id).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert_eq!(resp.preempted, vec![2]);
+    assert_eq!(bm.num_free_blocks(), 1);
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn apply_admission_stops_at_first_misfit() {
+    let mut bm = manager(4, 2, false);
+    let resp = bm
+        .apply(StepRequest {
+            admit: vec![admit(1, 4), admit(2, 6), admit(3, 2)],
+            ..Default::default()
+        })
+        .expect("valid");
+    // Seq 2 does not fit; seq 3 would, but must not overtake it.
+    assert_eq!(
+        resp.admitted.iter().map(|a| a.seq_id).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert_eq!(bm.num_free_blocks(), 2);
+}
+
+#[test]
+fn apply_admission_with_cache_hit_allocates_after_the_hit() {
+    let bs = 4;
+    let mut bm = manager(8, bs, true);
+    let prompt = toks(0..12);
+    let hashes = block_hashes(&prompt, bs);
+    bm.allocate_with_prefix(1, 12, &hashes).expect("fits");
+    bm.cache_blocks(1, &hashes).expect("ok");
+    bm.free(1);
+    // Plan: compute 5 tokens from scratch; with 8 cached, 4 remain (positions 8..12).
+    let req = AdmitRequest {
+        seq_id: 2,
+        num_tokens: 12,
+        num_new_tokens: 5,
+        block_hashes: hashes,
+    };
+    let resp = bm
+        .apply(StepRequest {
+            admit: vec![req],
+            ..Default::default()
+        })
+        .expect("valid");
+    let a = &resp.admitted[0];
+    assert_eq!(
+        (a.num_cached_tokens, a.num_new_tokens, a.block_table.len()),
+        (8, 4, 3)
+    );
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn apply_registers_reported_hashes_even_for_victims() {
+    let bs = 2;
+    let mut bm = manager(3, bs, true);
+    let p1 = toks(0..2);
+    let p2 = toks(10..12);
+    bm.allocate(1, 2).expect("fits");
+    bm.allocate(2, 3).expect("fits");
+    let resp = bm
+        .apply(StepRequest {
+            grow: vec![
+                GrowRequest {
+                    seq_id: 1,
+                    num_tokens: 3,
+                    computed_hashes: block_hashes(&p1, bs),
+                },
+                GrowRequest {
+                    seq_id: 2,
+                    num_tokens: 3,
+                    computed_hashes: block_hashes(&p2, bs),
+                },
+            ],
+            ..Default::default()
+        })
+        .expect("valid");
+    assert_eq!(resp.preempted, vec![2]);
+    // Seq 2 was preempted after its computed block was registered; it can resume from it.
+    assert_eq!(
+        bm.peek_cached_tokens(&block_hashes(&toks(10..13), bs), 3),
+        2
+    );
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn apply_validates_before_changing_anything() {
+    let mut bm = manager(4, 2, false);
+    bm.allocate(1, 2).expect("fits");
+    let before = bm.stats();
+    let bad = [
+        StepRequest {
+            grow: vec![grow(7, 1)],
+            ..Default::default()
+        },
+        StepRequest {
+            grow: vec![grow(1, 3), grow(1, 3)],
+            ..Default::default()
+        },
+        StepRequest {
+            admit: vec![admit(1, 2)],
+            ..Default::default()
+        },
+        StepRequest {
+            admit: vec![admit(5, 0)],
+            ..Default::default()
+        },
+        StepRequest {
+            free: vec![FreeRequest {
+                seq_id: 1,
+                computed_hashes: vec![],
+            }],
+            grow: vec![grow(1, 3)],
+            ..Default::default()
+        },
+        StepRequest {
+            free: vec![FreeRequest {
+                seq_id: 1,
+                computed_hashes: block_hashes(&toks(0..4), 2),
+            }],
+            admit: vec![admit(5, 2)],
+            ..Default::default()
+        },
+    ];
+    for req in bad {
+        assert!(bm.apply(req.clone()).is_err(), "{req:?} must be rejected");
+        assert_eq!(bm.stats(), before);
+        assert_eq!(bm.block_table(1), Some(&[0][..]));
+    }
+    // Freeing an unknown sequence is harmless; freeing then re-admitting an id works.
+    let resp = bm
+        .apply(StepRequest {
+            free: vec![
+                FreeRequest {
+                    seq_id: 42,
+                    computed_hashes: vec![],
+                },
+                FreeRequest {
+                    seq_id: 1,
+                    computed_hashes: vec![],
+                },
+            ],
+            admit: vec![admit(1, 3)],
+            ..Default::default()
+        })
+        .expect("valid");
+    assert_eq!(resp.admitted.len(), 1);
+    bm.check_invariants().expect("consistent");
+}
+
+#[test]
+fn step_messages_round_trip_through_messagepack() {
+    let req = StepRequest {
+        free: vec![FreeRequest {
+            seq_id: 1,
+            computed_hashes: block_hashes(&toks(0..4), 2),
+        }],
+        grow: vec![grow(2, 17)],
+        admit: vec![AdmitRequest {
+            seq_id: 3,
+            num_tokens: 5,
+            num_new_tokens: 5,
+            block_hashes: block_hashes(&toks(0..5), 2),
+        }],
+    };
+    let bytes = rmp_serde::to_vec_named(&req).expect("encode");
+    let back: StepRequest = rmp_serde::from_slice(&bytes).expect("decode");
+    assert_eq!(back, req);
+    let mut bm = manager(8, 2, true);
+    bm.allocate(2, 1).expect("fits");
+    bm.allocate(1, 4).expect("fits");
+    let resp = bm.apply(req).expect("valid");
+    let bytes = rmp_serde::to_vec_named(&resp).expect("encode");
+    let back: StepResponse = rmp_serde::from_slice(&bytes).expect("decode");
+    assert_eq!(back, resp);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Admit a new sequence whose prompt is drawn from a tiny vocabulary (so prefixes
+    /// repeat) with the given planned chunk fraction.
+    Admit { prompt: Vec<TokenId>, chunk_pct: u8 },
+    /// Append `n` tokens to the `i`-th live sequence and grow its table.
+    Append { i: usize, n: usize },
+    /// Report newly computed blocks of the `i`-th live sequence.
+    Compute { i: usize },
+    /// Free the `i`-th live sequence (preempt or finish).
+    Free { i: usize },
+    /// A batched step over every live sequence (each grows by `n`).
+    Step { n: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (prop::collection::vec(0u32..3, 1..24), 1u8..=100)
+            .prop_map(|(prompt, chunk_pct)| Op::Admit { prompt, chunk_pct }),
+        3 => (any::<usize>(), 1usize..6).prop_map(|(i, n)| Op::Append { i, n }),
+        2 => any::<usize>().prop_map(|i| Op::Compute { i }),
+        2 => any::<usize>().prop_map(|i| Op::Free { i }),
+        2 => (0usize..4).prop_map(|n| Op::Step { n }),
+    ]
+}
+
+/// Test-side model of one live sequence.
+struct Live {
+    id: SeqId,
+    tokens: Vec<TokenId>,
+    computed: usize,
+    reported: usize,
+}
+
+impl Live {
+    /// Marks everything the table can hold as computed; returns the newly full hashes.
+    fn compute(&mut self, bm: &BlockManager) -> Vec<BlockHash> {
+        let bs = bm.block_size();
+        let cap = bm.block_table(self.id).map_or(0, <[_]>::len) * bs;
+        self.computed = self.computed.max(self.tokens.len().min(cap));
+        let hashes = block_hashes(&self.tokens[..self.computed], bs);
+        let new = hashes[self.reported.min(hashes.len())..].to_vec();
+        self.reported = hashes.len();
+        new
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn pool_invariants_hold_under_random_traffic(
+        num_blocks in 1usize..24,
+        block_size in 1usize..5,
+        caching in any::<bool>(),
+        ops in prop::collection::vec(op(), 1..120),
+    ) {
+        let mut bm = manager(num_blocks, block_size, caching);
+        let mut live: Vec<Live> = Vec::new();
+        let mut next_id: SeqId = 0;
+        for op in ops {
+            match op {
+                Op::Admit { prompt, chunk_pct } => {
+                    next_id += 1;
+                    let n = (prompt.len() * chunk_pct as usize).div_ceil(100).max(1);
+                    let req = AdmitRequest {
+                        seq_id: next_id,
+                        num_tokens: prompt.len(),
+                        num_new_tokens: n,
+                        block_hashes: block_hashes(&prompt, block_size),
+                    };
+                    let free_before = bm.num_free_blocks();
+                    match bm.admit(&req) {
+                        Ok(a) => {
+                            prop_assert!(a.num_cached_tokens < prompt.len());
+                            prop_assert_eq!(a.num_cached_tokens % block_size, 0);
+                            prop_assert!(a.block_table.len() * block_size >= a.num_cached_tokens + a.num_new_tokens);
+                            // Shared blocks really hold the same prefix.
+                            for (k, &b) in a.block_table.iter().take(a.num_cached_tokens / block_size).enumerate() {
+                                prop_assert_eq!(bm.pool().block_hash(b), Some(req.block_hashes[k]));
+                            }
+                            live.push(Live {
+                                id: next_id,
+                                tokens: prompt,
+                                computed: a.num_cached_tokens,
+                                reported: a.num_cached_tokens / block_size,
+                            });
+                        }
+                        Err(BlockError::OutOfBlocks { .. }) => {
+                            prop_assert_eq!(bm.num_free_blocks(), free_before);
+                            prop_assert!(!bm.contains(next_id));
+                        }
+                        Err(e) => prop_assert!(false, "unexpected error {e}"),
+                    }
+                }
+                Op::Append { i, n } => {
+                    if live.is_empty() { continue; }
+                    let k = i % live.len();
+                    let l = &mut live[k];
+                    let total = l.tokens.len() + n;
+                    match bm.append_slots(l.id, total) {
+                        Ok(_) => l.tokens.extend((0..n as u32).map(|t| t % 3)),
+                        Err(BlockError::OutOfBlocks { .. }) => {}
+                        Err(e) => prop_assert!(false, "unexpected error {e}"),
+                    }
+                }
+                Op::Compute { i } => {
+                    if live.is_empty() { continue; }
+                    let k = i % live.len();
+                    let l = &mut live[k];
+                    let new = l.compute(&bm);
+                    bm.cache_blocks(l.id, &new).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                }
+                Op::Free { i } => {
+                    if live.is_empty() { continue; }
+                    let l = live.remove(i % live.len());
+                    prop_assert!(bm.free(l.id));
+                }
+                Op::Step { n } => {
+                    let grow: Vec<GrowRequest> = live
+                        .iter_mut()
+                        .map(|l| {
+                            let computed_hashes = l.compute(&bm);
+                            l.tokens.extend(std::iter::repeat_n(1, n));
+                            GrowRequest { seq_id: l.id, num_tokens: l.tokens.len(), computed_hashes }
+                        })
+                        .collect();
+                    let resp = bm
+                        .apply(StepRequest { grow, ..Default::default() })
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(resp.grown.len() + resp.preempted.len(), live.len());
+                    // Victims are always the newest sequences.
+                    let survivors: Vec<SeqId> = resp.grown.iter().map(|g| g.seq_id).collect();
+                    let expect: Vec<SeqId> = live.iter().take(survivors.len()).map(|l| l.id).collect();
+                    prop_assert_eq!(survivors, expect);
+                    live.truncate(resp.grown.len());
+                    for l in &live {
+                        let cap = bm.block_table(l.id).map_or(0, <[_]>::len) * block_size;
+                        prop_assert!(cap >= l.tokens.len());
+                    }
+                }
+            }
+            bm.check_invariants().map_err(TestCaseError::fail)?;
+            prop_assert_eq!(bm.num_seqs(), live.len());
+        }
+        for l in live.drain(..) {
+            prop_assert!(bm.free(l.id));
+        }
+        bm.check_invariants().map_err(TestCaseError::fail)?;
+        prop_assert_eq!(bm.num_free_blocks(), num_blocks);
+        prop_assert!(bm.usage() == 0.0);
+    }
+}

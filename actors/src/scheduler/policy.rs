@@ -1,0 +1,759 @@
+//! The scheduling policy (see the module docs of [`crate::scheduler`]).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::block_manager::BlockManager;
+use crate::messages::blocks::extend_block_hashes;
+use crate::messages::{
+    AdmitRequest, BlockError, BlockHash, BlockId, BlockManagerConfig, BlockStats, ErrorBody,
+    ErrorCode, FinishReason, FreeRequest, GrowRequest, NewSeqData, SamplingParams, ScheduledBatch,
+    ScheduledSeq, SchedulerStats, SeqId, SeqOutput, StepOutput, StepRequest, StepResponse, TokenId,
+};
+
+/// Limits of the scheduling policy. (The engine builds this from `config::SchedulerConfig`
+/// plus the resolved context length; the names differ so the two are never confused.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SchedulerLimits {
+    /// Most sequences running at once (holding blocks).
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step, all sequences together.
+    pub max_num_batched_tokens: usize,
+    /// Longest context (prompt + generated tokens) of one sequence.
+    pub max_model_len: usize,
+}
+
+impl Default for SchedulerLimits {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 512,
+            max_model_len: 4096,
+        }
+    }
+}
+
+/// Errors of the scheduling policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum SchedulerError {
+    #[error("invalid scheduler configuration: {0}")]
+    InvalidConfig(String),
+    #[error("sequence {0} already exists")]
+    DuplicateSequence(SeqId),
+    #[error("sequence {0} has an empty prompt")]
+    EmptyPrompt(SeqId),
+    #[error("invalid sampling parameters for sequence {seq_id}: {reason}")]
+    InvalidParams { seq_id: SeqId, reason: String },
+    #[error(
+        "sequence {seq_id}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds max_model_len ({max_model_len})"
+    )]
+    ExceedsModelLen {
+        seq_id: SeqId,
+        prompt_len: usize,
+        max_tokens: usize,
+        max_model_len: usize,
+    },
+    #[error(
+        "sequence {seq_id}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the KV cache ({capacity} tokens)"
+    )]
+    ExceedsKvCapacity {
+        seq_id: SeqId,
+        prompt_len: usize,
+        max_tokens: usize,
+        capacity: usize,
+    },
+    #[error("overloaded: {waiting} requests are already waiting (scheduler.max_waiting = {max_waiting})")]
+    Overloaded { waiting: usize, max_waiting: usize },
+    #[error("a step is already in progress (plan or batch not yet completed)")]
+    StepInProgress,
+    #[error("no step is planned")]
+    NoPlan,
+    #[error("no batch is executing")]
+    NoBatch,
+    #[error("block manager answer does not match the plan: {0}")]
+    PlanMismatch(String),
+    #[error("executor returned no token for sequence {0}")]
+    MissingToken(SeqId),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+}
+
+impl SchedulerError {
+    /// The typed error a client gets when its sequence is refused for this reason.
+    pub fn to_error_body(&self) -> ErrorBody {
+        let code = match self {
+            SchedulerError::ExceedsModelLen { .. } | SchedulerError::ExceedsKvCapacity { .. } => {
+                ErrorCode::PromptTooLong
+            }
+            SchedulerError::EmptyPrompt(_) | SchedulerError::InvalidParams { .. } => {
+                ErrorCode::InvalidRequest
+            }
+            SchedulerError::Overloaded { .. } => ErrorCode::Overloaded,
+            _ => ErrorCode::Internal,
+        };
+        ErrorBody::new(code, self.to_string())
+    }
+}
+
+/// Where a live sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeqStatus {
+    Waiting,
+    Running,
+}
+
+/// A read-only view of one live sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqView<'a> {
+    pub seq_id: SeqId,
+    pub status: SeqStatus,
+    pub prompt_token_ids: &'a [TokenId],
+    pub output_token_ids: &'a [TokenId],
+    pub num_computed_tokens: usize,
+    /// The scheduler's copy of the block table (empty while waiting).
+    pub block_table: &'a [BlockId],
+    /// Times this sequence was preempted.
+    pub num_preemptions: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Sequence {
+    tokens: Vec<TokenId>,
+    prompt_len: usize,
+    num_computed: usize,
+    params: SamplingParams,
+    status: SeqStatus,
+    /// Scheduler's mirror of the block table.
+    block_table: Vec<BlockId>,
+    /// Hash chain of the full blocks of `tokens` (prefix caching only).
+    block_hashes: Vec<BlockHash>,
+    /// Leading entries of `block_hashes` the block manager already knows.
+    hashes_reported: usize,
+    num_preemptions: u32,
+}
+
+impl Sequence {
+    fn num_output(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Hashes of full, computed blocks not yet reported, and the new reported count.
+    fn unreported_hashes(&self, block_size: usize) -> (Vec<BlockHash>, usize) {
+        let upto = (self.num_computed / block_size).min(self.block_hashes.len());
+        let from = self.hashes_reported.min(upto);
+        (self.block_hashes[from..upto].to_vec(), upto)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PlannedGrow {
+    seq_id: SeqId,
+    num_new_tokens: usize,
+    hashes_upto: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Plan {
+    grow: Vec<PlannedGrow>,
+    admit: Vec<SeqId>,
+    freed: Vec<FreeRequest>,
+}
+
+#[derive(Debug, Clone)]
+struct Exec {
+    seq_id: SeqId,
+    num_tokens: usize,
+    sample: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Idle,
+    Planned(Plan),
+    Executing(Vec<Exec>),
+}
+
+/// Waiting/running queues and the per-step decisions; see the module docs.
+#[derive(Debug, Clone)]
+pub struct SchedulerPolicy {
+    config: SchedulerLimits,
+    cache: BlockManagerConfig,
+    eos_token_ids: Vec<TokenId>,
+    seqs: HashMap<SeqId, Sequence>,
+    waiting: VecDeque<SeqId>,
+    /// Oldest admission first; the back is the preemption victim.
+    running: Vec<SeqId>,
+    pending_free: Vec<FreeRequest>,
+    phase: Phase,
+    step: u64,
+    num_preemptions: u64,
+    block_stats: BlockStats,
+}
+
+impl SchedulerPolicy {
+    /// `cache` must describe the block manager this policy will talk to; `eos_token_ids`
+    /// are the model's end-of-sequence tokens.
+    pub fn new(
+        config: SchedulerLimits,
+        cache: BlockManagerConfig,
+        eos_token_ids: Vec<TokenId>,
+    ) -> Result<Self, SchedulerError> {
+        cache.validate()?;
+        for (name, v) in [
+            ("max_num_seqs", config.max_num_seqs),
+            ("max_num_batched_tokens", config.max_num_batched_tokens),
+            ("max_model_len", config.max_model_len),
+        ] {
+            if v == 0 {
+                return Err(SchedulerError::InvalidConfig(format!(
+                    "{name} must be at least 1"
+                )));
+            }
+        }
+        Ok(Self {
+            block_stats: BlockStats::empty(cache.num_blocks),
+            config,
+            cache,
+            eos_token_ids,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            pending_free: Vec::new(),
+            phase: Phase::Idle,
+            step: 0,
+            num_preemptions: 0,
+        })
+    }
+
+    pub fn limits(&self) -> &SchedulerLimits {
+        &self.config
+    }
+
+    /// Queues a new sequence. Rejects requests that could never run: empty prompt,
+    /// `max_tokens` 0 or below `min_tokens`, or prompt + `max_tokens` longer than
+    /// `max_model_len` or than the whole KV cache.
+    pub fn add(
+        &mut self,
+        seq_id: SeqId,
+        prompt_token_ids: Vec<TokenId>,
+        params: SamplingParams,
+    ) -> Result<(), SchedulerError> {
+        if self.seqs.contains_key(&seq_id) {
+            return Err(SchedulerError::DuplicateSequence(seq_id));
+        }
+        if prompt_token_ids.is_empty() {
+            return Err(SchedulerError::EmptyPrompt(seq_id));
+        }
+        if params.max_tokens == 0 {
+            return Err(SchedulerError::InvalidParams {
+                seq_id,
+                reason: "max_tokens must be at least 1".into(),
+            });
+        }
+        if params.min_tokens > params.max_tokens {
+            return Err(SchedulerError::InvalidParams {
+                seq_id,
+                reason: format!(
+                    "min_tokens ({}) exceeds max_tokens ({})",
+                    params.min_tokens, params.max_tokens
+                ),
+            });
+        }
+        let prompt_len = prompt_token_ids.len();
+        let max_tokens = params.max_tokens as usize;
+        let total = prompt_len.saturating_add(max_tokens);
+        if total > self.config.max_model_len {
+            return Err(SchedulerError::ExceedsModelLen {
+                seq_id,
+                prompt_len,
+                max_tokens,
+                max_model_len: self.config.max_model_len,
+            });
+        }
+        if total > self.cache.capacity_tokens() {
+            return Err(SchedulerError::ExceedsKvCapacity {
+                seq_id,
+                prompt_len,
+                max_tokens,
+                capacity: self.cache.capacity_tokens(),
+            });
+        }
+        let mut block_hashes = Vec::new();
+        if self.cache.enable_prefix_caching {
+            extend_block_hashes(&mut block_hashes, &prompt_token_ids, self.cache.block_size);
+        }
+        self.seqs.insert(
+            seq_id,
+            Sequence {
+                tokens: prompt_token_ids,
+                prompt_len,
+                num_computed: 0,
+                params,
+                status: SeqStatus::Waiting,
+                block_table: Vec::new(),
+                block_hashes,
+                hashes_reported: 0,
+                num_preemptions: 0,
+            },
+        );
+        self.waiting.push_back(seq_id);
+        Ok(())
+    }
+
+    /// Step 1: what to ask the block manager for. Fails while a previous step is not
+    /// completed (commit, then update for a non-empty batch).
+    pub fn plan(&mut self) -> Result<StepRequest, SchedulerError> {
+        if !matches!(self.phase, Phase::Idle) {
+            return Err(SchedulerError::StepInProgress);
+        }
+        let bs = self.cache.block_size;
+        let mut budget = self.config.max_num_batched_tokens;
+
+        let mut grow = Vec::with_capacity(self.running.len());
+        let mut planned_grow = Vec::with_capacity(self.running.len());
+        for &seq_id in &self.running {
+            let Some(s) = self.seqs.get(&seq_id) else {
+                continue;
+            };
+            let remaining = s.tokens.len().saturating_sub(s.num_computed);
+            let n = remaining.min(budget);
+            budget -= n;
+            let (computed_hashes, hashes_upto) = s.unreported_hashes(bs);
+            grow.push(GrowRequest {
+                seq_id,
+                num_tokens: s.num_computed + n,
+                computed_hashes,
+            });
+            planned_grow.push(PlannedGrow {
+                seq_id,
+                num_new_tokens: n,
+                hashes_upto,
+            });
+        }
+
+        let mut admit = Vec::new();
+        let mut planned_admit = Vec::new();
+        let mut seats = self.config.max_num_seqs.saturating_sub(self.running.len());
+        for &seq_id in &self.waiting {
+            if budget == 0 || seats == 0 {
+                break;
+            }
+            let Some(s) = self.seqs.get(&seq_id) else {
+                continue;
+            };
+            let n = s.tokens.len().min(budget);
+            budget -= n;
+            seats -= 1;
+            admit.push(AdmitRequest {
+                seq_id,
+                num_tokens: s.tokens.len(),
+                num_new_tokens: n,
+                block_hashes: s.block_hashes.clone(),
+            });
+            planned_admit.push(seq_id);
+        }
+
+        let free = std::mem::take(&mut self.pending_free);
+        self.phase = Phase::Planned(Plan {
+            grow: planned_grow,
+            admit: planned_admit,
+            freed: free.clone(),
+        });
+        Ok(StepRequest { free, grow, admit })
+    }
+
+    /// Step 3: folds the block manager's answer in and returns the batch to execute. An
+    /// empty batch completes the step; otherwise call [`Self::update`] (or
+    /// [`Self::cancel_step`]) once the executor is done.
+    pub fn commit(&mut self, resp: StepResponse) -> Result<ScheduledBatch, SchedulerError> {
+        let plan = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Planned(plan) => plan,
+            other => {
+                self.phase = other;
+                return Err(SchedulerError::NoPlan);
+            }
+        };
+        if let Err(e) = check_response(&plan, &resp) {
+            self.phase = Phase::Planned(plan);
+            return Err(e);
+        }
+        self.block_stats = resp.stats;
+        self.step += 1;
+
+        // Preemptions: newest first in `resp.preempted`; pushing each to the front leaves
+        // the oldest preempted sequence first in line.
+        let preempted: HashSet<SeqId> = resp.preempted.iter().copied().collect();
+        if !preempted.is_empty() {
+            self.running.retain(|id| !preempted.contains(id));
+        }
+        for &seq_id in &resp.preempted {
+            self.num_preemptions += 1;
+            if let Some(s) = self.seqs.get_mut(&seq_id) {
+                s.status = SeqStatus::Waiting;
+                s.num_computed = 0;
+                s.block_table.clear();
+                s.hashes_reported = 0;
+                s.num_preemptions += 1;
+                self.waiting.push_front(seq_id);
+            }
+        }
+
+        let mut new_blocks: HashMap<SeqId, Vec<BlockId>> = resp
+            .grown
+            .into_iter()
+            .map(|g| (g.seq_id, g.new_blocks))
+            .collect();
+        let mut scheduled = Vec::new();
+        let mut exec = Vec::new();
+        for pg in &plan.grow {
+            let Some(blocks) = new_blocks.remove(&pg.seq_id) else {
+                continue;
+            };
+            // A sequence missing here finished or was aborted meanwhile; its free is
+            // already pending.
+            let Some(s) = self.seqs.get_mut(&pg.seq_id) else {
+                continue;
+            };
+            s.block_table.extend(blocks);
+            s.hashes_reported = s.hashes_reported.max(pg.hashes_upto);
+            if pg.num_new_tokens > 0 {
+                scheduled.push(scheduled_seq(pg.seq_id, s, pg.num_new_tokens, false));
+                exec.push(Exec {
+                    seq_id: pg.seq_id,
+                    num_tokens: pg.num_new_tokens,
+                    sample: s.num_computed + pg.num_new_tokens == s.tokens.len(),
+                });
+            }
+        }
+
+        let admitted: HashSet<SeqId> = resp.admitted.iter().map(|a| a.seq_id).collect();
+        if !admitted.is_empty() {
+            self.waiting.retain(|id| !admitted.contains(id));
+        }
+        for a in resp.admitted {
+            let Some(s) = self.seqs.get_mut(&a.seq_id) else {
+                // Aborted while the request was in flight: give the blocks back.
+                self.pending_free.push(FreeRequest {
+                    seq_id: a.seq_id,
+                    computed_hashes: Vec::new(),
+                });
+                continue;
+            };
+            s.status = SeqStatus::Running;
+            s.num_computed = a.num_cached_tokens;
+            s.block_table = a.block_table;
+            s.hashes_reported = a.num_cached_tokens / self.cache.block_size;
+            self.running.push(a.seq_id);
+            scheduled.push(scheduled_seq(a.seq_id, s, a.num_new_tokens, true));
+            exec.push(Exec {
+                seq_id: a.seq_id,
+                num_tokens: a.num_new_tokens,
+                sample: s.num_computed + a.num_new_tokens == s.tokens.len(),
+            });
+        }
+
+        let num_batched_tokens = scheduled
+            .iter()
+            .map(|s: &ScheduledSeq| s.token_ids.len())
+            .sum();
+        if !exec.is_empty() {
+            self.phase = Phase::Executing(exec);
+        }
+        Ok(ScheduledBatch {
+            step: self.step,
+            seqs: scheduled,
+            num_batched_tokens,
+            finished_seq_ids: plan.freed.iter().map(|f| f.seq_id).collect(),
+            preempted_seq_ids: resp.preempted,
+        })
+    }
+
+    /// plan → [`BlockManager::apply`] → commit, for a block manager in the same process.
+    pub fn schedule(&mut self, bm: &mut BlockManager) -> Result<ScheduledBatch, SchedulerError> {
+        let req = self.plan()?;
+        match bm.apply(req) {
+            Ok(resp) => self.commit(resp),
+            Err(e) => {
+                self.cancel_step();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Abandons the current step: a plan whose request was never applied (its frees are
+    /// queued again), or a batch the executor failed to run (nothing advances, so the same
+    /// tokens are scheduled again).
+    pub fn cancel_step(&mut self) {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Planned(plan) => {
+                let mut freed = plan.freed;
+                freed.append(&mut self.pending_free);
+                self.pending_free = freed;
+            }
+            Phase::Idle | Phase::Executing(_) => {}
+        }
+    }
+
+    /// Step 4: the executor's sampled tokens. Advances every scheduled sequence, appends
+    /// the tokens, and finishes sequences for token-level reasons, checked in this order:
+    ///
+    /// * EOS (unless `ignore_eos`) or one of `stop_token_ids` → `Stop`, but only once at
+    ///   least `min_tokens` tokens were generated before it (the sampler is expected to
+    ///   suppress those tokens until then anyway);
+    /// * `max_tokens` generated → `Length`;
+    /// * context reached `max_model_len` → `Length`.
+    ///
+    /// Returns one entry per sampled token. Tokens for sequences that no longer exist
+    /// (aborted during the step) are ignored; a missing token is an error that changes
+    /// nothing.
+    pub fn update(&mut self, output: &StepOutput) -> Result<Vec<SeqOutput>, SchedulerError> {
+        let Phase::Executing(exec) = &self.phase else {
+            return Err(SchedulerError::NoBatch);
+        };
+        let sampled: HashMap<SeqId, TokenId> = output
+            .sampled
+            .iter()
+            .map(|t| (t.seq_id, t.token_id))
+            .collect();
+        if let Some(e) = exec.iter().find(|e| {
+            e.sample && self.seqs.contains_key(&e.seq_id) && !sampled.contains_key(&e.seq_id)
+        }) {
+            return Err(SchedulerError::MissingToken(e.seq_id));
+        }
+        let Phase::Executing(exec) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Err(SchedulerError::NoBatch);
+        };
+
+        let mut outputs = Vec::new();
+        for e in exec {
+            let Some(s) = self.seqs.get_mut(&e.seq_id) else {
+                continue;
+            };
+            s.num_computed += e.num_tokens;
+            if !e.sample {
+                continue;
+            }
+            let Some(&token_id) = sampled.get(&e.seq_id) else {
+                continue;
+            };
+            s.tokens.push(token_id);
+            if self.cache.enable_prefix_caching {
+                extend_block_hashes(&mut s.block_hashes, &s.tokens, self.cache.block_size);
+            }
+            let finish_reason = check_finish(s, &self.eos_token_ids, self.config.max_model_len);
+            outputs.push(SeqOutput {
+                seq_id: e.seq_id,
+                token_id,
+                num_output_tokens: s.num_output(),
+                finish_reason,
+            });
+            if finish_reason.is_some() {
+                self.retire(e.seq_id);
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// Ends a sequence for a reason decided elsewhere (a stop string found by the
+    /// detokenizer, a client cancel). Returns whether the sequence was live.
+    pub fn finish(&mut self, seq_id: SeqId, _reason: FinishReason) -> bool {
+        self.retire(seq_id)
+    }
+
+    /// [`Self::finish`] with [`FinishReason::Abort`].
+    pub fn abort(&mut self, seq_id: SeqId) -> bool {
+        self.finish(seq_id, FinishReason::Abort)
+    }
+
+    /// Frees queued since the last request (finished sequences' blocks), as a request of
+    /// their own; `None` if there are none. Safe at any time: nothing is allocated until
+    /// the next plan.
+    pub fn take_free_request(&mut self) -> Option<StepRequest> {
+        if self.pending_free.is_empty() {
+            return None;
+        }
+        Some(StepRequest::free_only(std::mem::take(
+            &mut self.pending_free,
+        )))
+    }
+
+    /// Applies [`Self::take_free_request`] to an in-process block manager.
+    pub fn flush_frees(&mut self, bm: &mut BlockManager) -> Result<(), SchedulerError> {
+        if let Some(req) = self.take_free_request() {
+            let resp = bm.apply(req)?;
+            self.block_stats = resp.stats;
+        }
+        Ok(())
+    }
+
+    /// Records statistics from a block manager answer the policy did not see (e.g. the
+    /// reply to a [`Self::take_free_request`] sent by the actor).
+    pub fn observe_block_stats(&mut self, stats: BlockStats) {
+        self.block_stats = stats;
+    }
+
+    /// Whether the engine loop should keep stepping: sequences to run or frees to send.
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty() || !self.pending_free.is_empty()
+    }
+
+    /// Whether any sequence is waiting or running.
+    pub fn has_unfinished(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+
+    pub fn has_pending_frees(&self) -> bool {
+        !self.pending_free.is_empty()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    /// KV cache usage as of the last block manager answer.
+    pub fn kv_cache_usage(&self) -> f64 {
+        self.block_stats.usage
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            num_running: self.running.len(),
+            num_waiting: self.waiting.len(),
+            num_preemptions: self.num_preemptions,
+            kv_cache_usage: self.block_stats.usage,
+            num_free_blocks: self.block_stats.num_free_blocks,
+            prefix_cache_queries: self.block_stats.prefix_cache_queries,
+            prefix_cache_hits: self.block_stats.prefix_cache_hits,
+        }
+    }
+
+    /// Running sequence ids, oldest first.
+    pub fn running(&self) -> &[SeqId] {
+        &self.running
+    }
+
+    /// Waiting sequence ids, next to be admitted first.
+    pub fn waiting(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.waiting.iter().copied()
+    }
+
+    pub fn sequence(&self, seq_id: SeqId) -> Option<SeqView<'_>> {
+        let s = self.seqs.get(&seq_id)?;
+        Some(SeqView {
+            seq_id,
+            status: s.status,
+            prompt_token_ids: &s.tokens[..s.prompt_len],
+            output_token_ids: &s.tokens[s.prompt_len..],
+            num_computed_tokens: s.num_computed,
+            block_table: &s.block_table,
+            num_preemptions: s.num_preemptions,
+        })
+    }
+
+    /// Removes a live sequence from the queues and, if it holds blocks, queues their
+    /// release (with the hashes of its computed full blocks, so they stay reusable).
+    fn retire(&mut self, seq_id: SeqId) -> bool {
+        let Some(s) = self.seqs.remove(&seq_id) else {
+            return false;
+        };
+        match s.status {
+            SeqStatus::Running => {
+                self.running.retain(|&id| id != seq_id);
+                let (computed_hashes, _) = s.unreported_hashes(self.cache.block_size);
+                self.pending_free.push(FreeRequest {
+                    seq_id,
+                    computed_hashes,
+                });
+            }
+            SeqStatus::Waiting => self.waiting.retain(|&id| id != seq_id),
+        }
+        true
+    }
+}
+
+fn check_finish(
+    s: &Sequence,
+    eos_token_ids: &[TokenId],
+    max_model_len: usize,
+) -> Option<FinishReason> {
+    let last = *s.tokens.last()?;
+    let num_output = s.num_output();
+    if num_output > s.params.min_tokens as usize {
+        let is_eos = !s.params.ignore_eos && eos_token_ids.contains(&last);
+        if is_eos || s.params.stop_token_ids.contains(&last) {
+            return Some(FinishReason::Stop);
+        }
+    }
+    if num_output >= s.params.max_tokens as usize || s.tokens.len() >= max_model_len {
+        return Some(FinishReason::Length);
+    }
+    None
+}
+
+fn scheduled_seq(seq_id: SeqId, s: &Sequence, num_tokens: usize, new: bool) -> ScheduledSeq {
+    let start = s.num_computed.min(s.tokens.len());
+    let end = (start + num_tokens).min(s.tokens.len());
+    ScheduledSeq {
+        seq_id,
+        token_ids: s.tokens[start..end].to_vec(),
+        start_pos: start,
+        block_table: s.block_table.clone(),
+        context_len: end,
+        sample: end == s.tokens.len(),
+        new_seq: new.then(|| NewSeqData {
+            prompt_token_ids: s.tokens[..s.prompt_len].to_vec(),
+            output_token_ids: s.tokens[s.prompt_len..].to_vec(),
+            params: s.params.clone(),
+        }),
+    }
+}
+
+/// The answer must only mention sequences of the plan: every grow entry exactly once in
+/// `grown` or `preempted`, `admitted` a prefix of the planned admissions.
+fn check_response(plan: &Plan, resp: &StepResponse) -> Result<(), SchedulerError> {
+    let mut grow: HashSet<SeqId> = plan.grow.iter().map(|g| g.seq_id).collect();
+    for id in resp
+        .grown
+        .iter()
+        .map(|g| g.seq_id)
+        .chain(resp.preempted.iter().copied())
+    {
+        if !grow.remove(&id) {
+            return Err(SchedulerError::PlanMismatch(format!(
+                "sequence {id} was not planned to grow, or appears twice"
+            )));
+        }
+    }
+    if let Some(id) = grow.into_iter().next() {
+        return Err(SchedulerError::PlanMismatch(format!(
+            "no answer for running sequence {id}"
+        )));
+    }
+    if resp.admitted.len() > plan.admit.len()
+        || resp
+            .admitted
+            .iter()
+            .zip(&plan.admit)
+            .any(|(a, &p)| a.seq_id != p)
+    {
+        return Err(SchedulerError::PlanMismatch(
+            "admitted sequences differ from the plan".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

@@ -1,0 +1,321 @@
+//! The pure parts of the front door: turning one request's engine events into numbered
+//! replies ([`ReplyStream`]), remembering cancels that arrive before their request
+//! ([`RecentCancels`]), and reading a message's format ([`message_format`]).
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use pagoda_actors::messages::{FinishReason, TokenId};
+use pagoda_actors::protocol::{
+    Chunk, ErrorBody, ErrorReply, Reply, StreamEvent, Usage, WireFormat,
+};
+use tokio::time::Instant;
+
+/// Turns one request's engine events into numbered replies: `seq` 0, 1, 2, … without gaps,
+/// the last one final. With `stream: false` the deltas are gathered into the final chunk.
+#[derive(Debug)]
+pub struct ReplyStream {
+    id: String,
+    attempt: u32,
+    stream: bool,
+    next_seq: u64,
+    text: String,
+    token_ids: Vec<TokenId>,
+    done: bool,
+}
+
+impl ReplyStream {
+    pub fn new(id: String, attempt: u32, stream: bool) -> Self {
+        Self {
+            id,
+            attempt,
+            stream,
+            next_seq: 0,
+            text: String::new(),
+            token_ids: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Whether the final reply was produced.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    /// The reply for an engine event, if one is due. Nothing follows a final reply.
+    pub fn on_event(&mut self, ev: StreamEvent) -> Option<Reply> {
+        if self.done {
+            return None;
+        }
+        match ev {
+            StreamEvent::Delta { text, token_ids } => {
+                if !self.stream {
+                    self.text.push_str(&text);
+                    self.token_ids.extend(token_ids);
+                    return None;
+                }
+                Some(Reply::Chunk(Chunk {
+                    id: self.id.clone(),
+                    seq: self.take_seq(),
+                    attempt: self.attempt,
+                    text,
+                    token_ids,
+                    ..Chunk::default()
+                }))
+            }
+            StreamEvent::Finished {
+                text,
+                token_ids,
+                finish_reason,
+                usage,
+                timings,
+            } => {
+                self.done = true;
+                let (text, token_ids) = if self.stream {
+                    (text, token_ids)
+                } else {
+                    let mut all = std::mem::take(&mut self.text);
+                    all.push_str(&text);
+                    let mut ids = std::mem::take(&mut self.token_ids);
+                    ids.extend(token_ids);
+                    (all, ids)
+                };
+                Some(Reply::Chunk(Chunk {
+                    id: self.id.clone(),
+                    seq: self.take_seq(),
+                    attempt: self.attempt,
+                    text,
+                    token_ids,
+                    finish_reason: Some(finish_reason),
+                    usage: Some(usage),
+                    timings: Some(timings),
+                }))
+            }
+            StreamEvent::Error(error) => Some(self.error(error)),
+        }
+    }
+
+    /// A final error reply (the engine failed, or the gateway gave up on the request).
+    pub fn error(&mut self, error: ErrorBody) -> Reply {
+        self.done = true;
+        Reply::Error(ErrorReply {
+            id: Some(self.id.clone()),
+            seq: self.take_seq(),
+            attempt: self.attempt,
+            error,
+        })
+    }
+
+    /// A final `abort` chunk for a request that never reached the engine.
+    pub fn aborted_before_start(&mut self) -> Reply {
+        self.done = true;
+        Reply::Chunk(Chunk {
+            id: self.id.clone(),
+            seq: self.take_seq(),
+            attempt: self.attempt,
+            finish_reason: Some(FinishReason::Abort),
+            usage: Some(Usage::default()),
+            timings: Some(Default::default()),
+            ..Chunk::default()
+        })
+    }
+}
+
+/// Cancels whose request this engine has not seen (yet): the cancel subscription and the
+/// generate endpoint are separate streams, so a cancel can overtake its request. Bounded
+/// in size and age.
+#[derive(Debug)]
+pub struct RecentCancels {
+    capacity: usize,
+    ttl: Duration,
+    order: VecDeque<(Instant, String)>,
+    ids: HashSet<String>,
+}
+
+impl RecentCancels {
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        Self {
+            capacity,
+            ttl,
+            order: VecDeque::new(),
+            ids: HashSet::new(),
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((t, _)) = self.order.front() {
+            if now.duration_since(*t) < self.ttl && self.order.len() <= self.capacity {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    pub fn insert(&mut self, id: &str, now: Instant) {
+        self.expire(now);
+        if self.ids.insert(id.to_owned()) {
+            self.order.push_back((now, id.to_owned()));
+            self.expire(now);
+        }
+    }
+
+    /// Whether `id` was cancelled recently; forgets it.
+    pub fn take(&mut self, id: &str, now: Instant) -> bool {
+        self.expire(now);
+        if self.ids.remove(id) {
+            self.order.retain(|(_, i)| i != id);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// The format a message asks for (its `Content-Type` header, any case; else the body).
+pub fn message_format(headers: Option<&HeaderMap>, body: &[u8]) -> WireFormat {
+    let content_type = headers.and_then(|h| {
+        h.iter()
+            .find(|(name, _)| AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(WireFormat::HEADER))
+            .and_then(|(_, values)| values.first())
+            .map(|v| v.as_str())
+    });
+    WireFormat::detect(content_type, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagoda_actors::protocol::{ErrorCode, Timings};
+
+    fn delta(text: &str, ids: &[TokenId]) -> StreamEvent {
+        StreamEvent::Delta {
+            text: text.into(),
+            token_ids: ids.to_vec(),
+        }
+    }
+
+    fn finished(text: &str, ids: &[TokenId], reason: FinishReason) -> StreamEvent {
+        StreamEvent::Finished {
+            text: text.into(),
+            token_ids: ids.to_vec(),
+            finish_reason: reason,
+            usage: Usage {
+                prompt_tokens: 4,
+                completion_tokens: 3,
+                cached_tokens: 0,
+            },
+            timings: Timings::default(),
+        }
+    }
+
+    fn chunk(r: Option<Reply>) -> Chunk {
+        match r {
+            Some(Reply::Chunk(c)) => c,
+            other => panic!("expected a chunk, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn streamed_replies_are_numbered_and_end_once() {
+        let mut s = ReplyStream::new("r".into(), 1, true);
+        let a = chunk(s.on_event(delta("Pa", &[1])));
+        let b = chunk(s.on_event(delta("ris", &[2])));
+        let c = chunk(s.on_event(finished("", &[3], FinishReason::Stop)));
+        assert_eq!((a.seq, b.seq, c.seq), (0, 1, 2));
+        assert_eq!((a.text.as_str(), b.text.as_str()), ("Pa", "ris"));
+        assert!(!a.is_final() && !b.is_final() && c.is_final());
+        assert_eq!(c.token_ids, vec![3]);
+        assert_eq!(c.usage.map(|u| u.completion_tokens), Some(3));
+        assert!(s.is_done());
+        assert_eq!(s.on_event(delta("late", &[4])), None);
+        assert_eq!(
+            s.on_event(StreamEvent::Error(ErrorBody::new(ErrorCode::Internal, "x"))),
+            None
+        );
+    }
+
+    #[test]
+    fn unstreamed_replies_are_one_message() {
+        let mut s = ReplyStream::new("r".into(), 1, false);
+        assert_eq!(s.on_event(delta("Pa", &[1])), None);
+        assert_eq!(s.on_event(delta("ris", &[2])), None);
+        let c = chunk(s.on_event(finished(".", &[3], FinishReason::Length)));
+        assert_eq!(c.seq, 0);
+        assert_eq!(c.text, "Paris.");
+        assert_eq!(c.token_ids, vec![1, 2, 3]);
+        assert_eq!(c.finish_reason, Some(FinishReason::Length));
+    }
+
+    #[test]
+    fn errors_take_the_next_seq_and_end_the_stream() {
+        let mut s = ReplyStream::new("r".into(), 1, true);
+        chunk(s.on_event(delta("a", &[1])));
+        let e = s.on_event(StreamEvent::Error(ErrorBody::new(
+            ErrorCode::Internal,
+            "boom",
+        )));
+        match e {
+            Some(Reply::Error(e)) => {
+                assert_eq!(e.seq, 1);
+                assert_eq!(e.id.as_deref(), Some("r"));
+                assert_eq!(e.error.code, ErrorCode::Internal);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.is_done());
+        let mut s = ReplyStream::new("q".into(), 1, true);
+        let c = chunk(Some(s.aborted_before_start()));
+        assert_eq!((c.seq, c.finish_reason), (0, Some(FinishReason::Abort)));
+    }
+
+    #[test]
+    fn recent_cancels_expire_and_are_bounded() {
+        let t0 = Instant::now();
+        let mut rc = RecentCancels::new(2, Duration::from_secs(10));
+        rc.insert("a", t0);
+        assert!(rc.take("a", t0));
+        assert!(!rc.take("a", t0));
+        rc.insert("b", t0);
+        assert!(!rc.take("b", t0 + Duration::from_secs(11)), "expired");
+        rc.insert("c", t0);
+        rc.insert("d", t0);
+        rc.insert("e", t0);
+        assert_eq!(rc.len(), 2, "capacity");
+        assert!(!rc.take("c", t0), "oldest dropped");
+        assert!(rc.take("e", t0));
+        rc.insert("d", t0);
+        assert_eq!(rc.len(), 1, "no duplicates");
+    }
+
+    #[test]
+    fn format_comes_from_the_header_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json");
+        assert_eq!(message_format(Some(&h), b"\x80"), WireFormat::Json);
+        let mut h = HeaderMap::new();
+        h.insert("Content-Type", "application/msgpack");
+        assert_eq!(message_format(Some(&h), b"{}"), WireFormat::MsgPack);
+        assert_eq!(
+            message_format(None, b"{\"prompt\":\"x\"}"),
+            WireFormat::Json
+        );
+        assert_eq!(message_format(None, b"\x81"), WireFormat::MsgPack);
+    }
+}

@@ -1,0 +1,502 @@
+//! The per-request path both intakes share (core NATS requests and JetStream jobs): decode
+//! → validate → [`Engine::generate`] → one reply per engine step to the reply subject, with
+//! the counters and the in-flight registry every request task uses.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::service;
+use async_nats::{HeaderMap, Subject};
+use pagoda_actors::engine::Engine;
+use pagoda_actors::messages::FinishReason;
+use pagoda_actors::protocol::{
+    decode_request, new_request_id, ErrorBody, ErrorCode, ErrorReply, Reply, WireFormat,
+};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::reply::{message_format, RecentCancels, ReplyStream};
+
+/// One publish may wait this long for room in the connection's buffer (the connection is
+/// down and the buffer full) before the request is given up.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a timeout or a shutdown abort, how long the engine gets to confirm the abort
+/// before the gateway answers with an error itself.
+pub const ABORT_GRACE: Duration = Duration::from_secs(5);
+/// Delivery attempt on core NATS (JetStream redeliveries will count up).
+pub(crate) const ATTEMPT: u32 = 1;
+
+// --- counters --------------------------------------------------------------------------------
+
+/// What the gateway did, for `$SRV.STATS` (the endpoint's `data`) and the logs.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    pub received: AtomicU64,
+    pub completed: AtomicU64,
+    pub aborted: AtomicU64,
+    pub errors: AtomicU64,
+    pub no_reply_subject: AtomicU64,
+    pub publish_failures: AtomicU64,
+    pub cancels: AtomicU64,
+    errors_by_code: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl GatewayStats {
+    pub(crate) fn count_error(&self, code: ErrorCode) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::NATS_ERRORS, "code" => code.as_str()).increment(1);
+        if let Ok(mut m) = self.errors_by_code.lock() {
+            *m.entry(code.as_str()).or_default() += 1;
+        }
+    }
+
+    /// The counters as JSON.
+    pub fn snapshot(&self, in_flight: usize) -> serde_json::Value {
+        let by_code = self
+            .errors_by_code
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        serde_json::json!({
+            "received": self.received.load(Ordering::Relaxed),
+            "completed": self.completed.load(Ordering::Relaxed),
+            "aborted": self.aborted.load(Ordering::Relaxed),
+            "errors": self.errors.load(Ordering::Relaxed),
+            "errors_by_code": by_code,
+            "no_reply_subject": self.no_reply_subject.load(Ordering::Relaxed),
+            "publish_failures": self.publish_failures.load(Ordering::Relaxed),
+            "cancels": self.cancels.load(Ordering::Relaxed),
+            "in_flight": in_flight,
+        })
+    }
+}
+
+/// What every request task shares.
+pub(crate) struct Shared {
+    pub(crate) engine: Engine,
+    pub(crate) nats: async_nats::Client,
+    pub(crate) stats: Arc<GatewayStats>,
+    pub(crate) in_flight: Mutex<HashSet<String>>,
+    pub(crate) idle: Notify,
+    pub(crate) recent_cancels: Mutex<RecentCancels>,
+    pub(crate) max_in_flight: usize,
+    pub(crate) log_prompts: bool,
+    /// Set when a shutdown aborts what is left: JetStream jobs are then given back
+    /// instead of answered with an `abort` chunk.
+    pub(crate) requeue_aborts: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        engine: Engine,
+        nats: async_nats::Client,
+        stats: Arc<GatewayStats>,
+        max_in_flight: usize,
+        log_prompts: bool,
+    ) -> Self {
+        Self {
+            engine,
+            nats,
+            stats,
+            in_flight: Mutex::new(HashSet::new()),
+            idle: Notify::new(),
+            recent_cancels: Mutex::new(RecentCancels::new(4096, Duration::from_secs(5))),
+            max_in_flight: max_in_flight.max(1),
+            log_prompts,
+            requeue_aborts: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn num_in_flight(&self) -> usize {
+        self.in_flight.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub(crate) fn in_flight_ids(&self) -> Vec<String> {
+        self.in_flight
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Registers a request id as in flight; refused when the id is already running here or
+    /// the engine is full.
+    fn register(self: &Arc<Self>, id: &str) -> Result<InFlight, ErrorBody> {
+        let mut set = self
+            .in_flight
+            .lock()
+            .map_err(|_| ErrorBody::new(ErrorCode::Internal, "gateway state poisoned"))?;
+        if set.contains(id) {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!("a request with id {id:?} is already running on this engine"),
+            ));
+        }
+        if set.len() >= self.max_in_flight {
+            return Err(ErrorBody::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "this engine has {} requests in flight (nats.max_in_flight); retry later",
+                    set.len()
+                ),
+            ));
+        }
+        set.insert(id.to_owned());
+        Ok(InFlight {
+            shared: self.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// An in-flight registration, released on drop (whatever way the task ends).
+struct InFlight {
+    shared: Arc<Shared>,
+    id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.shared.in_flight.lock() {
+            set.remove(&self.id);
+            if set.is_empty() {
+                self.shared.idle.notify_waiters();
+            }
+        }
+    }
+}
+
+/// Where a request's replies go, and in which format.
+pub(crate) struct Replier {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) target: Subject,
+    /// True when `target` is the message's own reply subject: the final reply then goes
+    /// through the service request, so `$SRV.STATS` counts it.
+    pub(crate) via_request: bool,
+    pub(crate) format: WireFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    #[error("publishing to {target} failed: {message}")]
+    Publish { target: String, message: String },
+    #[error("publishing to {target} timed out after {PUBLISH_TIMEOUT:?}")]
+    Timeout { target: String },
+}
+
+impl Replier {
+    fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(WireFormat::HEADER, self.format.content_type());
+        h
+    }
+
+    pub(crate) fn encode<T: serde::Serialize + ?Sized>(&self, value: &T) -> Vec<u8> {
+        match self.format.encode(value) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a reply failed");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn send(&self, req: Option<&service::Request>, reply: &Reply) -> Result<(), SendError> {
+        let bytes = match reply.encode(self.format) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a reply failed");
+                self.encode(&ErrorReply {
+                    id: None,
+                    seq: reply.seq(),
+                    attempt: ATTEMPT,
+                    error: ErrorBody::new(ErrorCode::Internal, format!("encoding the reply: {e}")),
+                })
+            }
+        };
+        self.send_bytes(req.filter(|_| reply.is_final()), bytes)
+            .await
+    }
+
+    pub(crate) async fn send_bytes(
+        &self,
+        req: Option<&service::Request>,
+        bytes: Vec<u8>,
+    ) -> Result<(), SendError> {
+        let target = self.target.to_string();
+        let publish = async {
+            match req {
+                Some(r) if self.via_request => r
+                    .respond_with_headers(Ok(bytes.into()), self.headers())
+                    .await
+                    .map_err(|e| e.to_string()),
+                _ => self
+                    .nats
+                    .publish_with_headers(self.target.clone(), self.headers(), bytes.into())
+                    .await
+                    .map_err(|e| e.to_string()),
+            }
+        };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+            Ok(Ok(())) => {
+                metrics::counter!(crate::metrics::NATS_MESSAGES_PUBLISHED).increment(1);
+                Ok(())
+            }
+            Ok(Err(message)) => Err(SendError::Publish { target, message }),
+            Err(_) => Err(SendError::Timeout { target }),
+        }
+    }
+}
+
+/// One request as it arrived, on core NATS or from the JetStream intake.
+pub(crate) struct Incoming<'a> {
+    pub message: &'a async_nats::Message,
+    /// The message's own reply subject (none for a JetStream job: its reply subject is the
+    /// server's ack subject, so replies go to `reply_to`).
+    pub own_reply: Option<Subject>,
+    /// The micro-service request, to answer through it (`$SRV.STATS` counts those).
+    pub request: Option<&'a service::Request>,
+    /// The delivery attempt the chunks carry.
+    pub attempt: u32,
+    /// Set for JetStream jobs.
+    pub durable: Option<Durable>,
+}
+
+/// What a JetStream job's processing needs to know.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Durable {
+    /// This is the job's last delivery (`intake.max_deliver`): a failure now is final.
+    pub last_attempt: bool,
+}
+
+/// How a request ended (what the JetStream intake does with the job).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The final reply was published: ack.
+    Done,
+    /// Refused (invalid) and answered, or nothing could be answered: terminate, no retry.
+    Rejected,
+    /// This engine cannot take it now (full, or the id runs here already); nothing was
+    /// sent: give it back for later.
+    Busy,
+    /// It failed in a way another attempt may fix (nothing final was sent): redeliver.
+    Retry(String),
+    /// It failed on its last attempt; the client got error code `failed`.
+    Failed(String),
+}
+
+/// The per-request path shared by both intakes: decode → validate → [`Engine::generate`]
+/// → one reply per engine step to the reply subject.
+pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome {
+    shared.stats.received.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::NATS_MESSAGES_RECEIVED).increment(1);
+    let attempt = inc.attempt;
+    let req = inc.request;
+    let format = message_format(inc.message.headers.as_ref(), &inc.message.payload);
+    let own_reply = inc.own_reply.clone();
+    let replier = |target: Subject| Replier {
+        nats: shared.nats.clone(),
+        via_request: own_reply.as_ref() == Some(&target),
+        target,
+        format,
+    };
+
+    let wire = match decode_request(&inc.message.payload, format) {
+        Ok(w) => w,
+        Err(rejected) => {
+            let target = own_reply
+                .clone()
+                .or_else(|| rejected.reply_to.clone().map(Subject::from));
+            let reply = Reply::Error(ErrorReply {
+                id: rejected.id.clone(),
+                seq: 0,
+                attempt,
+                error: rejected.error,
+            });
+            answer_rejection(shared, target.map(replier), req, reply).await;
+            return Outcome::Rejected;
+        }
+    };
+    let target = own_reply
+        .clone()
+        .or_else(|| wire.reply_to.clone().map(Subject::from));
+    let Some(target) = target else {
+        shared
+            .stats
+            .no_reply_subject
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            id = wire.id.as_deref().unwrap_or(""),
+            "a request with neither a reply subject nor reply_to: nothing to answer, dropped"
+        );
+        return Outcome::Rejected;
+    };
+    let out = replier(target);
+    let wire_id = wire.id.clone();
+    let accepted = match wire.accept(new_request_id) {
+        Ok(a) => a,
+        Err(error) => {
+            let reply = Reply::Error(ErrorReply {
+                id: wire_id,
+                seq: 0,
+                attempt,
+                error,
+            });
+            answer_rejection(shared, Some(out), req, reply).await;
+            return Outcome::Rejected;
+        }
+    };
+    let id = accepted.request.id.clone();
+    if shared.log_prompts {
+        tracing::info!(%id, prompt = ?accepted.request.prompt, "prompt");
+    }
+    let mut replies = ReplyStream::new(id.clone(), attempt, accepted.stream);
+    let _guard = match shared.register(&id) {
+        Ok(g) => g,
+        Err(error) if inc.durable.is_some() && error.code != ErrorCode::Internal => {
+            tracing::debug!(%id, message = %error.message, "job given back");
+            return Outcome::Busy;
+        }
+        Err(error) => {
+            let reply = replies.error(error);
+            answer_rejection(shared, Some(out), req, reply).await;
+            return Outcome::Rejected;
+        }
+    };
+    let cancelled_early = shared
+        .recent_cancels
+        .lock()
+        .map(|mut c| c.take(&id, Instant::now()))
+        .unwrap_or(false);
+    if cancelled_early {
+        shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+        let reply = replies.aborted_before_start();
+        if let Err(e) = out.send(req, &reply).await {
+            shared
+                .stats
+                .publish_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%id, error = %e, "answering a request cancelled before it started");
+        }
+        return Outcome::Done;
+    }
+
+    tracing::debug!(%id, stream = accepted.stream, attempt, "request accepted");
+    let mut events = shared.engine.generate(accepted.request);
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let timeout_at = accepted
+        .timeout_ms
+        .map_or(far, |ms| Instant::now() + Duration::from_millis(ms));
+    let mut grace_at: Option<Instant> = None;
+    loop {
+        let mut reply = tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => match replies.on_event(ev) {
+                    Some(r) => r,
+                    None => continue,
+                },
+                None => replies.error(ErrorBody::new(
+                    ErrorCode::Internal,
+                    "the engine stopped before the request finished",
+                )),
+            },
+            _ = tokio::time::sleep_until(timeout_at), if grace_at.is_none() => {
+                tracing::debug!(%id, "timeout_ms expired: aborting");
+                shared.engine.cancel(&id).await;
+                grace_at = Some(Instant::now() + ABORT_GRACE);
+                continue;
+            }
+            _ = tokio::time::sleep_until(grace_at.unwrap_or(far)), if grace_at.is_some() => {
+                replies.error(ErrorBody::new(
+                    ErrorCode::Timeout,
+                    "timeout_ms expired and the engine did not confirm the abort in time",
+                ))
+            }
+        };
+        let mut failed = None;
+        if let Some(durable) = inc.durable {
+            match &mut reply {
+                // Aborted by a shutdown past its drain timeout: another engine takes it.
+                Reply::Chunk(c)
+                    if c.finish_reason == Some(FinishReason::Abort)
+                        && shared.requeue_aborts.load(Ordering::Relaxed) =>
+                {
+                    return Outcome::Retry("aborted by the engine's shutdown".into());
+                }
+                Reply::Error(e) if e.error.code == ErrorCode::Internal => {
+                    // A job on a failing engine is given back, never answered from here.
+                    if !durable.last_attempt || shared.engine.supervisor().is_failed() {
+                        return Outcome::Retry(e.error.message.clone());
+                    }
+                    let reason = format!("attempt {attempt} failed: {}", e.error.message);
+                    e.error = ErrorBody::new(ErrorCode::Failed, reason.clone());
+                    failed = Some(reason);
+                }
+                _ => {}
+            }
+        }
+        let is_final = reply.is_final();
+        if let Err(e) = out.send(req, &reply).await {
+            shared
+                .stats
+                .publish_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%id, error = %e, "cannot deliver a reply; aborting the request");
+            if !is_final {
+                shared.engine.cancel(&id).await;
+            }
+            return match failed {
+                Some(reason) => Outcome::Failed(reason),
+                None => Outcome::Retry(format!("cannot deliver a reply: {e}")),
+            };
+        }
+        if is_final {
+            count_final(&shared.stats, &reply);
+            return match failed {
+                Some(reason) => Outcome::Failed(reason),
+                None => Outcome::Done,
+            };
+        }
+    }
+}
+
+fn count_final(stats: &GatewayStats, reply: &Reply) {
+    match reply {
+        Reply::Chunk(c) => {
+            stats.completed.fetch_add(1, Ordering::Relaxed);
+            if c.finish_reason == Some(FinishReason::Abort) {
+                stats.aborted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Reply::Error(e) => stats.count_error(e.error.code),
+    }
+}
+
+/// Sends the error for a request that was refused before reaching the engine.
+async fn answer_rejection(
+    shared: &Shared,
+    out: Option<Replier>,
+    req: Option<&service::Request>,
+    reply: Reply,
+) {
+    if let Reply::Error(e) = &reply {
+        tracing::debug!(id = ?e.id, code = e.error.code.as_str(), message = %e.error.message, "request refused");
+    }
+    count_final(&shared.stats, &reply);
+    let Some(out) = out else {
+        shared
+            .stats
+            .no_reply_subject
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("an unreadable request without a reply subject: nothing to answer");
+        return;
+    };
+    if let Err(e) = out.send(req, &reply).await {
+        shared
+            .stats
+            .publish_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "cannot deliver an error reply");
+    }
+}
