@@ -581,13 +581,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let health = metrics.as_ref().map(|m| m.health.clone());
         if let Some(h) = &health {
             h.set_ready();
-            // A dead actor turns /health to 503 at once.
+            // A dead actor turns /health to 503 at once, before any client hears of it.
             let h = h.clone();
-            let supervisor = engine.supervisor().clone();
-            actix::spawn(async move {
-                supervisor.failed().await;
-                h.set_failed();
-            });
+            engine.supervisor().on_failure(move |_, _| h.set_failed());
         }
         let shutdown = async move {
             pagoda::gateway::shutdown_signal().await;

@@ -218,7 +218,13 @@ fn a_storm_of_requests_cancels_stops_and_timeouts_ends_every_stream_exactly_once
 fn a_request_that_cannot_be_sampled_fails_alone() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut serve = Serve::spawn("engine", &nats.url(), dir.path(), &[], &[]);
+    let mut serve = Serve::spawn(
+        "engine",
+        &nats.url(),
+        dir.path(),
+        &[],
+        &[("PAGODA_FAULT_INJECTION", "1")],
+    );
     serve.wait_for_log("serving");
     let rt = runtime();
     rt.block_on(async {
@@ -244,11 +250,14 @@ fn a_request_that_cannot_be_sampled_fails_alone() {
             c.check_one_final().expect("a normal request");
             alone.push(c.token_ids());
         }
-        // Together, with a poison request in the middle of the batch: every token id is a
-        // stop token and at least one token must be generated, so nothing can be sampled.
+        // Together, with two poison requests in the middle of the batch: in one, every
+        // token id is a stop token and at least one token must be generated, so nothing can
+        // be sampled (the request's fault); the other's logits are NaN (the test-only fault
+        // hook; the engine's fault).
         let mut poison = greedy("poison", "The capital of France is", 24);
         poison.params.min_tokens = 1;
         poison.params.stop_token_ids = (0..49152).collect();
+        let nan = greedy("pagoda-fault:nan_logits", "The capital of France is", 24);
         let mut tasks = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
             let c = client.clone();
@@ -258,16 +267,28 @@ fn a_request_that_cannot_be_sampled_fails_alone() {
                 replies::request(&c, GENERATE, &req, t, linger).await
             }));
             if i == 3 {
-                let client = client.clone();
-                let poison = poison.clone();
-                tasks.push(tokio::spawn(async move {
-                    replies::request(&client, GENERATE, &poison, t, linger).await
-                }));
+                for bad in [poison.clone(), nan.clone()] {
+                    let client = client.clone();
+                    tasks.push(tokio::spawn(async move {
+                        replies::request(&client, GENERATE, &bad, t, linger).await
+                    }));
+                }
             }
         }
         let mut got = Vec::new();
         for task in tasks {
             got.push(task.await.expect("task"));
+        }
+        let nan_poisoned = got.remove(5);
+        nan_poisoned
+            .check_one_final()
+            .expect("the NaN request ends once");
+        match nan_poisoned.last() {
+            Some(Reply::Error(e)) => {
+                assert_eq!(e.error.code, ErrorCode::Internal, "{e:?}");
+                assert!(e.error.message.contains("logits"), "{e:?}");
+            }
+            other => panic!("the NaN request should fail, got {other:?}"),
         }
         let poisoned = got.remove(4);
         poisoned
@@ -294,6 +315,63 @@ fn a_request_that_cannot_be_sampled_fails_alone() {
                 "neighbour {i} differs from its run alone"
             );
         }
+        assert_idle_pool(&client).await;
+    });
+    serve.assert_alive();
+}
+
+#[test]
+fn a_failed_forward_pass_ends_its_step_and_the_engine_goes_on() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut serve = Serve::spawn(
+        "engine",
+        &nats.url(),
+        dir.path(),
+        &[],
+        &[("PAGODA_FAULT_INJECTION", "1")],
+    );
+    serve.wait_for_log("serving");
+    let rt = runtime();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let t = Duration::from_secs(60);
+        let linger = Duration::from_millis(300);
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            let c = client.clone();
+            let mut req = greedy(&format!("running-{i}"), "Tell me a long story.", 300);
+            req.params.ignore_eos = true;
+            tasks.push(tokio::spawn(async move {
+                replies::request(&c, GENERATE, &req, t, linger).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let c = client.clone();
+        let bad = greedy("pagoda-fault:forward_error", "Hello", 8);
+        tasks.push(tokio::spawn(async move {
+            replies::request(&c, GENERATE, &bad, t, linger).await
+        }));
+        for task in tasks {
+            let got = task.await.expect("task");
+            got.check_one_final().expect("ends once");
+            match got.last() {
+                Some(Reply::Error(e)) => {
+                    assert_eq!(e.error.code, ErrorCode::Internal, "{}: {e:?}", got.id);
+                    assert!(e.error.message.contains("forward pass"), "{e:?}");
+                }
+                other => panic!("{} should fail with its step: {other:?}", got.id),
+            }
+        }
+        // The engine goes on.
+        let after =
+            replies::request(&client, GENERATE, &greedy("after", "Hello", 8), t, linger).await;
+        after.check_one_final().expect("ends once");
+        assert!(
+            matches!(after.last(), Some(Reply::Chunk(c)) if c.finish_reason.is_some()),
+            "{:?}",
+            after.last()
+        );
         assert_idle_pool(&client).await;
     });
     serve.assert_alive();

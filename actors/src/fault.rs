@@ -2,13 +2,17 @@
 //! (the workspace's tests turn it on through a dev-dependency; `cargo build --release`
 //! never has it). Without the feature every function here is an empty inline call.
 //!
-//! A request whose id is `pagoda-fault:<kind>` arms a fault for its sequence:
+//! Even then faults are armed only in a process started with `PAGODA_FAULT_INJECTION=1`,
+//! so a test can fault one engine and let another, without the variable, serve the same
+//! request. A request whose id is `pagoda-fault:<kind>` arms a fault for its sequence:
 //!
 //! - `pagoda-fault:panic:<actor>` — that actor panics when it handles the sequence
 //!   (`tokenizer` at submission, `detokenizer` at registration, `scheduler` at admission,
 //!   `block_manager` at the step that admits it, `executor` at the step that runs it);
 //! - `pagoda-fault:nan_logits` — the executor fills the sequence's logits with NaN, a
-//!   failure that belongs to that sequence alone.
+//!   failure that belongs to that sequence alone;
+//! - `pagoda-fault:forward_error` — the executor fails the whole step that runs the
+//!   sequence for the first time, as a failed forward pass would.
 
 use crate::messages::SeqId;
 
@@ -29,6 +33,7 @@ mod imp {
     enum Fault {
         Panic(String),
         NanLogits,
+        ForwardError,
     }
 
     fn armed() -> std::sync::MutexGuard<'static, HashMap<SeqId, Fault>> {
@@ -39,13 +44,22 @@ mod imp {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    fn switched_on() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var("PAGODA_FAULT_INJECTION").is_ok_and(|v| v == "1"))
+    }
+
     pub fn arm(request_id: &str, seq_id: SeqId) {
         let Some(spec) = request_id.strip_prefix(PREFIX) else {
             return;
         };
+        if !switched_on() {
+            return;
+        }
         let fault = match spec.strip_prefix("panic:") {
             Some(actor) => Fault::Panic(actor.to_owned()),
             None if spec == "nan_logits" => Fault::NanLogits,
+            None if spec == "forward_error" => Fault::ForwardError,
             None => return,
         };
         tracing::warn!(request_id, seq_id, ?fault, "fault armed (test build)");
@@ -76,6 +90,20 @@ mod imp {
 
     pub fn nan_logits(seq_id: SeqId) -> bool {
         armed().get(&seq_id) == Some(&Fault::NanLogits)
+    }
+
+    pub fn forward_error(seq_ids: &mut dyn Iterator<Item = SeqId>) -> Option<SeqId> {
+        let mut map = armed();
+        if map.is_empty() {
+            return None;
+        }
+        for id in seq_ids {
+            if map.get(&id) == Some(&Fault::ForwardError) {
+                map.remove(&id);
+                return Some(id);
+            }
+        }
+        None
     }
 
     pub fn disarm(seq_id: SeqId) {
@@ -110,6 +138,19 @@ pub fn nan_logits(seq_id: SeqId) -> bool {
     {
         let _ = seq_id;
         false
+    }
+}
+
+/// The sequence of `seq_ids` for which the step must fail as a whole, once (test builds
+/// only).
+#[inline(always)]
+pub fn forward_error(seq_ids: impl Iterator<Item = SeqId>) -> Option<SeqId> {
+    #[cfg(feature = "fault-injection")]
+    return imp::forward_error(&mut { seq_ids });
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = seq_ids;
+        None
     }
 }
 

@@ -42,10 +42,19 @@ pub struct Supervisor {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     streams: Option<Streams>,
     state: watch::Sender<Health>,
+    /// Called once, first thing, when an actor dies (e.g. `/health` turns 503).
+    on_failure: std::sync::Mutex<Vec<Box<dyn Fn(&str, &str) + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("health", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Supervisor {
@@ -55,8 +64,25 @@ impl Supervisor {
         install_panic_hook();
         let (state, _) = watch::channel(Health::Running);
         Self {
-            inner: Arc::new(Inner { streams, state }),
+            inner: Arc::new(Inner {
+                streams,
+                state,
+                on_failure: Default::default(),
+            }),
         }
+    }
+
+    /// Runs `f(actor, reason)` when an actor dies, before any stream is ended (at once if
+    /// one already has).
+    pub fn on_failure(&self, f: impl Fn(&str, &str) + Send + Sync + 'static) {
+        if let Health::Failed { actor, reason } = self.health() {
+            f(&actor, &reason);
+        }
+        self.inner
+            .on_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(f));
     }
 
     /// The guard an actor keeps for its whole life.
@@ -90,6 +116,15 @@ impl Supervisor {
         tracing::error!(actor, reason, "an actor died; the engine stops serving");
         if !first {
             return;
+        }
+        for f in self
+            .inner
+            .on_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            f(actor, reason);
         }
         if let Some(streams) = &self.inner.streams {
             let n = streams.fail_all(ErrorBody::new(

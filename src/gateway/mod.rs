@@ -272,10 +272,18 @@ pub async fn serve(
     }
     tracing::info!(stats = %stats.snapshot(0), "stopped");
     match failure {
-        Some((actor, reason)) => Err(GatewayError::EngineFailed { actor, reason }),
+        Some((actor, reason)) => {
+            // Keep answering /health (503) and /metrics a moment, so that health checks
+            // and a last scrape see the failure before the process is gone.
+            tokio::time::sleep(FAILED_LINGER).await;
+            Err(GatewayError::EngineFailed { actor, reason })
+        }
         None => Ok(stats),
     }
 }
+
+/// How long a failed engine stays up (serving 503 on /health) after its last reply.
+const FAILED_LINGER: Duration = Duration::from_secs(1);
 
 /// How long the request tasks get to publish their error replies after an engine failure.
 const FAILED_DRAIN: Duration = Duration::from_secs(2);

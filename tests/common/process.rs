@@ -19,8 +19,8 @@ pub struct Serve {
 }
 
 impl Serve {
-    /// Runs `pagoda serve --nats-url URL --metrics-listen "" EXTRA_ARGS` in the repository
-    /// root with `RUST_LOG=info`, no periodic stats line, and `env` on top; logs to
+    /// Runs `pagoda serve --nats-url URL --metrics-listen "" EXTRA_ARGS` (no metrics
+    /// listener unless EXTRA_ARGS or `env` set one) in the repository root with `RUST_LOG=info`, no periodic stats line, and `env` on top; logs to
     /// `dir/NAME.log`.
     pub fn spawn(
         name: &str,
@@ -32,8 +32,17 @@ impl Serve {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("create a log file");
         let err = out.try_clone().expect("clone the log file");
+        // No metrics listener unless the caller asks for one.
+        let metrics_off: &[&str] = if extra_args.contains(&"--metrics-listen")
+            || env.iter().any(|(k, _)| *k == "PAGODA_METRICS__LISTEN")
+        {
+            &[]
+        } else {
+            &["--metrics-listen", ""]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_pagoda"))
-            .args(["serve", "--nats-url", url, "--metrics-listen", ""])
+            .args(["serve", "--nats-url", url])
+            .args(metrics_off)
             .args(extra_args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("RUST_LOG", "info")

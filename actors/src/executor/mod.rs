@@ -126,6 +126,11 @@ impl Executor {
         for id in &released {
             self.seqs.remove(id);
         }
+        if let Some(id) = fault::forward_error(batch.seqs.iter().map(|s| s.seq_id)) {
+            return Err(format!(
+                "injected fault: the forward pass of a step with sequence {id} failed"
+            ));
+        }
         let vocab = self.model.config.vocab_size;
         for s in &batch.seqs {
             if let Some(new) = &s.new_seq {
