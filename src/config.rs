@@ -16,6 +16,62 @@ pub struct Config {
     pub intake: IntakeConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub placement: PlacementConfig,
+}
+
+/// Which actors `pagoda serve` runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// All five actors in this process (the actors talk without serialization).
+    #[default]
+    All,
+    /// The NATS edge, tokenizer and detokenizer; sequences go to engine processes.
+    Frontend,
+    /// Scheduler, block manager and executor; sequences come from frontend processes.
+    Engine,
+}
+
+/// The `[placement]` section: one process, or frontends and engines over NATS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementConfig {
+    pub role: Role,
+    /// Frontends and engines announce themselves this often (ms).
+    pub heartbeat_interval_ms: u64,
+    /// A peer silent for this long is gone: its sequences end (ms).
+    pub peer_timeout_ms: u64,
+    /// A frontend's call to an engine (new sequence, finish) gives up after this long (ms).
+    pub call_timeout_ms: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            role: Role::All,
+            heartbeat_interval_ms: 250,
+            peer_timeout_ms: 1000,
+            call_timeout_ms: 2000,
+        }
+    }
+}
+
+impl PlacementConfig {
+    pub fn validate(&self) -> Result<(), pagoda_actors::config::ConfigError> {
+        let err = |m: &str| Err(pagoda_actors::config::ConfigError(m.to_owned()));
+        if self.heartbeat_interval_ms == 0 {
+            return err("placement.heartbeat_interval_ms must be at least 1");
+        }
+        if self.peer_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return err(
+                "placement.peer_timeout_ms must be at least twice placement.heartbeat_interval_ms",
+            );
+        }
+        if self.call_timeout_ms == 0 {
+            return err("placement.call_timeout_ms must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 /// The `[metrics]` section: the HTTP listener of `pagoda serve` (`/metrics`, `/health`).
@@ -525,6 +581,7 @@ impl Config {
         self.engine.validate()?;
         self.nats.validate()?;
         self.intake.validate()?;
+        self.placement.validate()?;
         let err = |m: String| Err(pagoda_actors::config::ConfigError(m).into());
         if !self.metrics.listen.is_empty() && !self.metrics.listen.contains(':') {
             return err(format!(

@@ -8,3 +8,4 @@ pub mod gateway;
 pub mod intake;
 pub mod metrics;
 pub mod nats;
+pub mod placement;

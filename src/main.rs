@@ -51,6 +51,11 @@ struct ServeArgs {
     /// <prefix>.jobs.generate (intake.mode).
     #[arg(long, value_enum)]
     intake: Option<pagoda::config::IntakeMode>,
+    /// Which actors this process runs (placement.role): all of them, the NATS edge with
+    /// tokenizer and detokenizer (frontend), or scheduler, block manager and executor
+    /// (engine). Frontends and engines find each other on the bus.
+    #[arg(long, value_enum)]
+    role: Option<pagoda::config::Role>,
 }
 
 #[derive(Args)]
@@ -309,6 +314,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(mode) = args.intake {
                 config.intake.mode = mode;
             }
+            if let Some(role) = args.role {
+                config.placement.role = role;
+            }
             config.validate()?;
             serve(config)
         }
@@ -549,6 +557,7 @@ fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
+    use pagoda::config::Role;
     runtime().block_on(async move {
         // The listener comes first, so that /health answers 503 while the model loads.
         let metrics = if config.metrics.listen.is_empty() {
@@ -557,46 +566,118 @@ fn serve(config: Config) -> anyhow::Result<()> {
             let handle = pagoda::metrics::install_recorder(config.engine.model.max_model_len)?;
             Some(pagoda::metrics::MetricsServer::start(&config.metrics.listen, handle).await?)
         };
-        let engine = load_engine(&config.engine)?;
-        if config.log.stats_interval_s > 0 {
-            pagoda::metrics::spawn_stats_logger(
-                engine.clone(),
-                std::time::Duration::from_secs(config.log.stats_interval_s),
-            );
-        }
-        let nats =
-            pagoda::nats::connect(&config.nats, pagoda::nats::InitialConnect::FromConfig).await?;
-        eprintln!(
-            "pagoda {} serving {} on {} ({}.generate)",
-            env!("CARGO_PKG_VERSION"),
-            engine.info.model_path,
-            config.nats.url,
-            config.nats.subject_prefix
-        );
-        let mut gateway = pagoda::gateway::GatewayConfig::from(&config.nats);
-        gateway.log_prompts = config.log.prompts;
-        if config.intake.mode == pagoda::config::IntakeMode::Jetstream {
-            gateway.intake = Some(config.intake.clone());
-        }
         let health = metrics.as_ref().map(|m| m.health.clone());
-        if let Some(h) = &health {
-            h.set_ready();
-            // A dead actor turns /health to 503 at once, before any client hears of it.
-            let h = h.clone();
-            engine.supervisor().on_failure(move |_, _| h.set_failed());
+        match config.placement.role {
+            Role::All | Role::Frontend => serve_frontend(&config, health).await?,
+            Role::Engine => serve_engine(&config, health).await?,
         }
-        let shutdown = async move {
-            pagoda::gateway::shutdown_signal().await;
-            if let Some(h) = health {
-                h.set_draining();
-            }
-        };
-        pagoda::gateway::serve(engine, nats, gateway, shutdown).await?;
         if let Some(m) = metrics {
             m.stop();
         }
         Ok(())
     })
+}
+
+/// `--role all` (the whole engine here) or `--role frontend` (the NATS edge, tokenizer and
+/// detokenizer; the rest in engine processes): the NATS front door.
+async fn serve_frontend(
+    config: &Config,
+    health: Option<pagoda::metrics::Health>,
+) -> anyhow::Result<()> {
+    let nats =
+        pagoda::nats::connect(&config.nats, pagoda::nats::InitialConnect::FromConfig).await?;
+    let engine = match config.placement.role {
+        pagoda::config::Role::Frontend => {
+            let router = pagoda::placement::frontend::Router::subscribe(
+                nats.clone(),
+                &config.nats.subject_prefix,
+                &config.engine.model.served_name(),
+                &config.placement,
+            )
+            .await
+            .context("subscribing to the engines' subjects")?;
+            let (engine, outputs) = pagoda_actors::engine::Engine::start_frontend(
+                &config.engine,
+                router.backend.clone(),
+            )
+            .context("starting the frontend")?;
+            router.run(pagoda::placement::frontend::RouterOutputs {
+                tokens: outputs.tokens,
+                ends: outputs.ends,
+            });
+            engine
+        }
+        _ => load_engine(&config.engine)?,
+    };
+    if config.log.stats_interval_s > 0 {
+        pagoda::metrics::spawn_stats_logger(
+            engine.clone(),
+            std::time::Duration::from_secs(config.log.stats_interval_s),
+        );
+    }
+    eprintln!(
+        "pagoda {} serving {} on {} ({}.generate{})",
+        env!("CARGO_PKG_VERSION"),
+        engine.info.model_path,
+        config.nats.url,
+        config.nats.subject_prefix,
+        match config.placement.role {
+            pagoda::config::Role::Frontend => ", as a frontend",
+            _ => "",
+        }
+    );
+    let mut gateway = pagoda::gateway::GatewayConfig::from(&config.nats);
+    gateway.log_prompts = config.log.prompts;
+    if config.intake.mode == pagoda::config::IntakeMode::Jetstream {
+        gateway.intake = Some(config.intake.clone());
+    }
+    if let Some(h) = &health {
+        h.set_ready();
+        // A dead actor turns /health to 503 at once, before any client hears of it.
+        let h = h.clone();
+        engine.supervisor().on_failure(move |_, _| h.set_failed());
+    }
+    let shutdown = async move {
+        pagoda::gateway::shutdown_signal().await;
+        if let Some(h) = health {
+            h.set_draining();
+        }
+    };
+    pagoda::gateway::serve(engine, nats, gateway, shutdown).await?;
+    Ok(())
+}
+
+/// `--role engine`: scheduler, block manager and executor, serving the frontends.
+async fn serve_engine(
+    config: &Config,
+    health: Option<pagoda::metrics::Health>,
+) -> anyhow::Result<()> {
+    let nats =
+        pagoda::nats::connect(&config.nats, pagoda::nats::InitialConnect::FromConfig).await?;
+    let ready_health = health.clone();
+    let shutdown = async move {
+        pagoda::gateway::shutdown_signal().await;
+        if let Some(h) = health {
+            h.set_draining();
+        }
+    };
+    pagoda::placement::engine::serve(
+        &config.engine,
+        &config.placement,
+        nats,
+        &config.nats.subject_prefix,
+        std::time::Duration::from_millis(config.nats.drain_timeout_ms),
+        move |supervisor| {
+            if let Some(h) = ready_health {
+                h.set_ready();
+                let h = h.clone();
+                supervisor.on_failure(move |_, _| h.set_failed());
+            }
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(())
 }
 
 /// Starts the engine, with a spinner on stderr while the model loads when stderr is a

@@ -247,6 +247,7 @@ impl EngineCore {
 
 /// What a frontend sends its sequences to: a core in this process, or a router to cores in
 /// other processes.
+#[derive(Clone)]
 pub struct Backend {
     pub add: Recipient<AddSequence>,
     pub finish: Recipient<FinishSequence>,
@@ -310,16 +311,17 @@ impl Engine {
     }
 
     /// Starts a frontend alone (tokenizer and detokenizer), its sequences going to
-    /// `backend`. `max_model_len` is the longest sequence it accepts (the cores check
-    /// their own limit again). Must run inside an actix `System`.
+    /// `backend`; returns it with the detokenizer's recipients, where the engines' results
+    /// must go. It accepts sequences up to the model's context length (each engine checks
+    /// its own KV capacity again). Must run inside an actix `System`.
     pub fn start_frontend(
         cfg: &EngineConfig,
         backend: Backend,
-        max_model_len: usize,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<(Self, CoreOutputs), EngineError> {
         cfg.validate()?;
         let path = Path::new(&cfg.model.path);
         let files = ModelFiles::open(path)?;
+        let max_model_len = files.model_len(cfg);
         let info = Arc::new(EngineInfo {
             model_path: cfg.model.path.clone(),
             architecture: files.model_cfg.architecture.clone(),
@@ -331,7 +333,22 @@ impl Engine {
         });
         let streams = Streams::new();
         let supervisor = Supervisor::new(Some(streams.clone()));
-        Self::start_parts(cfg, files, info, backend, streams, supervisor, None)
+        let detok_ctx = Context::<DetokenizerActor>::new();
+        let detok = detok_ctx.address();
+        let engine = Self::start_parts(
+            cfg,
+            files,
+            info,
+            backend,
+            streams,
+            supervisor,
+            Some(detok_ctx),
+        )?;
+        let outputs = CoreOutputs {
+            tokens: detok.clone().recipient(),
+            ends: detok.recipient(),
+        };
+        Ok((engine, outputs))
     }
 
     fn start_parts(

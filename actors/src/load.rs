@@ -16,6 +16,7 @@ pub struct EngineLoad {
     waiting: AtomicUsize,
     free_blocks: AtomicUsize,
     num_blocks: AtomicUsize,
+    engines: AtomicUsize,
 }
 
 /// A copy of [`EngineLoad`] at one moment.
@@ -25,6 +26,8 @@ pub struct LoadSnapshot {
     pub num_waiting: usize,
     pub num_free_blocks: usize,
     pub num_blocks: usize,
+    /// Engines behind these numbers (1 for an engine; the live engines for a frontend).
+    pub num_engines: usize,
 }
 
 impl EngineLoad {
@@ -33,8 +36,18 @@ impl EngineLoad {
         Self {
             free_blocks: AtomicUsize::new(num_blocks),
             num_blocks: AtomicUsize::new(num_blocks),
+            engines: AtomicUsize::new(1),
             ..Self::default()
         }
+    }
+
+    /// Replaces every counter (a frontend publishing what its engines announced).
+    pub fn set(&self, s: &LoadSnapshot) {
+        self.running.store(s.num_running, Ordering::Relaxed);
+        self.waiting.store(s.num_waiting, Ordering::Relaxed);
+        self.free_blocks.store(s.num_free_blocks, Ordering::Relaxed);
+        self.num_blocks.store(s.num_blocks, Ordering::Relaxed);
+        self.engines.store(s.num_engines, Ordering::Relaxed);
     }
 
     pub fn store(&self, stats: &SchedulerStats) {
@@ -54,6 +67,7 @@ impl EngineLoad {
             num_waiting: self.waiting.load(Ordering::Relaxed),
             num_free_blocks: self.free_blocks.load(Ordering::Relaxed),
             num_blocks: self.num_blocks.load(Ordering::Relaxed),
+            num_engines: self.engines.load(Ordering::Relaxed),
         }
     }
 }

@@ -42,11 +42,14 @@ pub struct Supervisor {
     inner: Arc<Inner>,
 }
 
+/// Called with the dead actor's name and the reason.
+type FailureHook = Box<dyn Fn(&str, &str) + Send + Sync>;
+
 struct Inner {
     streams: Option<Streams>,
     state: watch::Sender<Health>,
     /// Called once, first thing, when an actor dies (e.g. `/health` turns 503).
-    on_failure: std::sync::Mutex<Vec<Box<dyn Fn(&str, &str) + Send + Sync>>>,
+    on_failure: std::sync::Mutex<Vec<FailureHook>>,
 }
 
 impl std::fmt::Debug for Inner {

@@ -297,6 +297,7 @@ fn engine_json(engine: &Engine) -> serde_json::Value {
         "num_waiting": load.num_waiting,
         "num_free_blocks": load.num_free_blocks,
         "num_blocks": load.num_blocks,
+        "num_engines": load.num_engines,
     })
 }
 
