@@ -102,19 +102,52 @@ async fn assert_idle_pool(nats: &async_nats::Client) {
 
 #[test]
 fn a_storm_of_requests_cancels_stops_and_timeouts_ends_every_stream_exactly_once() {
+    storm(false);
+}
+
+/// The same storm against a frontend and an engine in two processes: cancels, stop
+/// strings and stream ends cross NATS between them.
+#[test]
+fn the_storm_through_a_frontend_and_an_engine() {
+    storm(true);
+}
+
+fn storm(split: bool) {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut serve = Serve::spawn(
-        "engine",
-        &nats.url(),
-        dir.path(),
-        &[],
-        &[
-            ("PAGODA_SCHEDULER__MAX_WAITING", "1024"),
-            ("PAGODA_SCHEDULER__MAX_NUM_SEQS", "64"),
-        ],
-    );
-    serve.wait_for_log("serving");
+    let env = [
+        ("PAGODA_SCHEDULER__MAX_WAITING", "1024"),
+        ("PAGODA_SCHEDULER__MAX_NUM_SEQS", "64"),
+    ];
+    let mut procs = Vec::new();
+    if split {
+        let mut engine = Serve::spawn(
+            "engine",
+            &nats.url(),
+            dir.path(),
+            &["--role", "engine"],
+            &env,
+        );
+        engine.wait_for_log("serving as an engine");
+        let mut frontend = Serve::spawn(
+            "frontend",
+            &nats.url(),
+            dir.path(),
+            &["--role", "frontend"],
+            &env,
+        );
+        frontend.wait_for_log("frontend routing to engines");
+        procs.push(engine);
+        procs.push(frontend);
+    } else {
+        let mut serve = Serve::spawn("engine", &nats.url(), dir.path(), &[], &env);
+        serve.wait_for_log("serving");
+        procs.push(serve);
+    }
+    let rt = runtime();
+    if split {
+        rt.block_on(wait_one_engine(&nats.url()));
+    }
     let rt = runtime();
     let results: Vec<(Collected, bool)> = rt.block_on(async {
         let client = async_nats::connect(nats.url()).await.expect("connect");
@@ -179,9 +212,28 @@ fn a_storm_of_requests_cancels_stops_and_timeouts_ends_every_stream_exactly_once
             out.push(t.await.expect("request task"));
         }
         assert_idle_pool(&client).await;
+        if split {
+            // The engine forgot every frontend sequence too.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let stats =
+                    replies::service_stats(&client, "pagoda-engine", Duration::from_millis(300))
+                        .await;
+                if !stats.is_empty() && stats.values().all(|d| d["sequences_mapped"] == 0) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "engine still maps sequences: {stats:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         out
     });
-    serve.assert_alive();
+    for p in &mut procs {
+        p.assert_alive();
+    }
     let mut problems = Vec::new();
     let mut by_outcome: HashMap<String, usize> = HashMap::new();
     for (c, _) in &results {
@@ -196,7 +248,7 @@ fn a_storm_of_requests_cancels_stops_and_timeouts_ends_every_stream_exactly_once
         };
         *by_outcome.entry(key).or_default() += 1;
     }
-    eprintln!("storm outcomes: {by_outcome:?}");
+    eprintln!("storm outcomes (split: {split}): {by_outcome:?}");
     assert!(
         problems.is_empty(),
         "{} of {} streams broke the one-final rule; first: {:#?}",
@@ -212,6 +264,26 @@ fn a_storm_of_requests_cancels_stops_and_timeouts_ends_every_stream_exactly_once
         aborted >= 64,
         "cancels had too little effect: {aborted} aborted of 256 cancelled ({by_outcome:?})"
     );
+}
+
+/// Waits until a frontend routes to an engine.
+async fn wait_one_engine(url: &str) {
+    let client = async_nats::connect(url).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = replies::service_stats(&client, "pagoda", Duration::from_millis(300)).await;
+        if stats
+            .values()
+            .any(|d| d["engine"]["num_engines"].as_u64() == Some(1))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no engine behind the frontend: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[test]
