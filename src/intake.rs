@@ -20,7 +20,7 @@ use pagoda_actors::protocol::{
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{IntakeConfig, StreamStorage};
-use crate::gateway::{message_format, process, Durable, Incoming, Outcome, Shared};
+use crate::request::{message_format, process, Durable, Incoming, Outcome, Shared};
 
 /// Header of a dead letter: why the job failed.
 pub const DEAD_REASON_HEADER: &str = "Pagoda-Dead-Reason";

@@ -9,3 +9,4 @@ pub mod intake;
 pub mod metrics;
 pub mod nats;
 pub mod placement;
+pub mod request;

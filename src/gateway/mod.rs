@@ -7,16 +7,13 @@
 //! on `<prefix>.cancel`, a plain subscription that every engine sees. `docs/protocol.md`
 //! is the reference for what travels.
 //!
-//! - `reply.rs`: the pure parts (numbering replies, early cancels), unit-tested;
-//! - `request.rs`: the per-request path, shared with the JetStream intake (`intake.rs`);
-//! - here: the service itself — subscriptions, cancels, shutdown.
+//! The per-request path it shares with the JetStream intake is `crate::request`; here is
+//! the service itself — subscriptions, cancels, shutdown.
 
-mod reply;
-mod request;
-
-pub use reply::{message_format, RecentCancels, ReplyStream};
-pub(crate) use request::{process, Durable, Incoming, Outcome, Shared};
-pub use request::{GatewayStats, ABORT_GRACE, PUBLISH_TIMEOUT};
+pub use crate::request::{
+    message_format, GatewayStats, RecentCancels, ReplyStream, ABORT_GRACE, PUBLISH_TIMEOUT,
+};
+use crate::request::{process, Incoming, Shared};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,7 +28,7 @@ use pagoda_actors::protocol::{CancelReply, CancelRequest, ErrorBody, ErrorCode, 
 use tokio::time::Instant;
 
 use crate::config::{IntakeConfig, NatsConfig};
-use request::{Replier, ATTEMPT};
+use crate::request::{Replier, ATTEMPT};
 
 /// The micro service's name (`$SRV.PING.pagoda`).
 pub const SERVICE_NAME: &str = "pagoda";

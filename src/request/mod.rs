@@ -1,6 +1,12 @@
-//! The per-request path both intakes share (core NATS requests and JetStream jobs): decode
-//! → validate → [`Engine::generate`] → one reply per engine step to the reply subject, with
-//! the counters and the in-flight registry every request task uses.
+//! The per-request path both intakes share — core NATS requests (`crate::gateway`) and
+//! JetStream jobs (`crate::intake`): decode → validate → [`Engine::generate`] → one reply
+//! per engine step to the reply subject, with the counters and the in-flight registry
+//! every request task uses. Both intakes build on this module; neither imports the other's
+//! request handling.
+
+mod reply;
+
+pub use reply::{message_format, RecentCancels, ReplyStream};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,8 +22,6 @@ use pagoda_actors::protocol::{
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-use super::reply::{message_format, RecentCancels, ReplyStream};
 
 /// One publish may wait this long for room in the connection's buffer (the connection is
 /// down and the buffer full) before the request is given up.
