@@ -15,7 +15,7 @@ use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
 use pagoda_actors::protocol::{
-    decode_request, ErrorBody, ErrorCode, ErrorReply, Reply, WireFormat,
+    check_reply_subject, decode_request, ErrorBody, ErrorCode, ErrorReply, Reply, WireFormat,
 };
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -242,10 +242,11 @@ impl IntakeDrain {
     }
 }
 
-/// How many jobs the engine has room for now: free slots, but none while the scheduler
-/// already has requests waiting and its KV cache is (nearly) full.
+/// How many jobs the engine has room for now: free slots, but none while the waiting
+/// queue is full, or while requests wait and the KV cache is (nearly) full.
 async fn room(shared: &Shared, free_slots: usize) -> usize {
-    if shared.engine.supervisor().is_failed() {
+    // A full waiting queue would refuse the job; a failed engine cannot run it.
+    if shared.engine.supervisor().is_failed() || shared.engine.is_full() {
         return 0;
     }
     match shared.engine.scheduler_stats().await {
@@ -463,6 +464,29 @@ async fn watch_exhausted(
                 continue;
             }
         };
+        if adv.deliveries < ctx.max_deliver {
+            tracing::warn!(
+                seq = adv.stream_seq,
+                deliveries = adv.deliveries,
+                "a max-deliveries advisory below intake.max_deliver: ignored"
+            );
+            continue;
+        }
+        let format = message_format(Some(&raw.headers), &raw.payload);
+        let (id, reply_to) = match decode_request(&raw.payload, format) {
+            Ok(w) => (w.id, w.reply_to),
+            Err(r) => (r.id, r.reply_to),
+        };
+        // Whoever published the advisory, a job running here is not dead.
+        if id.as_deref().is_some_and(|id| shared.is_in_flight(id)) {
+            tracing::warn!(
+                seq = adv.stream_seq,
+                id = id.as_deref().unwrap_or(""),
+                "a max-deliveries advisory names a job running on this engine: ignored"
+            );
+            continue;
+        }
+        let reply_to = reply_to.filter(|r| check_reply_subject(r, &shared.prefix).is_ok());
         match stream.delete_message(adv.stream_seq).await {
             Ok(true) => {}
             Ok(false) => continue,
@@ -480,11 +504,6 @@ async fn watch_exhausted(
             adv.deliveries
         );
         tracing::error!(seq = adv.stream_seq, %reason, subject = %ctx.dead_subject, "dead letter");
-        let format = message_format(Some(&raw.headers), &raw.payload);
-        let (id, reply_to) = match decode_request(&raw.payload, format) {
-            Ok(w) => (w.id, w.reply_to),
-            Err(r) => (r.id, r.reply_to),
-        };
         shared.stats.count_error(ErrorCode::Failed);
         match reply_to {
             Some(target) => {

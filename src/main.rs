@@ -619,7 +619,7 @@ async fn serve_frontend(
         "pagoda {} serving {} on {} ({}.generate{})",
         env!("CARGO_PKG_VERSION"),
         engine.info.model_path,
-        config.nats.url,
+        pagoda::nats::redact_url(&config.nats.url),
         config.nats.subject_prefix,
         match config.placement.role {
             pagoda::config::Role::Frontend => ", as a frontend",

@@ -21,6 +21,7 @@ use pagoda_actors::metrics as m;
 pub const NATS_MESSAGES_RECEIVED: &str = "pagoda_nats_messages_received_total";
 pub const NATS_MESSAGES_PUBLISHED: &str = "pagoda_nats_messages_published_total";
 pub const NATS_ERRORS: &str = "pagoda_nats_errors_total";
+pub const NATS_REFUSED_REPLY_SUBJECTS: &str = "pagoda_nats_refused_reply_subjects_total";
 pub const JETSTREAM_REDELIVERIES: &str = "pagoda_jetstream_redeliveries_total";
 
 /// Errors of the metrics listener.
@@ -98,7 +99,12 @@ fn describe_gateway() {
         JETSTREAM_REDELIVERIES,
         "Requests received again from JetStream after an engine failed to finish them."
     );
+    describe_counter!(
+        NATS_REFUSED_REPLY_SUBJECTS,
+        "Requests not answered because their reply subject broke the reply-subject policy."
+    );
     // Present from the start (at 0) so that dashboards and alerts see the series.
+    counter!(NATS_REFUSED_REPLY_SUBJECTS).absolute(0);
     counter!(NATS_MESSAGES_RECEIVED).absolute(0);
     counter!(NATS_MESSAGES_PUBLISHED).absolute(0);
     counter!(JETSTREAM_REDELIVERIES).absolute(0);

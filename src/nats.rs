@@ -35,6 +35,26 @@ pub enum InitialConnect {
     FailFast,
 }
 
+/// `url` without credentials, for logs and errors: `nats://user:secret@host:4222` →
+/// `nats://***@host:4222` (a token URL `nats://tok@host` alike). Several URLs separated
+/// by commas are each redacted.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| {
+            let (scheme, rest) = match u.find("://") {
+                Some(i) => (&u[..i + 3], &u[i + 3..]),
+                None => ("", u),
+            };
+            let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..host_end].rfind('@') {
+                Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
+                None => u.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The reconnect delay before attempt `attempts` (1-based): 0 first, then doubling from
 /// 2 ms up to `max`.
 pub fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
@@ -54,8 +74,9 @@ pub async fn connect(
     let mut addrs = Vec::new();
     for url in cfg.urls() {
         let addr = url.parse::<ServerAddr>().map_err(|e| ConnectError::Url {
-            url: url.clone(),
-            message: e.to_string(),
+            url: redact_url(&url),
+            // The parser's message may quote the URL: never show credentials.
+            message: e.to_string().replace(url.as_str(), &redact_url(&url)),
         })?;
         addrs.push(addr);
     }
@@ -98,7 +119,7 @@ pub async fn connect(
         let name = name.clone();
         async move { log_event(&name, &event) }
     });
-    let urls = cfg.urls().join(",");
+    let urls = redact_url(&cfg.urls().join(","));
     opts.connect(addrs)
         .await
         .map_err(|source| ConnectError::Connect { urls, source })
@@ -146,5 +167,20 @@ mod tests {
         assert_eq!(reconnect_delay(12, max), Duration::from_millis(2048));
         assert_eq!(reconnect_delay(13, max), max);
         assert_eq!(reconnect_delay(usize::MAX, max), max);
+    }
+
+    #[test]
+    fn credentials_never_show() {
+        assert_eq!(
+            redact_url("nats://pagoda:s3cret@nats:4222"),
+            "nats://***@nats:4222"
+        );
+        assert_eq!(redact_url("tls://token@h"), "tls://***@h");
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact_url("nats://a:b@n1:4222,nats://n2:4222,c:d@n3"),
+            "nats://***@n1:4222,nats://n2:4222,***@n3"
+        );
+        assert!(!redact_url("nats://u:p@w@h:1").contains('p'));
     }
 }

@@ -290,12 +290,16 @@ async fn wait_one_engine(url: &str) {
 fn a_request_that_cannot_be_sampled_fails_alone() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
+    // The poison's stop list covers the vocabulary: allow that many stop token ids.
     let mut serve = Serve::spawn(
         "engine",
         &nats.url(),
         dir.path(),
         &[],
-        &[("PAGODA_FAULT_INJECTION", "1")],
+        &[
+            ("PAGODA_FAULT_INJECTION", "1"),
+            ("PAGODA_LIMITS__MAX_STOP_TOKEN_IDS", "65536"),
+        ],
     );
     serve.wait_for_log("serving");
     let rt = runtime();

@@ -275,7 +275,7 @@ fn a_job_whose_engines_all_die_is_a_dead_letter() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let env = [
         ("PAGODA_INTAKE__MAX_DELIVER", "1"),
-        ("RUST_LOG", "info,pagoda::gateway=debug"),
+        ("RUST_LOG", "info,pagoda::request=debug"),
     ];
     let mut engines = [
         spawn_engine("engine-a", &nats.url(), dir.path(), 16, &env),

@@ -1,5 +1,5 @@
-//! Engine configuration: the `[model]`, `[cache]` and `[scheduler]` sections of
-//! `configs/default.toml`. Every field has a default, so a partial file is fine.
+//! Engine configuration: the `[model]`, `[cache]`, `[scheduler]` and `[limits]` sections
+//! of `configs/default.toml`. Every field has a default, so a partial file is fine.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +9,57 @@ pub struct EngineConfig {
     pub model: ModelConfig,
     pub cache: CacheConfig,
     pub scheduler: SchedulerConfig,
+    pub limits: LimitsConfig,
+}
+
+/// How the text of chat messages is tokenized.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatContent {
+    /// As text: a special token's spelling inside a message (`<|im_end|>`) is just text;
+    /// special tokens come only from the chat template.
+    #[default]
+    Literal,
+    /// The spelling of a special token inside a message becomes that token (what
+    /// transformers' `apply_chat_template` does): only for trusted callers.
+    Parse,
+}
+
+/// The `[limits]` section: what one request may ask for. Each refusal is a typed error
+/// that names the limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Stop strings per request.
+    pub max_stop: usize,
+    /// Bytes of one stop string.
+    pub max_stop_bytes: usize,
+    /// Stop token ids per request.
+    pub max_stop_token_ids: usize,
+    /// Messages of a chat request.
+    pub max_messages: usize,
+    /// The roles a chat message may have.
+    pub roles: Vec<String>,
+    /// Bytes of prompt text (a text prompt, or all messages' contents and roles), checked
+    /// before the chat template renders and before encoding.
+    pub max_prompt_bytes: usize,
+    pub chat_content: ChatContent,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_stop: 16,
+            max_stop_bytes: 256,
+            max_stop_token_ids: 1024,
+            max_messages: 256,
+            roles: ["system", "user", "assistant", "tool"]
+                .map(String::from)
+                .to_vec(),
+            max_prompt_bytes: 1 << 20,
+            chat_content: ChatContent::Literal,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,6 +229,12 @@ impl EngineConfig {
         }
         if self.scheduler.max_num_batched_tokens < self.scheduler.max_num_seqs {
             return err("scheduler.max_num_batched_tokens must be >= scheduler.max_num_seqs");
+        }
+        if self.limits.roles.is_empty() {
+            return err("limits.roles must allow at least one role");
+        }
+        if self.limits.max_prompt_bytes == 0 {
+            return err("limits.max_prompt_bytes must be at least 1");
         }
         Ok(())
     }

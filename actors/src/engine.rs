@@ -35,7 +35,8 @@ use crate::scheduler::{SchedulerActor, SchedulerLimits, SchedulerLinks, Schedule
 use crate::streams::Streams;
 use crate::supervisor::Supervisor;
 use crate::tokenizer::{
-    tokenizer_from_gguf_file, tokenizer_from_hf_dir, TokenizerActor, TokenizerLinks, TokenizerParts,
+    tokenizer_from_gguf_file, tokenizer_from_hf_dir, TokenizerActor, TokenizerBounds,
+    TokenizerLinks, TokenizerParts,
 };
 
 /// Why the engine could not start.
@@ -269,6 +270,8 @@ pub struct Engine {
     streams: Streams,
     supervisor: Supervisor,
     load: Arc<EngineLoad>,
+    /// `scheduler.max_waiting` (0 = no bound).
+    max_waiting: usize,
     pub info: Arc<EngineInfo>,
     counters: Arc<TokenCounters>,
 }
@@ -385,13 +388,17 @@ impl Engine {
         let max_waiting = cfg.scheduler.max_waiting;
         let load = backend.load.clone();
         let tok_streams = streams.clone();
+        let limits = cfg.limits.clone();
         // Its own thread: encoding a long prompt must not hold up the other actors.
         let tokenizer = TokenizerActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
             TokenizerActor::new(
                 parts,
                 template,
-                vocab_size,
-                max_model_len,
+                TokenizerBounds {
+                    vocab_size,
+                    max_model_len,
+                    limits,
+                },
                 links,
                 tok_streams,
                 tok_guard,
@@ -406,6 +413,7 @@ impl Engine {
             streams,
             supervisor,
             load: backend.load,
+            max_waiting: cfg.scheduler.max_waiting,
             info,
             counters,
         })
@@ -431,6 +439,12 @@ impl Engine {
     /// with a router).
     pub fn load(&self) -> &EngineLoad {
         &self.load
+    }
+
+    /// Whether the waiting queue is full (`scheduler.max_waiting`): a new request would be
+    /// refused as `overloaded`.
+    pub fn is_full(&self) -> bool {
+        self.max_waiting > 0 && self.load.num_waiting() >= self.max_waiting
     }
 
     /// Submits a request; its events arrive on the returned channel, ending with exactly

@@ -241,6 +241,54 @@ impl WireRequest {
     }
 }
 
+/// Longest reply subject pagoda publishes to.
+pub const MAX_REPLY_SUBJECT_LEN: usize = 256;
+
+/// Subject namespaces of the NATS server and its subsystems: JetStream's API and
+/// advisories, the system account, micro services, key-value and object stores. A reply
+/// there could steer the server (purge a stream, fake an advisory), so it is refused.
+pub const RESERVED_SUBJECT_PREFIXES: [&str; 5] = ["$JS.", "$SYS.", "$SRV.", "$KV.", "$O."];
+
+/// The reply-subject policy: whether pagoda may publish a request's replies to `subject`.
+/// At most [`MAX_REPLY_SUBJECT_LEN`] bytes of non-empty `.`-separated tokens, no
+/// whitespace or control characters, no wildcards, not under the service's own
+/// `prefix` (its requests, jobs, dead letters and internal subjects), not in a
+/// [`RESERVED_SUBJECT_PREFIXES`] namespace. The error says why, for the client.
+pub fn check_reply_subject(subject: &str, prefix: &str) -> Result<(), String> {
+    if subject.len() > MAX_REPLY_SUBJECT_LEN {
+        return Err(format!(
+            "the reply subject is {} bytes long; at most {MAX_REPLY_SUBJECT_LEN} are allowed",
+            subject.len()
+        ));
+    }
+    if subject
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
+    {
+        return Err(format!(
+            "reply subject {subject:?} contains whitespace, a control character or a wildcard"
+        ));
+    }
+    if subject.is_empty() || subject.split('.').any(str::is_empty) {
+        return Err(format!("reply subject {subject:?} has an empty token"));
+    }
+    let upper = subject.to_ascii_uppercase();
+    if let Some(p) = RESERVED_SUBJECT_PREFIXES
+        .iter()
+        .find(|p| upper.starts_with(*p))
+    {
+        return Err(format!(
+            "reply subject {subject:?} is in the server's reserved namespace {p}"
+        ));
+    }
+    if subject == prefix || subject.starts_with(&format!("{prefix}.")) {
+        return Err(format!(
+            "reply subject {subject:?} is under the service's own prefix {prefix}"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `s` can be published to: non-empty tokens separated by `.`, no whitespace, no
 /// wildcards.
 pub fn is_valid_subject(s: &str) -> bool {
@@ -785,5 +833,48 @@ mod tests {
         let a = new_request_id();
         assert_eq!(a.len(), 32);
         assert_ne!(a, new_request_id());
+    }
+
+    #[test]
+    fn reply_subject_policy() {
+        let prefix = "pagoda.v1";
+        for good in [
+            "_INBOX.abc.1",
+            "replies.client-7",
+            "a",
+            "pagoda.v2.x",
+            "pagodav1.x",
+        ] {
+            assert_eq!(check_reply_subject(good, prefix), Ok(()), "{good:?}");
+        }
+        let long = format!("_INBOX.{}", "x".repeat(MAX_REPLY_SUBJECT_LEN));
+        for bad in [
+            "",
+            "a..b",
+            ".a",
+            "a.",
+            "a b",
+            "a\tb",
+            "a\u{7}b",
+            "_INBOX.*",
+            "_INBOX.>",
+            "_INBOX.a>b",
+            "pagoda.v1",
+            "pagoda.v1.jobs.generate",
+            "pagoda.v1.dead",
+            "pagoda.v1.internal.frontend.x",
+            "$JS.API.STREAM.PURGE.PAGODA_JOBS",
+            "$js.api.stream.purge.PAGODA_JOBS",
+            "$SYS.REQ.SERVER.PING",
+            "$SRV.PING",
+            "$KV.bucket.key",
+            "$O.store.x",
+            long.as_str(),
+        ] {
+            assert!(
+                check_reply_subject(bad, prefix).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
     }
 }

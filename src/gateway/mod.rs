@@ -85,6 +85,7 @@ pub async fn serve(
     let shared = Arc::new(Shared::new(
         engine.clone(),
         nats.clone(),
+        &cfg.subject_prefix,
         stats.clone(),
         cfg.max_in_flight,
         cfg.log_prompts,
@@ -204,6 +205,7 @@ pub async fn serve(
     }
 
     // Shutdown: no new requests; requests already delivered to us are still served.
+    shared.stopping.store(true, Ordering::Relaxed);
     let intake_drain = match intake {
         Some(i) => Some(i.stop().await),
         None => None,
@@ -353,7 +355,19 @@ async fn handle_cancel(shared: Arc<Shared>, msg: async_nats::Message) {
     shared.stats.cancels.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(crate::metrics::NATS_MESSAGES_RECEIVED).increment(1);
     let format = message_format(msg.headers.as_ref(), &msg.payload);
-    let out = msg.reply.clone().map(|target| Replier {
+    // A cancel is applied whatever its reply subject; it is answered only where the
+    // reply-subject policy allows.
+    let out = msg.reply.clone().filter(|r| {
+        let ok = pagoda_actors::protocol::check_reply_subject(r.as_str(), &shared.prefix).is_ok();
+        if !ok {
+            shared
+                .stats
+                .refused_reply_subjects
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    });
+    let out = out.map(|target| Replier {
         nats: shared.nats.clone(),
         target,
         via_request: false,
@@ -387,8 +401,9 @@ async fn handle_cancel(shared: Arc<Shared>, msg: async_nats::Message) {
         .unwrap_or(false);
     let cancelled = running_here && shared.engine.cancel(&cancel.id).await;
     tracing::debug!(id = %cancel.id, cancelled, "cancel");
-    if !running_here {
-        // Perhaps its request has not reached us yet: remember the cancel for a while.
+    if !cancelled {
+        // Perhaps its request has not reached us (or the engine) yet: remember the cancel
+        // for a while.
         if let Ok(mut recent) = shared.recent_cancels.lock() {
             recent.insert(&cancel.id, Instant::now());
         }

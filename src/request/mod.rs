@@ -18,7 +18,8 @@ use async_nats::{HeaderMap, Subject};
 use pagoda_actors::engine::Engine;
 use pagoda_actors::messages::FinishReason;
 use pagoda_actors::protocol::{
-    decode_request, new_request_id, ErrorBody, ErrorCode, ErrorReply, Reply, WireFormat,
+    check_reply_subject, decode_request, new_request_id, ErrorBody, ErrorCode, ErrorReply, Reply,
+    StreamEvent, WireFormat,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -42,6 +43,8 @@ pub struct GatewayStats {
     pub aborted: AtomicU64,
     pub errors: AtomicU64,
     pub no_reply_subject: AtomicU64,
+    /// Requests whose reply subject broke the policy (never answered).
+    pub refused_reply_subjects: AtomicU64,
     pub publish_failures: AtomicU64,
     pub cancels: AtomicU64,
     errors_by_code: Mutex<HashMap<&'static str, u64>>,
@@ -70,6 +73,7 @@ impl GatewayStats {
             "errors": self.errors.load(Ordering::Relaxed),
             "errors_by_code": by_code,
             "no_reply_subject": self.no_reply_subject.load(Ordering::Relaxed),
+            "refused_reply_subjects": self.refused_reply_subjects.load(Ordering::Relaxed),
             "publish_failures": self.publish_failures.load(Ordering::Relaxed),
             "cancels": self.cancels.load(Ordering::Relaxed),
             "in_flight": in_flight,
@@ -80,6 +84,8 @@ impl GatewayStats {
 /// What every request task shares.
 pub(crate) struct Shared {
     pub(crate) engine: Engine,
+    /// The service's subject prefix (reply subjects under it are refused).
+    pub(crate) prefix: String,
     pub(crate) nats: async_nats::Client,
     pub(crate) stats: Arc<GatewayStats>,
     pub(crate) in_flight: Mutex<HashSet<String>>,
@@ -87,6 +93,8 @@ pub(crate) struct Shared {
     pub(crate) recent_cancels: Mutex<RecentCancels>,
     pub(crate) max_in_flight: usize,
     pub(crate) log_prompts: bool,
+    /// Set when the gateway stops taking requests: held JetStream jobs are given back.
+    pub(crate) stopping: AtomicBool,
     /// Set when a shutdown aborts what is left: JetStream jobs are then given back
     /// instead of answered with an `abort` chunk.
     pub(crate) requeue_aborts: AtomicBool,
@@ -96,12 +104,14 @@ impl Shared {
     pub(crate) fn new(
         engine: Engine,
         nats: async_nats::Client,
+        prefix: &str,
         stats: Arc<GatewayStats>,
         max_in_flight: usize,
         log_prompts: bool,
     ) -> Self {
         Self {
             engine,
+            prefix: prefix.to_owned(),
             nats,
             stats,
             in_flight: Mutex::new(HashSet::new()),
@@ -110,11 +120,19 @@ impl Shared {
             max_in_flight: max_in_flight.max(1),
             log_prompts,
             requeue_aborts: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn num_in_flight(&self) -> usize {
         self.in_flight.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub(crate) fn is_in_flight(&self, id: &str) -> bool {
+        self.in_flight
+            .lock()
+            .map(|s| s.contains(id))
+            .unwrap_or(false)
     }
 
     pub(crate) fn in_flight_ids(&self) -> Vec<String> {
@@ -306,12 +324,33 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
         format,
     };
 
+    // The message's own reply subject must pass the policy, or nothing is answered at all.
+    if let Some(own) = &own_reply {
+        if let Err(why) = check_reply_subject(own.as_str(), &shared.prefix) {
+            refuse_reply_subject(shared, &why);
+            return Outcome::Rejected;
+        }
+    }
+    // `reply_to` is used only when it passes the policy too; otherwise the error goes to
+    // the message's own reply subject, or nowhere.
+    let allowed = |r: &String| check_reply_subject(r, &shared.prefix).is_ok();
+
     let wire = match decode_request(&inc.message.payload, format) {
         Ok(w) => w,
         Err(rejected) => {
+            if own_reply.is_none() {
+                if let Some(Err(why)) = rejected
+                    .reply_to
+                    .as_ref()
+                    .map(|r| check_reply_subject(r, &shared.prefix))
+                {
+                    refuse_reply_subject(shared, &why);
+                    return Outcome::Rejected;
+                }
+            }
             let target = own_reply
                 .clone()
-                .or_else(|| rejected.reply_to.clone().map(Subject::from));
+                .or_else(|| rejected.reply_to.clone().filter(allowed).map(Subject::from));
             let reply = Reply::Error(ErrorReply {
                 id: rejected.id.clone(),
                 seq: 0,
@@ -322,6 +361,24 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
             return Outcome::Rejected;
         }
     };
+    if let Some(Err(why)) = wire
+        .reply_to
+        .as_ref()
+        .map(|r| check_reply_subject(r, &shared.prefix))
+    {
+        let Some(own) = own_reply.clone() else {
+            refuse_reply_subject(shared, &why);
+            return Outcome::Rejected;
+        };
+        let reply = Reply::Error(ErrorReply {
+            id: wire.id.clone(),
+            seq: 0,
+            attempt,
+            error: ErrorBody::new(ErrorCode::InvalidRequest, format!("reply_to: {why}")),
+        });
+        answer_rejection(shared, Some(replier(own)), req, reply).await;
+        return Outcome::Rejected;
+    }
     let target = own_reply
         .clone()
         .or_else(|| wire.reply_to.clone().map(Subject::from));
@@ -356,16 +413,26 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
         tracing::info!(%id, prompt = ?accepted.request.prompt, "prompt");
     }
     let mut replies = ReplyStream::new(id.clone(), attempt, accepted.stream);
-    let _guard = match shared.register(&id) {
-        Ok(g) => g,
-        Err(error) if inc.durable.is_some() && error.code != ErrorCode::Internal => {
-            tracing::debug!(%id, message = %error.message, "job given back");
-            return Outcome::Busy;
-        }
-        Err(error) => {
-            let reply = replies.error(error);
-            answer_rejection(shared, Some(out), req, reply).await;
-            return Outcome::Rejected;
+    let mut hold = Hold::new();
+    let _guard = loop {
+        match shared.register(&id) {
+            Ok(g) => break g,
+            // A durable job is kept (the intake's in-progress acks go on) until there is
+            // room, rather than handed back: a hand-back would count as a delivery.
+            Err(error) if inc.durable.is_some() && error.code == ErrorCode::Overloaded => {
+                if !hold.wait(shared).await {
+                    return Outcome::Busy;
+                }
+            }
+            Err(error) if inc.durable.is_some() && error.code != ErrorCode::Internal => {
+                tracing::debug!(%id, message = %error.message, "job given back");
+                return Outcome::Busy;
+            }
+            Err(error) => {
+                let reply = replies.error(error);
+                answer_rejection(shared, Some(out), req, reply).await;
+                return Outcome::Rejected;
+            }
         }
     };
     let cancelled_early = shared
@@ -387,7 +454,45 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
     }
 
     tracing::debug!(%id, stream = accepted.stream, attempt, "request accepted");
+    // Only a durable job keeps a copy of its request, to submit it again.
+    let retry_copy = inc.durable.map(|_| accepted.request.clone());
     let mut events = shared.engine.generate(accepted.request);
+    // A durable job the engine refuses as overloaded (before anything was sent) is kept
+    // and submitted again once there is room; the client never sees the refusal.
+    let mut first = None;
+    if inc.durable.is_some() {
+        loop {
+            match events.recv().await {
+                Some(StreamEvent::Error(e)) if e.code == ErrorCode::Overloaded => {
+                    if taken_cancel(shared, &id) {
+                        first = Some(StreamEvent::Finished {
+                            text: String::new(),
+                            token_ids: Vec::new(),
+                            finish_reason: FinishReason::Abort,
+                            usage: Default::default(),
+                            timings: Default::default(),
+                        });
+                        break;
+                    }
+                    if !hold.wait(shared).await {
+                        return Outcome::Busy;
+                    }
+                    if let Some(r) = &retry_copy {
+                        events = shared.engine.generate(r.clone());
+                    }
+                }
+                other => {
+                    first = other;
+                    break;
+                }
+            }
+        }
+        drop(retry_copy);
+        if hold.waited > 0 {
+            tracing::debug!(%id, waits = hold.waited, "job held until the engine had room");
+        }
+    }
+    let mut first = first.map(Some);
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let timeout_at = accepted
         .timeout_ms
@@ -395,7 +500,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
     let mut grace_at: Option<Instant> = None;
     loop {
         let mut reply = tokio::select! {
-            ev = events.recv() => match ev {
+            ev = next_event(&mut first, &mut events) => match ev {
                 Some(ev) => match replies.on_event(ev) {
                     Some(r) => r,
                     None => continue,
@@ -465,6 +570,52 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
     }
 }
 
+/// The event held back by the durable admission loop, then the channel's.
+async fn next_event(
+    first: &mut Option<Option<StreamEvent>>,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<StreamEvent>,
+) -> Option<StreamEvent> {
+    match first.take() {
+        Some(ev) => ev,
+        None => events.recv().await,
+    }
+}
+
+/// Whether a cancel for `id` arrived (and forget it).
+fn taken_cancel(shared: &Shared, id: &str) -> bool {
+    shared
+        .recent_cancels
+        .lock()
+        .map(|mut c| c.take(id, Instant::now()))
+        .unwrap_or(false)
+}
+
+/// Waiting for room with a durable job in hand: backs off from 25 ms to 1 s.
+struct Hold {
+    delay: Duration,
+    waited: u32,
+}
+
+impl Hold {
+    fn new() -> Self {
+        Self {
+            delay: Duration::from_millis(25),
+            waited: 0,
+        }
+    }
+
+    /// Waits once; false when the engine stops (shutdown or failure): give the job back.
+    async fn wait(&mut self, shared: &Shared) -> bool {
+        if shared.stopping.load(Ordering::Relaxed) || shared.engine.supervisor().is_failed() {
+            return false;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(1));
+        self.waited += 1;
+        !shared.stopping.load(Ordering::Relaxed)
+    }
+}
+
 fn count_final(stats: &GatewayStats, reply: &Reply) {
     match reply {
         Reply::Chunk(c) => {
@@ -475,6 +626,17 @@ fn count_final(stats: &GatewayStats, reply: &Reply) {
         }
         Reply::Error(e) => stats.count_error(e.error.code),
     }
+}
+
+/// A request whose reply subject breaks the policy: nothing is published anywhere; it is
+/// counted (`pagoda_nats_refused_reply_subjects_total`, `$SRV.STATS`).
+fn refuse_reply_subject(shared: &Shared, why: &str) {
+    shared
+        .stats
+        .refused_reply_subjects
+        .fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::NATS_REFUSED_REPLY_SUBJECTS).increment(1);
+    tracing::debug!(%why, "a request with a forbidden reply subject: not answered");
 }
 
 /// Sends the error for a request that was refused before reaching the engine.

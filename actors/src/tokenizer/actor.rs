@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::{ChatTemplate, TokenizerParts};
+use super::chat::ChatEncoder;
+use super::{limits, ChatTemplate, TokenizerParts};
+use crate::config::LimitsConfig;
 use crate::executor::sampler::validate_params;
 use crate::fault;
 use crate::load::EngineLoad;
@@ -18,6 +20,14 @@ use crate::messages::{
 use crate::scheduler::SchedulerError;
 use crate::streams::Streams;
 use crate::supervisor::LifeGuard;
+
+/// What the tokenizer checks a request against.
+pub struct TokenizerBounds {
+    pub vocab_size: usize,
+    /// Longest sequence (prompt + output) served.
+    pub max_model_len: usize,
+    pub limits: LimitsConfig,
+}
 
 /// Where the tokenizer's messages go.
 pub struct TokenizerLinks {
@@ -39,6 +49,8 @@ pub struct TokenizerActor {
     max_prompt_bytes: usize,
     links: TokenizerLinks,
     streams: Streams,
+    limits: LimitsConfig,
+    chat: ChatEncoder,
     /// The scheduler's load and `scheduler.max_waiting` (0 = no bound): a full waiting
     /// queue refuses new requests here, before they cost an encoding.
     overload_gate: Option<(Arc<EngineLoad>, usize)>,
@@ -49,14 +61,21 @@ impl TokenizerActor {
     pub fn new(
         parts: Arc<TokenizerParts>,
         template: Arc<ChatTemplate>,
-        vocab_size: usize,
-        max_model_len: usize,
+        bounds: TokenizerBounds,
         links: TokenizerLinks,
         streams: Streams,
         guard: LifeGuard,
     ) -> Self {
+        let TokenizerBounds {
+            vocab_size,
+            max_model_len,
+            limits,
+        } = bounds;
         let max_prompt_bytes = max_prompt_bytes(&parts.tokenizer, max_model_len);
+        let chat = ChatEncoder::new(&parts, limits.chat_content);
         Self {
+            limits,
+            chat,
             parts,
             template,
             vocab_size,
@@ -80,6 +99,7 @@ impl TokenizerActor {
     /// Prompt token ids of a request, or the error to answer with.
     fn prompt_ids(&self, req: &GenerateRequest) -> Result<Vec<TokenId>, ErrorBody> {
         let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidRequest, m);
+        limits::check(req, &self.limits)?;
         validate_params(&req.params, self.vocab_size).map_err(|e| invalid(e.to_string()))?;
         let text_bytes = match &req.prompt {
             Prompt::Text(text) => text.len(),
@@ -104,13 +124,14 @@ impl TokenizerActor {
                 if messages.is_empty() {
                     return Err(invalid("messages is empty".into()));
                 }
-                let text = self
-                    .template
-                    .render(messages, true)
-                    .map_err(|e| invalid(format!("chat template: {e}")))?;
-                self.parts
-                    .encode(&text)
-                    .map_err(|e| invalid(format!("tokenizing the prompt: {e}")))?
+                self.chat
+                    .encode(&self.parts, &self.template, messages)
+                    .map_err(|e| match e {
+                        super::TokenizerError::Encode(e) => {
+                            invalid(format!("tokenizing the prompt: {e}"))
+                        }
+                        e => invalid(format!("chat template: {e}")),
+                    })?
             }
             Prompt::TokenIds(ids) => {
                 if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.vocab_size) {

@@ -25,14 +25,16 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 mod actor;
+pub mod chat;
 mod gguf;
 mod hf;
+pub mod limits;
 mod template;
 #[cfg(test)]
 mod tests;
 
 pub use crate::messages::ChatMessage;
-pub use actor::{TokenizerActor, TokenizerLinks};
+pub use actor::{TokenizerActor, TokenizerBounds, TokenizerLinks};
 pub use gguf::{pre_tokenizer_for, tokenizer_from_gguf, tokenizer_from_gguf_file, PreTokenization};
 pub use hf::tokenizer_from_hf_dir;
 pub use template::{ChatTemplate, CHATML_TEMPLATE};
