@@ -283,6 +283,9 @@ pub struct NatsConfig {
     pub tls_key: Option<PathBuf>,
     /// Refuse to talk to a server without TLS.
     pub tls_required: bool,
+    /// Prefix of this connection's reply inboxes (`_INBOX` when unset); a server with
+    /// per-client permissions lets each client read only its own (`configs/nats/`).
+    pub inbox_prefix: Option<String>,
     /// Give up connecting after this long (ms).
     pub connect_timeout_ms: u64,
     /// Reconnect backoff doubles from a few ms up to this (ms).
@@ -314,6 +317,7 @@ impl Default for NatsConfig {
             tls_cert: None,
             tls_key: None,
             tls_required: false,
+            inbox_prefix: None,
             connect_timeout_ms: 5000,
             max_reconnect_delay_ms: 4000,
             retry_on_initial_connect: true,
@@ -360,6 +364,11 @@ impl NatsConfig {
         }
         if self.max_in_flight == 0 {
             return err("nats.max_in_flight must be at least 1".into());
+        }
+        if let Some(p) = &self.inbox_prefix {
+            if !pagoda_actors::protocol::is_valid_subject(p) {
+                return err(format!("nats.inbox_prefix {p:?} is not a valid subject"));
+            }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return err("nats.tls_cert and nats.tls_key go together".into());
@@ -423,6 +432,9 @@ pub struct NatsArgs {
     /// Subject prefix: <prefix>.generate, <prefix>.cancel (nats.subject_prefix).
     #[arg(long, env = "PAGODA_NATS_SUBJECT_PREFIX")]
     pub nats_subject_prefix: Option<String>,
+    /// Prefix of this connection's reply inboxes, e.g. _INBOX.fraud (nats.inbox_prefix).
+    #[arg(long, env = "PAGODA_NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 impl NatsArgs {
@@ -436,6 +448,9 @@ impl NatsArgs {
         set(&mut cfg.url, &self.nats_url);
         set(&mut cfg.name, &self.nats_name);
         set(&mut cfg.subject_prefix, &self.nats_subject_prefix);
+        if self.nats_inbox_prefix.is_some() {
+            cfg.inbox_prefix.clone_from(&self.nats_inbox_prefix);
+        }
         let opt = |dst: &mut Option<String>, src: &Option<String>| {
             if src.is_some() {
                 dst.clone_from(src);
@@ -522,34 +537,39 @@ impl Config {
                 message,
             };
             let path = var[ENV_PREFIX.len()..].to_ascii_lowercase();
-            let Some((section, key)) = path.split_once("__") else {
-                continue;
-            };
-            if section.is_empty() || key.is_empty() || key.contains("__") {
+            let keys: Vec<&str> = path.split("__").collect();
+            if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
                 return Err(env_err(
-                    "expected PAGODA_<SECTION>__<KEY>, e.g. PAGODA_SCHEDULER__MAX_NUM_SEQS".into(),
+                    "expected PAGODA_<SECTION>__<KEY> (or PAGODA_<SECTION>__<TABLE>__<KEY>), e.g. PAGODA_SCHEDULER__MAX_NUM_SEQS".into(),
                 ));
             }
-            let default = defaults.get(section).and_then(|t| t.get(key));
+            let dotted = keys.join(".");
+            let mut default = Some(&defaults);
+            for k in &keys {
+                default = default.and_then(|t| t.get(*k));
+            }
             let value = match default {
                 Some(toml::Value::String(_)) | None => toml::Value::String(raw.clone()),
                 Some(_) => parse_toml_scalar(&raw)
                     .ok_or_else(|| env_err(format!("{raw:?} is not a valid value")))?,
             };
             let mut table = to_value(&cfg)?;
-            let root = table
+            let mut node = table
                 .as_table_mut()
                 .ok_or_else(|| env_err("configuration is not a table".into()))?;
-            let sect = root
-                .entry(section.to_owned())
-                .or_insert_with(|| toml::Value::Table(Default::default()));
-            let Some(sect) = sect.as_table_mut() else {
-                return Err(env_err(format!("{section} is not a section")));
-            };
-            sect.insert(key.to_owned(), value);
-            cfg = table.try_into().map_err(|e: toml::de::Error| {
-                env_err(format!("{section}.{key}: {}", e.message()))
-            })?;
+            let (last, parents) = keys.split_last().expect("at least two keys");
+            for k in parents {
+                let child = node
+                    .entry((*k).to_owned())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+                node = child
+                    .as_table_mut()
+                    .ok_or_else(|| env_err(format!("{k} is not a section")))?;
+            }
+            node.insert((*last).to_owned(), value);
+            cfg = table
+                .try_into()
+                .map_err(|e: toml::de::Error| env_err(format!("{dotted}: {}", e.message())))?;
         }
         Ok(cfg)
     }
@@ -666,6 +686,9 @@ mod tests {
                 ("PAGODA_METRICS__LISTEN", "127.0.0.1:0"),
                 ("PAGODA_LOG__FORMAT", "json"),
                 ("PAGODA_NATS__USER", "u"),
+                ("PAGODA_INTAKE__STREAM__REPLICAS", "3"),
+                ("PAGODA_LIMITS__ROLES", r#"["user", "assistant"]"#),
+                ("PAGODA_PLACEMENT__ROLE", "engine"),
                 ("PAGODA_NATS_URL", "ignored: a flag's variable"),
                 ("HOME", "/root"),
             ]))
@@ -676,6 +699,9 @@ mod tests {
         assert_eq!(cfg.metrics.listen, "127.0.0.1:0");
         assert_eq!(cfg.log.format, LogFormat::Json);
         assert_eq!(cfg.nats.user.as_deref(), Some("u"));
+        assert_eq!(cfg.intake.stream.replicas, 3);
+        assert_eq!(cfg.engine.limits.roles, ["user", "assistant"]);
+        assert_eq!(cfg.placement.role, Role::Engine);
         assert_eq!(cfg.nats.url, NatsConfig::default().url);
     }
 
@@ -690,6 +716,8 @@ mod tests {
             ),
             ("PAGODA_LOG__FORMAT", "xml", "PAGODA_LOG__FORMAT"),
             ("PAGODA_NOPE__X", "1", "nope"),
+            ("PAGODA_INTAKE__STREAM__REPLICA", "3", "replica"),
+            ("PAGODA_INTAKE____X", "3", "PAGODA_INTAKE____X"),
         ] {
             let err = Config::default()
                 .with_env(env(&[(var, value)]))

@@ -90,6 +90,9 @@ pub async fn connect(
     if initial == InitialConnect::FromConfig && cfg.retry_on_initial_connect {
         opts = opts.retry_on_initial_connect();
     }
+    if let Some(prefix) = &cfg.inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix.clone());
+    }
     if let (Some(user), Some(password)) = (&cfg.user, &cfg.password) {
         opts = opts.user_and_password(user.clone(), password.clone());
     }

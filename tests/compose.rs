@@ -771,3 +771,111 @@ fn collect_rs(dir: &Path, out: &mut String) {
         }
     }
 }
+
+/// A service's key, looking through a YAML merge key (`<<: *anchor`) as compose does.
+fn merged<'a>(svc: &'a Value, key: &str) -> Option<&'a Value> {
+    svc.get(key)
+        .or_else(|| svc.get("<<").and_then(|m| m.get(key)))
+}
+
+#[test]
+fn nats_runs_with_pagodas_authorization_and_pagoda_logs_in() {
+    let c = compose();
+    let nats = service(&c, "nats");
+    let cmd = words(nats.get("command"), "nats command");
+    let conf = cmd
+        .iter()
+        .position(|w| w == "-c" || w == "--config")
+        .and_then(|i| cmd.get(i + 1))
+        .unwrap_or_else(|| panic!("nats runs without -c <config>: {cmd:?}"));
+    let (dir, file) = conf.rsplit_once('/').expect("an absolute config path");
+    let src = mount_source(&c, "nats", dir);
+    let on_disk = repo_root().join(src.trim_start_matches("./")).join(file);
+    assert!(
+        on_disk.is_file(),
+        "{} is not in the repository",
+        on_disk.display()
+    );
+    let text = std::fs::read_to_string(&on_disk).unwrap();
+    let env = nats.get("environment").expect("nats passes the passwords");
+    for var in [
+        "PAGODA_ENGINE_PASSWORD",
+        "PAGODA_CLIENT_PASSWORD",
+        "PAGODA_ADMIN_PASSWORD",
+    ] {
+        assert!(
+            text.contains(&format!("${var}")),
+            "{file} does not read {var}"
+        );
+        assert!(env.get(var).is_some(), "nats's environment has no {var}");
+    }
+    let pagoda_env = service(&c, "pagoda")
+        .get("environment")
+        .expect("pagoda's environment");
+    assert_eq!(
+        pagoda_env.get("PAGODA_NATS__USER").and_then(Value::as_str),
+        Some("engine")
+    );
+    let pw = pagoda_env
+        .get("PAGODA_NATS__PASSWORD")
+        .and_then(Value::as_str)
+        .expect("pagoda's NATS password");
+    assert!(
+        pw.contains("PAGODA_ENGINE_PASSWORD"),
+        "pagoda must log in with the engine password nats reads: {pw}"
+    );
+}
+
+#[test]
+fn the_cluster_profile_routes_three_nodes_and_replicates_the_jobs() {
+    let c = compose();
+    let nodes = ["nats-1", "nats-2", "nats-3"];
+    for n in nodes {
+        let svc = service(&c, n);
+        let profiles = words(merged(svc, "profiles"), "profiles");
+        assert_eq!(profiles, ["cluster"], "{n} belongs to the cluster profile");
+        let cmd = words(merged(svc, "command"), "command");
+        let flag = |f: &str| {
+            cmd.iter()
+                .position(|w| w == f)
+                .and_then(|i| cmd.get(i + 1))
+                .cloned()
+                .unwrap_or_else(|| panic!("{n} has no {f}: {cmd:?}"))
+        };
+        assert!(cmd.iter().any(|w| w == "-js"), "{n} without JetStream");
+        assert_eq!(flag("--name"), n);
+        assert_eq!(flag("--cluster_name"), "pagoda");
+        let routes = flag("--routes");
+        for other in nodes {
+            assert!(
+                routes.contains(&format!("nats://{other}:6222")),
+                "{n} does not route to {other}: {routes}"
+            );
+        }
+        assert!(
+            !is_bind(&mount_source(&c, n, "/data")),
+            "{n}'s JetStream store is a named volume"
+        );
+    }
+    let p = service(&c, "pagoda-cluster");
+    assert_eq!(words(p.get("profiles"), "profiles"), ["cluster"]);
+    let cmd = words(p.get("command"), "pagoda-cluster command");
+    let url = cmd
+        .iter()
+        .position(|w| w == "--nats-url")
+        .and_then(|i| cmd.get(i + 1))
+        .expect("--nats-url");
+    for n in nodes {
+        assert!(
+            url.contains(&format!("nats://{n}:4222")),
+            "{url} misses {n}"
+        );
+    }
+    assert!(cmd.windows(2).any(|w| w == ["--intake", "jetstream"]));
+    assert_eq!(
+        p.get("environment")
+            .and_then(|e| e.get("PAGODA_INTAKE__STREAM__REPLICAS"))
+            .and_then(Value::as_str),
+        Some("3")
+    );
+}
