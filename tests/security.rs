@@ -94,7 +94,6 @@ async fn expect_violation(errors: &mut mpsc::UnboundedReceiver<String>, subject:
 #[test]
 fn clients_are_served_and_refused_everything_else() {
     let nats = server();
-    let port = nats.port();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut engine = Serve::spawn(
         "engine",
