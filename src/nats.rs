@@ -2,6 +2,7 @@
 //! reconnect backoff, and connection events in the log. Shared by `pagoda serve` and the
 //! client side (`pagoda request`, [`crate::client::Client`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::{ConnectOptions, Event, ServerAddr};
@@ -128,13 +129,26 @@ pub async fn connect(
         .map_err(|source| ConnectError::Connect { urls, source })
 }
 
+/// Connections of this process lost since it started (every connection made by
+/// [`connect`] counts). Messages written just before a loss may never have reached the
+/// server, so work that depends on every reply arriving (a durable job) compares this
+/// count before and after.
+pub fn disconnects() -> u64 {
+    DISCONNECTS.load(Ordering::Relaxed)
+}
+
+static DISCONNECTS: AtomicU64 = AtomicU64::new(0);
+
 fn log_event(name: &str, event: &Event) {
     match event {
         Event::Connected => tracing::info!(connection = name, "NATS connected"),
-        Event::Disconnected => tracing::warn!(
-            connection = name,
-            "NATS connection lost; reconnecting (replies are buffered meanwhile)"
-        ),
+        Event::Disconnected => {
+            DISCONNECTS.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                connection = name,
+                "NATS connection lost; reconnecting (replies are buffered meanwhile)"
+            )
+        }
         Event::LameDuckMode => tracing::warn!(
             connection = name,
             "NATS server entered lame duck mode; it will close this connection soon"

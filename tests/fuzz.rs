@@ -237,7 +237,11 @@ fn nasty(rng: &mut StdRng) -> V {
         6 => V::Float(1e308),
         7 => V::Str(vec![0xff, 0xfe, b'a', 0xc3]),
         8 => V::Str(vec![b'x'; rng.gen_range(1000..200_000)]),
-        9 => V::Array((0..rng.gen_range(100..60_000)).map(|i| V::Int(i % 128)).collect()),
+        9 => V::Array(
+            (0..rng.gen_range(100..60_000))
+                .map(|i| V::Int(i % 128))
+                .collect(),
+        ),
         10 => {
             let depth = rng.gen_range(100..3000);
             let mut v = V::Nil;
@@ -334,7 +338,10 @@ fn message(rng: &mut StdRng, n: usize) -> (Vec<u8>, bool) {
 async fn send(nats: &async_nats::Client, body: Vec<u8>, json: bool) -> Result<Reply, String> {
     // (`json` only sets the request's header; the reply's own header is what counts.)
     let inbox = nats.new_inbox();
-    let mut sub = nats.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+    let mut sub = nats
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut headers = HeaderMap::new();
     if json {
         headers.insert("Content-Type", "application/json");
@@ -406,7 +413,9 @@ fn ten_thousand_malformed_messages_beside_a_normal_stream() {
             Duration::ZERO,
         )
         .await;
-        reference.check_one_final().expect("the normal request alone");
+        reference
+            .check_one_final()
+            .expect("the normal request alone");
         let reference_ids = reference.token_ids();
         assert_eq!(reference_ids.len(), 48);
         let rss_before = rss_bytes(pid).expect("engine RSS");
@@ -416,7 +425,14 @@ fn ten_thousand_malformed_messages_beside_a_normal_stream() {
             tokio::spawn(async move {
                 let mut runs = 0;
                 while !done.load(Ordering::Relaxed) {
-                    let got = replies::request(&c, GENERATE, &normal, Duration::from_secs(120), Duration::ZERO).await;
+                    let got = replies::request(
+                        &c,
+                        GENERATE,
+                        &normal,
+                        Duration::from_secs(120),
+                        Duration::ZERO,
+                    )
+                    .await;
                     got.check_one_final().expect("the normal stream ends once");
                     match got.last() {
                         // Overloaded by the fuzz traffic is fine; try again.
@@ -427,7 +443,11 @@ fn ten_thousand_malformed_messages_beside_a_normal_stream() {
                         Some(Reply::Chunk(_)) => {}
                         other => panic!("the normal stream failed: {other:?}"),
                     }
-                    assert_eq!(got.token_ids(), reference_ids, "the normal stream changed beside the fuzzer");
+                    assert_eq!(
+                        got.token_ids(),
+                        reference_ids,
+                        "the normal stream changed beside the fuzzer"
+                    );
                     runs += 1;
                 }
                 runs
@@ -484,7 +504,10 @@ fn ten_thousand_malformed_messages_beside_a_normal_stream() {
         rss_after as f64 / 1048576.0
     );
     assert_eq!(typed, MESSAGES);
-    assert!(normal_runs >= 1, "the normal stream never completed beside the fuzzer");
+    assert!(
+        normal_runs >= 1,
+        "the normal stream never completed beside the fuzzer"
+    );
     assert!(
         rss_after < rss_before + RSS_BUDGET,
         "engine RSS grew from {rss_before} to {rss_after} bytes"

@@ -311,6 +311,7 @@ pub(crate) enum Outcome {
 /// The per-request path shared by both intakes: decode → validate → [`Engine::generate`]
 /// → one reply per engine step to the reply subject.
 pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome {
+    let disconnects_at_start = crate::nats::disconnects();
     shared.stats.received.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(crate::metrics::NATS_MESSAGES_RECEIVED).increment(1);
     let attempt = inc.attempt;
@@ -546,6 +547,15 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
             }
         }
         let is_final = reply.is_final();
+        // A durable job whose connection dropped while it was answering may have lost a
+        // reply in transit: run it again (the client starts over at attempt + 1) rather
+        // than leave a gap.
+        if inc.durable.is_some() && crate::nats::disconnects() != disconnects_at_start {
+            if !is_final {
+                shared.engine.cancel(&id).await;
+            }
+            return Outcome::Retry("the NATS connection dropped while replying".into());
+        }
         if let Err(e) = out.send(req, &reply).await {
             shared
                 .stats
@@ -562,6 +572,13 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
         }
         if is_final {
             count_final(&shared.stats, &reply);
+            if inc.durable.is_some_and(|d| !d.last_attempt)
+                && failed.is_none()
+                && crate::nats::disconnects() != disconnects_at_start
+            {
+                // The final chunk may not have made it: answer again rather than ack.
+                return Outcome::Retry("the NATS connection dropped while replying".into());
+            }
             return match failed {
                 Some(reason) => Outcome::Failed(reason),
                 None => Outcome::Done,

@@ -131,6 +131,11 @@ impl NatsServer {
         panic!("nats-server did not start: {last_err}");
     }
 
+    /// The server's name (`-n`), as JetStream reports it (e.g. a stream's leader).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
