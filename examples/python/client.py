@@ -335,9 +335,13 @@ async def _main() -> int:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="JSON bodies instead of MessagePack")
+    p.add_argument("--inbox-prefix", default=os.environ.get("PAGODA_NATS_INBOX_PREFIX", "_INBOX"),
+                   help="prefix of the reply inboxes, e.g. _INBOX.client on a server with "
+                        "per-client permissions (configs/nats/pagoda.conf)")
     args = p.parse_args()
 
-    nc = await nats.connect(args.url, connect_timeout=5, max_reconnect_attempts=3)
+    nc = await nats.connect(args.url, connect_timeout=5, max_reconnect_attempts=3,
+                            inbox_prefix=args.inbox_prefix)
     try:
         kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, use_json=args.json)
