@@ -252,6 +252,66 @@ fn two_engines_behind_one_frontend_both_take_load() {
 }
 
 #[test]
+fn two_frontends_share_one_engine() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _e = engine("engine", &nats.url(), dir.path());
+    let mut f1 = frontend(&nats.url(), dir.path(), &[]);
+    let mut f2 = frontend(&nats.url(), dir.path(), &[]);
+    let rt = runtime();
+    rt.block_on(async {
+        let c = async_nats::connect(nats.url()).await.expect("connect");
+        // Both frontends see the engine.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let stats = replies::service_stats(&c, "pagoda", Duration::from_millis(300)).await;
+            let ready = stats
+                .values()
+                .filter(|d| d["engine"]["num_engines"].as_u64() == Some(1))
+                .count();
+            if ready == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "frontends not ready: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let reqs: Vec<WireRequest> = (0..16)
+            .map(|i| {
+                let mut r = WireRequest::text(format!("Request {i}: name a colour."));
+                r.id = Some(format!("r{i}"));
+                r.params.temperature = 0.0;
+                r.params.max_tokens = 16;
+                r.params.ignore_eos = true;
+                r
+            })
+            .collect();
+        run_all(&c, &reqs).await;
+        // The queue group spread the requests over both frontends; one engine ran them all.
+        let stats = replies::service_stats(&c, "pagoda", Duration::from_millis(300)).await;
+        let received: Vec<u64> = stats
+            .values()
+            .map(|d| d["received"].as_u64().unwrap_or(0))
+            .collect();
+        eprintln!("requests per frontend: {received:?}");
+        assert_eq!(received.iter().sum::<u64>(), 16, "{stats:?}");
+        assert!(
+            received.iter().all(|&n| n > 0),
+            "both frontends take requests: {received:?}"
+        );
+        let engines = engine_stats(&c).await;
+        let taken: u64 = engines
+            .values()
+            .map(|d| d["sequences_total"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(taken, 16);
+        assert_engines_idle(&c, 1).await;
+    });
+    f1.assert_alive();
+    f2.assert_alive();
+}
+
+#[test]
 fn killing_an_engine_ends_its_requests_within_two_seconds() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let nats = NatsServer::start();

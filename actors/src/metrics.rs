@@ -13,7 +13,7 @@ use std::sync::Arc;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Unit};
 
 use crate::messages::FinishReason;
-use crate::scheduler::SchedulerStats;
+use crate::messages::SchedulerStats;
 
 /// Label on every `vllm:` series.
 pub const MODEL_NAME_LABEL: &str = "model_name";

@@ -37,8 +37,9 @@ pub use blocks::{
     FreeRequest, GrowRequest, Grown, InspectPool, StepRequest, StepResponse,
 };
 pub use request::{
-    now_us, ChatMessage, ErrorBody, ErrorCode, FinishReason, GenerateRequest, Prompt,
-    SamplingParams, SeqId, StreamEvent, Timings, TokenId, Usage,
+    now_us, overloaded, validate_params, ChatMessage, ErrorBody, ErrorCode, FinishReason,
+    GenerateRequest, Prompt, SamplingError, SamplingParams, SeqId, StreamEvent, Timings, TokenId,
+    Usage,
 };
 pub use sequence::{
     AddSequence, Cancel, CancelStreams, FinishSequence, FirstScheduled, GetSchedulerStats,

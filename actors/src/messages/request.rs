@@ -228,6 +228,17 @@ impl ErrorBody {
     }
 }
 
+/// The `overloaded` refusal of a full waiting queue (`scheduler.max_waiting`), the same
+/// whoever notices it first (the tokenizer's early check or the scheduler).
+pub fn overloaded(waiting: usize, max_waiting: usize) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Overloaded,
+        format!(
+            "overloaded: {waiting} requests are already waiting (scheduler.max_waiting = {max_waiting})"
+        ),
+    )
+}
+
 /// What a request's stream carries: text deltas, then exactly one `Finished` or `Error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -250,4 +261,98 @@ impl StreamEvent {
     pub fn is_final(&self) -> bool {
         !matches!(self, StreamEvent::Delta { .. })
     }
+}
+
+/// Invalid sampling parameters, or logits that cannot be sampled from.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    #[error("temperature must be finite and >= 0, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    TopP(f32),
+    #[error("min_p must be in [0, 1], got {0}")]
+    MinP(f32),
+    #[error("repetition_penalty must be finite and > 0, got {0}")]
+    RepetitionPenalty(f32),
+    #[error("presence_penalty must be finite, got {0}")]
+    PresencePenalty(f32),
+    #[error("frequency_penalty must be finite, got {0}")]
+    FrequencyPenalty(f32),
+    #[error("max_tokens must be at least 1, got {0}")]
+    MaxTokens(u32),
+    #[error("min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")]
+    MinTokens { min_tokens: u32, max_tokens: u32 },
+    #[error("stop_token_ids contains {token}, outside the vocabulary of {vocab_size} tokens")]
+    StopTokenId { token: TokenId, vocab_size: usize },
+    #[error("stop strings must not be empty")]
+    EmptyStopString,
+    #[error("cannot sample from an empty logits row")]
+    EmptyLogits,
+    #[error("no token can be sampled: every logit is -inf or NaN after suppression")]
+    NoCandidate,
+}
+
+impl SamplingError {
+    /// The request field at fault (`None` for errors about logits, not parameters).
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            SamplingError::Temperature(_) => Some("temperature"),
+            SamplingError::TopP(_) => Some("top_p"),
+            SamplingError::MinP(_) => Some("min_p"),
+            SamplingError::RepetitionPenalty(_) => Some("repetition_penalty"),
+            SamplingError::PresencePenalty(_) => Some("presence_penalty"),
+            SamplingError::FrequencyPenalty(_) => Some("frequency_penalty"),
+            SamplingError::MaxTokens(_) => Some("max_tokens"),
+            SamplingError::MinTokens { .. } => Some("min_tokens"),
+            SamplingError::StopTokenId { .. } => Some("stop_token_ids"),
+            SamplingError::EmptyStopString => Some("stop"),
+            SamplingError::EmptyLogits | SamplingError::NoCandidate => None,
+        }
+    }
+}
+
+/// Checks every sampling parameter against its allowed range; the first bad field is named
+/// in the error.
+pub fn validate_params(params: &SamplingParams, vocab_size: usize) -> Result<(), SamplingError> {
+    let t = params.temperature;
+    if !t.is_finite() || t < 0.0 {
+        return Err(SamplingError::Temperature(t));
+    }
+    // Written so that NaN fails every check.
+    if !(params.top_p > 0.0 && params.top_p <= 1.0) {
+        return Err(SamplingError::TopP(params.top_p));
+    }
+    if !(params.min_p >= 0.0 && params.min_p <= 1.0) {
+        return Err(SamplingError::MinP(params.min_p));
+    }
+    let r = params.repetition_penalty;
+    if !(r.is_finite() && r > 0.0) {
+        return Err(SamplingError::RepetitionPenalty(r));
+    }
+    if !params.presence_penalty.is_finite() {
+        return Err(SamplingError::PresencePenalty(params.presence_penalty));
+    }
+    if !params.frequency_penalty.is_finite() {
+        return Err(SamplingError::FrequencyPenalty(params.frequency_penalty));
+    }
+    if params.max_tokens < 1 {
+        return Err(SamplingError::MaxTokens(params.max_tokens));
+    }
+    if params.min_tokens > params.max_tokens {
+        return Err(SamplingError::MinTokens {
+            min_tokens: params.min_tokens,
+            max_tokens: params.max_tokens,
+        });
+    }
+    if let Some(&token) = params
+        .stop_token_ids
+        .iter()
+        .find(|&&t| t as usize >= vocab_size)
+    {
+        return Err(SamplingError::StopTokenId { token, vocab_size });
+    }
+    if params.stop.iter().any(String::is_empty) {
+        return Err(SamplingError::EmptyStopString);
+    }
+    Ok(())
 }

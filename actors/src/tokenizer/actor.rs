@@ -10,14 +10,13 @@ use actix::prelude::*;
 use super::chat::ChatEncoder;
 use super::{limits, ChatTemplate, TokenizerParts};
 use crate::config::LimitsConfig;
-use crate::executor::sampler::validate_params;
 use crate::fault;
 use crate::load::EngineLoad;
 use crate::messages::{
-    post, AddSequence, Cancel, CancelStreams, ErrorBody, ErrorCode, FinishReason, GenerateRequest,
-    Prompt, RegisterStream, SeqId, StreamEnd, StreamEvent, Submit, TokenId,
+    overloaded, post, validate_params, AddSequence, Cancel, CancelStreams, ErrorBody, ErrorCode,
+    FinishReason, GenerateRequest, Prompt, RegisterStream, SeqId, StreamEnd, StreamEvent, Submit,
+    TokenId,
 };
-use crate::scheduler::SchedulerError;
 use crate::streams::Streams;
 use crate::supervisor::LifeGuard;
 
@@ -191,11 +190,7 @@ impl Handler<Submit> for TokenizerActor {
         if let Some((load, max_waiting)) = &self.overload_gate {
             let waiting = load.num_waiting();
             if *max_waiting > 0 && waiting >= *max_waiting {
-                let e = SchedulerError::Overloaded {
-                    waiting,
-                    max_waiting: *max_waiting,
-                };
-                return self.refuse(seq_id, e.to_error_body());
+                return self.refuse(seq_id, overloaded(waiting, *max_waiting));
             }
         }
         let prompt = match self.prompt_ids(&request) {
