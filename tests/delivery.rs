@@ -22,7 +22,7 @@ use pagoda_actors::messages::FinishReason;
 use pagoda_actors::protocol::{ErrorCode, Reply, WireRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use replies::Collected;
+use replies::{runtime, Collected};
 use serve_process::Serve;
 use tokio::time::Instant;
 
@@ -50,14 +50,6 @@ const WORDS: &[&str] = &[
     "under",
     "rain",
 ];
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn random_prompt(rng: &mut StdRng) -> String {
     let n = rng.gen_range(3..24);
@@ -146,7 +138,10 @@ fn storm(split: bool) {
     }
     let rt = runtime();
     if split {
-        rt.block_on(wait_one_engine(&nats.url()));
+        rt.block_on(async {
+            let client = async_nats::connect(nats.url()).await.expect("connect");
+            replies::wait_engines(&client, 1).await;
+        });
     }
     let rt = runtime();
     let results: Vec<(Collected, bool)> = rt.block_on(async {
@@ -264,26 +259,6 @@ fn storm(split: bool) {
         aborted >= 64,
         "cancels had too little effect: {aborted} aborted of 256 cancelled ({by_outcome:?})"
     );
-}
-
-/// Waits until a frontend routes to an engine.
-async fn wait_one_engine(url: &str) {
-    let client = async_nats::connect(url).await.expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stats = replies::service_stats(&client, "pagoda", Duration::from_millis(300)).await;
-        if stats
-            .values()
-            .any(|d| d["engine"]["num_engines"].as_u64() == Some(1))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no engine behind the frontend: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[test]

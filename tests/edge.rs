@@ -18,6 +18,7 @@ mod replies;
 #[path = "common/process.rs"]
 mod serve_process;
 
+use replies::runtime;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -35,14 +36,6 @@ const GENERATE: &str = "pagoda.v1.generate";
 
 /// One engine at a time on small machines.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn greedy(id: &str, prompt: &str, max_tokens: u32) -> WireRequest {
     let mut r = WireRequest::text(prompt);

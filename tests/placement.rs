@@ -16,6 +16,7 @@ mod replies;
 #[path = "common/process.rs"]
 mod serve_process;
 
+use replies::runtime;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -33,14 +34,6 @@ const GENERATE: &str = "pagoda.v1.generate";
 /// Each test runs several model-loading processes: one test at a time on small machines.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn frontend(url: &str, dir: &std::path::Path, extra: &[&str]) -> Serve {
     let mut args = vec!["--role", "frontend"];
     args.extend_from_slice(extra);
@@ -53,25 +46,6 @@ fn engine(name: &str, url: &str, dir: &std::path::Path) -> Serve {
     let mut s = Serve::spawn(name, url, dir, &["--role", "engine"], &[]);
     s.wait_for_log("serving as an engine");
     s
-}
-
-/// Waits until the frontend routes to `n` engines (`$SRV.STATS.pagoda`).
-async fn wait_engines(nats: &async_nats::Client, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stats = replies::service_stats(nats, "pagoda", Duration::from_millis(300)).await;
-        if stats
-            .values()
-            .any(|d| d["engine"]["num_engines"].as_u64() == Some(n))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the frontend never saw {n} engines: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `$SRV.STATS.pagoda-engine` of every engine, by engine id.
@@ -194,7 +168,7 @@ fn a_frontend_and_an_engine_give_the_same_greedy_output_as_one_process() {
     let mut f = frontend(&nats.url(), dir.path(), &[]);
     let split = rt.block_on(async {
         let c = async_nats::connect(nats.url()).await.expect("connect");
-        wait_engines(&c, 1).await;
+        replies::wait_engines(&c, 1).await;
         let out = run_all(&c, &reqs).await;
         assert_engines_idle(&c, 1).await;
         out
@@ -224,7 +198,7 @@ fn two_engines_behind_one_frontend_both_take_load() {
     let rt = runtime();
     rt.block_on(async {
         let c = async_nats::connect(nats.url()).await.expect("connect");
-        wait_engines(&c, 2).await;
+        replies::wait_engines(&c, 2).await;
         let reqs: Vec<WireRequest> = (0..16)
             .map(|i| {
                 let mut r = WireRequest::text(format!("Request {i}: tell me about rivers."));
@@ -322,7 +296,7 @@ fn killing_an_engine_ends_its_requests_within_two_seconds() {
     let rt = runtime();
     rt.block_on(async {
         let c = async_nats::connect(nats.url()).await.expect("connect");
-        wait_engines(&c, 2).await;
+        replies::wait_engines(&c, 2).await;
         let mut tasks = Vec::new();
         for i in 0..12 {
             let mut r = WireRequest::text(format!("Story {i}: once upon a time"));
@@ -371,7 +345,7 @@ fn killing_an_engine_ends_its_requests_within_two_seconds() {
             "a request of the killed engine ended {slowest_failure:?} after the kill"
         );
         // The frontend goes on with the engine that is left.
-        wait_engines(&c, 1).await;
+        replies::wait_engines(&c, 1).await;
         let mut r = WireRequest::text("After the crash,");
         r.id = Some("after".into());
         r.params.temperature = 0.0;
@@ -397,7 +371,7 @@ fn durable_jobs_of_a_killed_engine_are_redelivered_through_the_frontend() {
     let rt = runtime();
     rt.block_on(async {
         let raw = async_nats::connect(nats.url()).await.expect("connect");
-        wait_engines(&raw, 2).await;
+        replies::wait_engines(&raw, 2).await;
         let client = Client::connect(&nats.url())
             .await
             .expect("connect")

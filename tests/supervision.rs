@@ -12,6 +12,7 @@ mod replies;
 #[path = "common/process.rs"]
 mod serve_process;
 
+use replies::runtime;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -29,14 +30,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Exit status of `pagoda serve` after an actor died.
 const EXIT_ENGINE_FAILED: i32 = 70;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn long_request(id: &str) -> WireRequest {
     let mut req = WireRequest::text("Write a long story about a lighthouse keeper.");

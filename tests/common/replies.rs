@@ -14,6 +14,37 @@ use futures_util::StreamExt;
 use pagoda_actors::protocol::{decode_reply, Reply, WireFormat, WireRequest};
 use tokio::time::Instant;
 
+/// The runtime the end-to-end tests drive their clients with (two workers: the engine
+/// under test runs in its own process).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Waits (up to 20 s) until a `pagoda serve` answers `$SRV.STATS.pagoda` with `n` engines
+/// behind it (`engine.num_engines`: 1 for `--role all`, the engine processes a frontend
+/// routes to); panics with the last answers otherwise.
+pub async fn wait_engines(nats: &Client, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = service_stats(nats, "pagoda", Duration::from_millis(300)).await;
+        if stats
+            .values()
+            .any(|d| d["engine"]["num_engines"].as_u64() == Some(n))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pagoda with {n} engines behind it: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Everything one request's inbox received.
 #[derive(Debug, Clone)]
 pub struct Collected {
