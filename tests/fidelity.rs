@@ -11,7 +11,7 @@
 
 mod common;
 
-use pagoda_actors::executor::models::llama::Llama;
+use pagoda_actors::executor::models::llama::{Llama, LlamaConfig};
 use pagoda_actors::executor::open_model;
 use pagoda_actors::protocol::{GenerateRequest, Prompt};
 use serde::Deserialize;
@@ -52,7 +52,8 @@ fn read_json<T: for<'a> Deserialize<'a>>(rel: &str) -> T {
 }
 
 fn load(path: &std::path::Path) -> Llama {
-    let (mut src, cfg) = open_model(path).expect("open model");
+    let (mut src, _, _) = open_model(path).expect("open model");
+    let cfg = LlamaConfig::from_source(&src).expect("a llama config");
     Llama::load(&mut src, cfg).expect("load model")
 }
 
@@ -93,7 +94,8 @@ fn teacher_forced(model: &Llama) -> (usize, usize, Vec<(String, f32)>) {
 
 #[test]
 fn gguf_fast_activations_stay_close_to_transformers() {
-    let (mut src, cfg) = open_model(&common::model_path()).expect("open model");
+    let (mut src, _, _) = open_model(&common::model_path()).expect("open model");
+    let cfg = LlamaConfig::from_source(&src).expect("a llama config");
     let fast = pagoda_actors::config::Activations::Fast.precision();
     let model = Llama::load_with(&mut src, cfg, fast).expect("load model");
     let (agree, total, report) = teacher_forced(&model);

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use crate::block_manager::{BlockManager, BlockManagerActor};
 use crate::config::EngineConfig;
 use crate::detokenizer::DetokenizerActor;
-use crate::executor::models::llama::{Llama, LlamaConfig};
+use crate::executor::models::{Family, ModelSpec};
 use crate::executor::weights::LoadError;
 use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
 use crate::load::EngineLoad;
@@ -74,17 +74,17 @@ pub struct EngineInfo {
 
 /// The model's description and tokenizer, read without loading any weights.
 pub struct ModelFiles {
-    pub model_cfg: LlamaConfig,
+    pub model_cfg: ModelSpec,
     pub tokenizer: TokenizerParts,
 }
 
 impl ModelFiles {
     pub fn open(path: &Path) -> Result<Self, EngineError> {
-        let (_, model_cfg) = open_model(path)?;
-        Self::with_config(path, model_cfg)
+        let (_, _, spec) = open_model(path)?;
+        Self::with_config(path, spec)
     }
 
-    fn with_config(path: &Path, model_cfg: LlamaConfig) -> Result<Self, EngineError> {
+    fn with_config(path: &Path, model_cfg: ModelSpec) -> Result<Self, EngineError> {
         let tokenizer = if path.is_dir() {
             tokenizer_from_hf_dir(path)?
         } else {
@@ -111,6 +111,15 @@ impl ModelFiles {
             n => n.min(self.model_cfg.max_position_embeddings),
         }
     }
+}
+
+fn load_family(
+    family: &'static Family,
+    src: &mut crate::executor::weights::WeightSource,
+    cfg: &EngineConfig,
+) -> Result<Box<dyn crate::executor::models::CausalLm>, EngineError> {
+    tracing::debug!(family = family.name, "loading");
+    Ok((family.load)(src, cfg.model.activations.precision())?)
 }
 
 /// Where a core's results go: the detokenizer, or a bridge to frontends.
@@ -151,14 +160,10 @@ impl EngineCore {
     ) -> Result<(Self, ModelFiles), EngineError> {
         cfg.validate()?;
         let path = Path::new(&cfg.model.path);
-        let (mut src, model_cfg) = open_model(path)?;
-        let files = ModelFiles::with_config(path, model_cfg)?;
+        let (mut src, family, spec) = open_model(path)?;
+        let files = ModelFiles::with_config(path, spec)?;
         let kv_dtype = cfg.cache.kv_cache_dtype.resolve(src.stores_f32());
-        let model = Llama::load_with(
-            &mut src,
-            files.model_cfg.clone(),
-            cfg.model.activations.precision(),
-        )?;
+        let model = load_family(family, &mut src, cfg)?;
         drop(src);
 
         let block_size = cfg.cache.block_size;

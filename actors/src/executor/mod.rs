@@ -24,39 +24,36 @@ use crate::messages::{
 use crate::supervisor::LifeGuard;
 use kv_pool::KvPool;
 use linear::ForwardError;
-use models::llama::{BatchInput, Llama, LlamaConfig};
+use models::{BatchInput, CausalLm, Family, ModelSpec};
 use sampler::{Sampler, SamplingError};
 use weights::{LoadError, WeightSource};
 
-/// Opens a model path: a GGUF file, or a Hugging Face directory with `config.json`.
-pub fn open_model(path: &Path) -> Result<(WeightSource, LlamaConfig), LoadError> {
+/// Opens a model path — a GGUF file, or a Hugging Face directory with `config.json` —
+/// and finds its family; no weight is read yet.
+pub fn open_model(path: &Path) -> Result<(WeightSource, &'static Family, ModelSpec), LoadError> {
     if !path.exists() {
         return Err(LoadError::NotFound(path.to_path_buf()));
     }
-    if path.is_dir() {
-        let config = LlamaConfig::from_hf_config(&path.join("config.json"))?;
-        let src = WeightSource::open_safetensors(path)?;
-        Ok((src, config))
+    let src = if path.is_dir() {
+        WeightSource::open_safetensors(path)?
     } else {
-        let src = WeightSource::open_gguf(path)?;
-        let md = src
-            .gguf_metadata()
-            .ok_or_else(|| LoadError::Unsupported("not a GGUF source".into()))?;
-        let config = LlamaConfig::from_gguf(md)?;
-        Ok((src, config))
-    }
+        WeightSource::open_gguf(path)?
+    };
+    let family = models::family_of(&src)?;
+    let spec = (family.spec)(&src)?;
+    Ok((src, family, spec))
 }
 
 /// How many KV blocks the configuration asks for, for this model.
-pub fn num_kv_blocks(cfg: &EngineConfig, model: &LlamaConfig, dtype: KvCacheDtype) -> usize {
+pub fn num_kv_blocks(cfg: &EngineConfig, model: &ModelSpec, dtype: KvCacheDtype) -> usize {
     if cfg.cache.num_blocks > 0 {
         return cfg.cache.num_blocks;
     }
     let per_block = KvPool::bytes_per_block(
-        model.num_layers,
+        model.kv.num_layers,
         cfg.cache.block_size,
-        model.num_kv_heads,
-        model.head_dim,
+        model.kv.heads,
+        model.kv.head_dim,
         dtype,
     );
     ((cfg.cache.kv_cache_bytes as usize) / per_block.max(1)).max(1)
@@ -70,7 +67,7 @@ struct SeqState {
 
 /// Model + KV pool + samplers. Plain struct: the actor below only forwards messages to it.
 pub struct Executor {
-    model: Llama,
+    model: Box<dyn CausalLm>,
     kv: KvPool,
     seqs: HashMap<SeqId, SeqState>,
     /// Tokens that end a sequence, suppressed while it has fewer than `min_tokens` outputs.
@@ -79,32 +76,29 @@ pub struct Executor {
 
 impl Executor {
     pub fn new(
-        model: Llama,
+        model: Box<dyn CausalLm>,
         num_blocks: usize,
         block_size: usize,
         kv_dtype: KvCacheDtype,
         eos_ids: Vec<TokenId>,
     ) -> Self {
-        let c = &model.config;
+        // The pool's block shape is the model's.
+        let l = model.spec().kv;
         let shape = KvShape {
             num_blocks,
             block_size,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
+            num_kv_heads: l.heads,
+            head_dim: l.head_dim,
         };
-        let kv = KvPool::new(c.num_layers, shape, kv_dtype);
+        let kv = KvPool::new(l.num_layers, shape, kv_dtype);
         tracing::info!(
             num_blocks,
             block_size,
             dtype = kv_dtype.name(),
-            kv_mib = (KvPool::bytes_per_block(
-                c.num_layers,
-                block_size,
-                c.num_kv_heads,
-                c.head_dim,
-                kv_dtype
-            ) * num_blocks) as f64
-                / (1024.0 * 1024.0),
+            kv_mib =
+                (KvPool::bytes_per_block(l.num_layers, block_size, l.heads, l.head_dim, kv_dtype)
+                    * num_blocks) as f64
+                    / (1024.0 * 1024.0),
             "KV pool allocated"
         );
         Self {
@@ -115,8 +109,8 @@ impl Executor {
         }
     }
 
-    pub fn model_config(&self) -> &LlamaConfig {
-        &self.model.config
+    pub fn model_spec(&self) -> &ModelSpec {
+        self.model.spec()
     }
 
     /// Runs one step: forward for every scheduled token, then one sampled token for each
@@ -131,7 +125,7 @@ impl Executor {
                 "injected fault: the forward pass of a step with sequence {id} failed"
             ));
         }
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.spec().vocab_size;
         for s in &batch.seqs {
             if let Some(new) = &s.new_seq {
                 // A preempted sequence keeps its sampler (its RNG state is part of it).
@@ -202,7 +196,7 @@ impl Executor {
             logit_rows: &logit_rows,
         };
         let mut logits = self.model.forward(&input, &mut self.kv)?;
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.spec().vocab_size;
         let mut out = StepOutput::default();
         let mut suppress: Vec<TokenId> = Vec::new();
         for (row, seq_id) in logits.chunks_exact_mut(vocab).zip(samplers) {

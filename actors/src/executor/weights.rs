@@ -27,7 +27,10 @@ pub enum LoadError {
     BadSafetensors { path: PathBuf, message: String },
     #[error("{path}: bad config.json: {message}")]
     BadConfig { path: PathBuf, message: String },
-    #[error("unsupported model architecture '{0}' (supported: llama, mistral, qwen2)")]
+    #[error(
+        "unsupported model architecture '{0}' (supported: {supported})",
+        supported = crate::executor::models::supported_names()
+    )]
     UnsupportedArchitecture(String),
     #[error("model metadata key '{0}' is missing or has the wrong type")]
     MissingMetadata(String),
@@ -53,6 +56,8 @@ pub enum WeightSource {
     Safetensors {
         dir: PathBuf,
         tensors: HashMap<String, Tensor>,
+        /// The directory's `config.json`.
+        config: serde_json::Value,
     },
 }
 
@@ -134,6 +139,12 @@ impl WeightSource {
         } else {
             return Err(LoadError::NotFound(single));
         };
+        let config_path = dir.join("config.json");
+        let config: serde_json::Value =
+            serde_json::from_str(&read_text(&config_path)?).map_err(|e| LoadError::BadConfig {
+                path: config_path.clone(),
+                message: e.to_string(),
+            })?;
         let mut tensors = HashMap::new();
         for f in files {
             let part = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| {
@@ -147,6 +158,7 @@ impl WeightSource {
         Ok(Self::Safetensors {
             dir: dir.to_path_buf(),
             tensors,
+            config,
         })
     }
 
@@ -154,6 +166,22 @@ impl WeightSource {
         match self {
             Self::Gguf { content, .. } => Some(&content.metadata),
             Self::Safetensors { .. } => None,
+        }
+    }
+
+    /// The `config.json` of a Hugging Face directory.
+    pub fn hf_config(&self) -> Option<&serde_json::Value> {
+        match self {
+            Self::Gguf { .. } => None,
+            Self::Safetensors { config, .. } => Some(config),
+        }
+    }
+
+    /// The `config.json` path of a Hugging Face directory (for error messages).
+    pub fn hf_config_path(&self) -> Option<PathBuf> {
+        match self {
+            Self::Gguf { .. } => None,
+            Self::Safetensors { dir, .. } => Some(dir.join("config.json")),
         }
     }
 

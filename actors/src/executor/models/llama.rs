@@ -9,9 +9,29 @@ use pagoda_kernels::attention::AttnSeq;
 use pagoda_kernels::ops::{apply_rope, rms_norm, silu_mul, RopeStyle, RopeTable};
 use pagoda_kernels::quant::Precision;
 
+use super::{BatchInput, CausalLm, Family, KvLayout, ModelSpec};
 use crate::executor::kv_pool::KvPool;
 use crate::executor::linear::{ForwardError, Linear, Projections};
 use crate::executor::weights::{read_text, LoadError, WeightSource};
+
+/// The family: Llama 1/2/3, Mistral (without a sliding window), Qwen2, SmolLM.
+pub const FAMILY: Family = Family {
+    name: "llama",
+    gguf_names: &["llama", "mistral", "qwen2"],
+    hf_names: &[
+        "LlamaForCausalLM",
+        "llama",
+        "MistralForCausalLM",
+        "mistral",
+        "Qwen2ForCausalLM",
+        "qwen2",
+    ],
+    spec: |src| Ok(LlamaConfig::from_source(src)?.spec()),
+    load: |src, xp| {
+        let cfg = LlamaConfig::from_source(src)?;
+        Ok(Box::new(Llama::load_with(src, cfg, xp)?))
+    },
+};
 
 /// Hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +136,11 @@ impl LlamaConfig {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
+        Self::from_hf_value(&v, path)
+    }
+
+    /// From the parsed `config.json` at `path` (the path is for error messages).
+    pub fn from_hf_value(v: &serde_json::Value, path: &Path) -> Result<Self, LoadError> {
         let bad = |msg: String| LoadError::BadConfig {
             path: path.to_path_buf(),
             message: msg,
@@ -168,6 +193,29 @@ impl LlamaConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// From whatever describes `src`: GGUF metadata or the directory's `config.json`.
+    pub fn from_source(src: &WeightSource) -> Result<Self, LoadError> {
+        match (src.gguf_metadata(), src.hf_config()) {
+            (Some(md), _) => Self::from_gguf(md),
+            (None, Some(v)) => Self::from_hf_value(v, &src.hf_config_path().unwrap_or_default()),
+            (None, None) => Err(LoadError::Unsupported("no model description".into())),
+        }
+    }
+
+    /// The engine's view of this configuration.
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            architecture: self.architecture.clone(),
+            vocab_size: self.vocab_size,
+            max_position_embeddings: self.max_position_embeddings,
+            kv: KvLayout {
+                num_layers: self.num_layers,
+                heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+            },
+        }
     }
 
     fn validate(&self) -> Result<(), LoadError> {
@@ -256,23 +304,10 @@ fn norm(src: &mut WeightSource, name: &str, len: usize) -> Result<Vec<f32>, Load
     Ok(v)
 }
 
-/// One step's worth of token rows, sequence after sequence.
-pub struct BatchInput<'a> {
-    /// Token id of every row.
-    pub tokens: &'a [u32],
-    /// Position of every row in its sequence.
-    pub positions: &'a [usize],
-    /// KV-pool slot of every row (`block * block_size + offset`).
-    pub slots: &'a [usize],
-    /// The sequences, each owning a contiguous range of rows.
-    pub seqs: &'a [AttnSeq<'a>],
-    /// Rows whose logits are wanted (the last row of each sequence that samples).
-    pub logit_rows: &'a [usize],
-}
-
 /// A loaded Llama-family model.
 pub struct Llama {
     pub config: LlamaConfig,
+    spec: ModelSpec,
     embed: Linear,
     layers: Vec<Layer>,
     final_norm: Vec<f32>,
@@ -341,6 +376,7 @@ impl Llama {
             lm_head,
             rope,
             auto_kv_dtype,
+            spec: config.spec(),
             config,
         })
     }
@@ -488,5 +524,15 @@ impl Llama {
             logit_rows: rows,
         };
         self.forward(&input, &mut kv)
+    }
+}
+
+impl CausalLm for Llama {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn forward(&self, input: &BatchInput<'_>, kv: &mut KvPool) -> Result<Vec<f32>, ForwardError> {
+        Llama::forward(self, input, kv)
     }
 }
