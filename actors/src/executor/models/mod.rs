@@ -122,3 +122,43 @@ pub fn supported_names() -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// Runs one whole sequence through `model` in a single prefill on a private KV pool of
+/// `dtype` and returns the logits after each of `rows` (row i = after `tokens[..=i]`). For
+/// scoring and fidelity checks; serving goes through the executor's shared pool.
+pub fn sequence_logits(
+    model: &dyn CausalLm,
+    tokens: &[u32],
+    rows: &[usize],
+    dtype: crate::config::KvCacheDtype,
+) -> Result<Vec<f32>, ForwardError> {
+    const BS: usize = 16;
+    let kv_layout = model.spec().kv;
+    let num_blocks = tokens.len().div_ceil(BS).max(1);
+    let mut kv = KvPool::new(
+        kv_layout.num_layers,
+        pagoda_kernels::attention::KvShape {
+            num_blocks,
+            block_size: BS,
+            num_kv_heads: kv_layout.heads,
+            head_dim: kv_layout.head_dim,
+        },
+        dtype,
+    );
+    let table: Vec<u32> = (0..num_blocks as u32).collect();
+    let positions: Vec<usize> = (0..tokens.len()).collect();
+    let seqs = [AttnSeq {
+        query_start: 0,
+        query_len: tokens.len(),
+        context_len: tokens.len(),
+        block_table: &table,
+    }];
+    let input = BatchInput {
+        tokens,
+        positions: &positions,
+        slots: &positions,
+        seqs: &seqs,
+        logit_rows: rows,
+    };
+    model.forward(&input, &mut kv)
+}
