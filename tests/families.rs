@@ -203,3 +203,8 @@ fn an_unsupported_architecture_is_a_typed_error() {
     assert!(err.contains("GPTNeoXForCausalLM"), "{err}");
     assert!(err.contains("supported"), "{err}");
 }
+
+#[test]
+fn mistral_with_a_sliding_window_matches_transformers() {
+    family("mistral");
+}

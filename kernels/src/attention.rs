@@ -241,8 +241,47 @@ pub fn paged_attention_with_scale<E: KvElem>(
         num_heads,
         seqs,
         scale,
+        None,
         out,
     )
+}
+
+/// [`paged_attention`] with a sliding window: the query at position `p` attends only to
+/// the `window` positions `p + 1 − window ..= p` (Mistral's `sliding_window`, as
+/// transformers masks it). Blocks wholly before every query's window are never read, so
+/// their table entries may name freed blocks.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_window<E: KvElem>(
+    shape: &KvShape,
+    k_cache: &[E],
+    v_cache: &[E],
+    q: &[f32],
+    num_heads: usize,
+    seqs: &[AttnSeq<'_>],
+    window: Option<usize>,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let scale = 1.0 / (shape.head_dim.max(1) as f32).sqrt();
+    attention_with(
+        crate::simd::level(),
+        shape,
+        k_cache,
+        v_cache,
+        q,
+        num_heads,
+        seqs,
+        scale,
+        window,
+        out,
+    )
+}
+
+/// The first position the query at `pos` attends to.
+fn first_key(pos: usize, window: Option<usize>) -> usize {
+    match window {
+        Some(w) => (pos + 1).saturating_sub(w.max(1)),
+        None => 0,
+    }
 }
 
 const NO_SEQ: usize = usize::MAX;
@@ -257,6 +296,7 @@ pub(crate) fn attention_with<E: KvElem>(
     num_heads: usize,
     seqs: &[AttnSeq<'_>],
     scale: f32,
+    window: Option<usize>,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     let layer_len = shape.validate()?;
@@ -317,7 +357,9 @@ pub(crate) fn attention_with<E: KvElem>(
                 actual: s.block_table.len(),
             });
         }
-        if let Some(&bad) = s.block_table[..blocks]
+        // Only the blocks some query's window reaches are read.
+        let first_block = first_key(s.context_len - s.query_len, window) / shape.block_size;
+        if let Some(&bad) = s.block_table[first_block..blocks]
             .iter()
             .find(|&&b| b as usize >= shape.num_blocks)
         {
@@ -357,6 +399,7 @@ pub(crate) fn attention_with<E: KvElem>(
             v_cache,
             q: &q[t * row + kv_head * chunk..t * row + (kv_head + 1) * chunk],
             block_table: s.block_table,
+            first_key: first_key(pos, window),
             n_keys: pos + 1,
             kv_head,
             scale,
@@ -479,7 +522,8 @@ pub(crate) struct GroupJob<'a, E> {
     /// `group × head_dim` query values.
     q: &'a [f32],
     block_table: &'a [u32],
-    /// Attend to positions `0..n_keys`.
+    /// Attend to positions `first_key..n_keys`.
+    first_key: usize,
     n_keys: usize,
     kv_head: usize,
     scale: f32,
@@ -511,10 +555,12 @@ pub(crate) unsafe fn attend_group<O: VecOps, E: KvElem>(
     run_max.fill(f32::NEG_INFINITY);
     out.fill(0.0);
 
-    for bi in 0..job.n_keys.div_ceil(bs) {
+    for bi in job.first_key / bs..job.n_keys.div_ceil(bs) {
         let block = job.block_table[bi] as usize;
-        let count = bs.min(job.n_keys - bi * bs);
-        let base = block * bs * stride + job.kv_head * hd;
+        // The window may start inside this block.
+        let lo = job.first_key.saturating_sub(bi * bs);
+        let count = bs.min(job.n_keys - bi * bs) - lo;
+        let base = (block * bs + lo) * stride + job.kv_head * hd;
         // Rows j < count of this block, for this KV head, `stride` apart.
         let rows_end = base + (count - 1) * stride + hd;
         let k_rows = &job.k_cache[base..rows_end];

@@ -287,7 +287,104 @@ def make_qwen2(meta: dict) -> dict:
     return goldens(model, tok, "qwen2", desc, out_dir, path, meta)
 
 
-FAMILIES = {"qwen2": make_qwen2}
+# ----------------------------------------------------------------------------- Mistral
+
+
+def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter reorders Q/K rows of llama-architecture models so that rotary
+    pairs are adjacent (interleaved rope); pagoda undoes nothing and rotates interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(path: Path, arch: str, model, cfg, tok, extra=None) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(path.stem)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if extra:
+        extra(w)
+    gguf_tokenizer(w, tok, "gpt2")
+    sd = model.state_dict()
+    w.add_tensor("token_embd.weight", f32(sd["model.embed_tokens.weight"]))
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", f32(sd[p + "input_layernorm.weight"]))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(sd[p + "post_attention_layernorm.weight"]))
+        w.add_tensor(f"blk.{i}.attn_q.weight", f32(llama_permute(sd[p + "self_attn.q_proj.weight"], nh)))
+        w.add_tensor(f"blk.{i}.attn_k.weight", f32(llama_permute(sd[p + "self_attn.k_proj.weight"], nkv)))
+        w.add_tensor(f"blk.{i}.attn_v.weight", f32(sd[p + "self_attn.v_proj.weight"]))
+        w.add_tensor(f"blk.{i}.attn_output.weight", f32(sd[p + "self_attn.o_proj.weight"]))
+        if p + "mlp.gate_proj.weight" in sd:
+            w.add_tensor(f"blk.{i}.ffn_gate.weight", f32(sd[p + "mlp.gate_proj.weight"]))
+            w.add_tensor(f"blk.{i}.ffn_up.weight", f32(sd[p + "mlp.up_proj.weight"]))
+            w.add_tensor(f"blk.{i}.ffn_down.weight", f32(sd[p + "mlp.down_proj.weight"]))
+        else:  # Mixtral: experts stacked into one tensor each, and the router
+            moe = p + "block_sparse_moe."
+            n = cfg.num_local_experts
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", f32(sd[moe + "gate.weight"]))
+            for gg, hf in (("ffn_gate_exps", "w1"), ("ffn_down_exps", "w2"), ("ffn_up_exps", "w3")):
+                stacked = torch.stack([sd[f"{moe}experts.{e}.{hf}.weight"] for e in range(n)])
+                w.add_tensor(f"blk.{i}.{gg}.weight", f32(stacked))
+    w.add_tensor("output_norm.weight", f32(sd["model.norm.weight"]))
+    w.add_tensor("output.weight", f32(sd["lm_head.weight"]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.chmod(0o644)
+
+
+def make_mistral(meta: dict) -> dict:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    tok = train_tokenizer("gpt2")
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=10_000.0,
+        rms_norm_eps=1e-5,
+        sliding_window=8,
+        tie_word_embeddings=False,
+        initializer_range=0.4,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
+    model = MistralForCausalLM(cfg).to(torch.float32).eval()
+    roughen_norms(model)
+    out_dir = FIXTURES / "tiny-mistral"
+    save(model, tok, out_dir)
+    model = MistralForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    path = FIXTURES / "tiny-mistral.gguf"
+    write_llama_gguf(path, "llama", model, cfg, tok,
+                     extra=lambda w: w.add_uint32("llama.attention.sliding_window", cfg.sliding_window))
+    desc = (
+        "MistralForCausalLM(MistralConfig(vocab 400, hidden 64, ffn 96, 2 layers, 4 heads, 2 kv heads, "
+        "head_dim 16, sliding_window 8, rope_theta 1e4, rms_eps 1e-5, untied lm_head, initializer_range 0.4)); "
+        "torch.manual_seed(0); norms 1 + 0.25*randn (seed 1); GGUF: arch llama with "
+        "llama.attention.sliding_window = 8, Q/K rows permuted as llama.cpp's converter does, float32"
+    )
+    return goldens(model, tok, "mistral", desc, out_dir, path, meta)
+
+
+FAMILIES = {"qwen2": make_qwen2, "mistral": make_mistral}
 
 
 def main() -> int:

@@ -4,7 +4,7 @@
 //! memory, and half the bytes every decode step reads) or f32 (`cache.kv_cache_dtype`).
 
 use half::f16;
-use pagoda_kernels::attention::{paged_attention, write_kv, AttnSeq, KvElem, KvShape};
+use pagoda_kernels::attention::{paged_attention_window, write_kv, AttnSeq, KvElem, KvShape};
 use pagoda_kernels::KernelError;
 
 use crate::config::KvCacheDtype;
@@ -102,15 +102,28 @@ impl KvPool {
         seqs: &[AttnSeq<'_>],
         out: &mut [f32],
     ) -> Result<(), KernelError> {
+        self.attend_window(li, q, num_heads, seqs, None, out)
+    }
+
+    /// [`Self::attend`] within a sliding window of `window` positions (None: all).
+    pub fn attend_window(
+        &self,
+        li: usize,
+        q: &[f32],
+        num_heads: usize,
+        seqs: &[AttnSeq<'_>],
+        window: Option<usize>,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         let shape = self.shape;
         match &self.layers {
             Layers::F16 { k, v } => {
                 let i = check_layer(k.len(), li)?;
-                paged_attention(&shape, &k[i], &v[i], q, num_heads, seqs, out)
+                paged_attention_window(&shape, &k[i], &v[i], q, num_heads, seqs, window, out)
             }
             Layers::F32 { k, v } => {
                 let i = check_layer(k.len(), li)?;
-                paged_attention(&shape, &k[i], &v[i], q, num_heads, seqs, out)
+                paged_attention_window(&shape, &k[i], &v[i], q, num_heads, seqs, window, out)
             }
         }
     }

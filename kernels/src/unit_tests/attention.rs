@@ -93,6 +93,11 @@ fn build(
 
 /// Full-softmax causal attention over each sequence's contiguous K/V, in f64.
 fn naive(b: &Batch) -> Vec<f64> {
+    naive_window(b, None)
+}
+
+/// [`naive`] where position `pos` sees only `pos + 1 − window ..= pos`.
+fn naive_window(b: &Batch, window: Option<usize>) -> Vec<f64> {
     let (hd, nkv, h) = (b.shape.head_dim, b.shape.num_kv_heads, b.num_heads);
     let group = h / nkv;
     let scale = 1.0 / (hd as f64).sqrt();
@@ -104,7 +109,8 @@ fn naive(b: &Batch) -> Vec<f64> {
             for head in 0..h {
                 let kvh = head / group;
                 let q = &b.q[(t * h + head) * hd..(t * h + head + 1) * hd];
-                let scores: Vec<f64> = (0..=pos)
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let scores: Vec<f64> = (first..=pos)
                     .map(|p| {
                         let k = &s.k[(p * nkv + kvh) * hd..(p * nkv + kvh + 1) * hd];
                         q.iter()
@@ -118,7 +124,7 @@ fn naive(b: &Batch) -> Vec<f64> {
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 let o = &mut out[(t * h + head) * hd..(t * h + head + 1) * hd];
-                for (p, w) in weights.iter().enumerate() {
+                for (p, w) in (first..=pos).zip(weights.iter()) {
                     let v = &s.v[(p * nkv + kvh) * hd..(p * nkv + kvh + 1) * hd];
                     for (od, &vd) in o.iter_mut().zip(v) {
                         *od += w / total * vd as f64;
@@ -157,6 +163,7 @@ fn run_on<E: KvElem>(b: &Batch, level: Level, k: &[E], v: &[E]) -> Result<Vec<f3
         b.num_heads,
         &seqs,
         scale,
+        None,
         &mut out,
     )?;
     Ok(out)
@@ -454,6 +461,62 @@ fn f16_cache_matches_naive_on_rounded_values() {
                 (*g as f64 - w).abs() <= 1e-4,
                 "f16 {level:?}: index {i}: got {g}, want {w}"
             );
+        }
+    }
+}
+
+/// Sliding windows of every size against the naive reference, on every level; blocks
+/// wholly before every window are poisoned (NaN, and a table entry out of range) to show
+/// they are never read.
+#[test]
+fn sliding_window_matches_the_reference_and_skips_old_blocks() {
+    let mut rng = rng(41);
+    for window in [1, 3, 5, 16, 17, 40, 1000] {
+        let mut b = build(&mut rng, 4, 2, 2, 8, &[(37, 1), (29, 7), (12, 12)], 1.0, false);
+        let want = naive_window(&b, Some(window));
+        // Poison what no window reaches.
+        for s in &mut b.seqs {
+            let first = (s.context_len - s.query_len + 1).saturating_sub(window);
+            for bi in 0..first / b.shape.block_size {
+                let block = s.table[bi] as usize;
+                let len = b.shape.block_size * b.shape.slot_len();
+                b.k_cache[block * len..(block + 1) * len].fill(f32::NAN);
+                b.v_cache[block * len..(block + 1) * len].fill(f32::NAN);
+                s.table[bi] = u32::MAX;
+            }
+        }
+        for level in available_levels() {
+            let seqs: Vec<AttnSeq<'_>> = b
+                .seqs
+                .iter()
+                .map(|s| AttnSeq {
+                    query_start: s.query_start,
+                    query_len: s.query_len,
+                    context_len: s.context_len,
+                    block_table: &s.table,
+                })
+                .collect();
+            let mut out = vec![f32::NAN; b.q.len()];
+            let scale = 1.0 / (b.shape.head_dim as f32).sqrt();
+            attention_with(
+                level,
+                &b.shape,
+                &b.k_cache,
+                &b.v_cache,
+                &b.q,
+                b.num_heads,
+                &seqs,
+                scale,
+                Some(window),
+                &mut out,
+            )
+            .unwrap();
+            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-4,
+                    "window {window} {level:?}: index {i}: got {g}, want {w}"
+                );
+            }
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct LlamaConfig {
     pub rope_theta: f32,
     pub max_position_embeddings: usize,
     pub rope_style: RopeStyle,
+    /// Mistral's sliding window: each position attends to the last this many positions
+    /// (itself included). None: the whole context.
+    pub sliding_window: Option<usize>,
 }
 
 fn md<'a>(
@@ -122,6 +125,9 @@ impl LlamaConfig {
             rope_theta: md_f32(m, &k("rope.freq_base")).unwrap_or(10_000.0),
             max_position_embeddings: md_usize(m, &k("context_length"))?,
             rope_style,
+            sliding_window: md_usize(m, &k("attention.sliding_window"))
+                .ok()
+                .filter(|&w| w > 0),
             architecture: arch,
         };
         cfg.validate()?;
@@ -190,7 +196,23 @@ impl LlamaConfig {
                 .unwrap_or(10_000.0) as f32,
             max_position_embeddings: get("max_position_embeddings")?,
             rope_style: RopeStyle::Neox,
+            // Mistral declares `sliding_window` (null: none); Qwen2 also needs
+            // `use_sliding_window` (its layers then use the window from
+            // `max_window_layers` on, not modelled: refused below).
+            sliding_window: v
+                .get("sliding_window")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .filter(|_| {
+                    arch_name != "qwen2"
+                        || v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true)
+                }),
         };
+        if arch_name == "qwen2" && cfg.sliding_window.is_some() {
+            return Err(LoadError::Unsupported(
+                "Qwen2 with use_sliding_window = true is not implemented yet".into(),
+            ));
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -215,6 +237,7 @@ impl LlamaConfig {
                 heads: self.num_kv_heads,
                 head_dim: self.head_dim,
             },
+            sliding_window: self.sliding_window,
         }
     }
 
@@ -451,7 +474,7 @@ impl Llama {
                 cfg.rope_style,
             )?;
             kv.write(li, &k, &v, input.slots)?;
-            kv.attend(li, &q, cfg.num_heads, input.seqs, &mut attn)?;
+            kv.attend_window(li, &q, cfg.num_heads, input.seqs, cfg.sliding_window, &mut attn)?;
             layer.wo.forward(&attn, n, &mut o)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;

@@ -46,6 +46,9 @@ pub struct ModelSpec {
     pub vocab_size: usize,
     pub max_position_embeddings: usize,
     pub kv: KvLayout,
+    /// Every layer attends only to the last this many positions: blocks wholly before a
+    /// sequence's window can be freed.
+    pub sliding_window: Option<usize>,
 }
 
 /// A loaded model of any family.
