@@ -208,3 +208,44 @@ fn an_unsupported_architecture_is_a_typed_error() {
 fn mistral_with_a_sliding_window_matches_transformers() {
     family("mistral");
 }
+
+/// Mistral's window lets a sequence run in a pool far smaller than its length: blocks
+/// before the window are given back as it goes (with preemption too: two sequences do not
+/// fit at once), and the output is still transformers'.
+#[test]
+fn mistral_runs_sequences_longer_than_its_pool() {
+    let g = goldens("mistral");
+    for path in sources(&g) {
+        let mut cfg = common::test_config();
+        cfg.model.path = path.display().to_string();
+        cfg.cache.kv_cache_dtype = KvCacheDtype::F32;
+        cfg.cache.block_size = 4;
+        cfg.cache.num_blocks = 8; // 32 token slots; each sequence is 80 to 91 tokens long
+        cfg.scheduler.max_num_batched_tokens = 8;
+        cfg.scheduler.max_num_seqs = 2;
+        let reqs: Vec<GenerateRequest> = g
+            .prompts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| request(format!("long-{i}"), &c.ids, 64))
+            .collect();
+        let outs = common::run(async move {
+            let engine = common::start(&cfg);
+            let outs = common::generate_all(&engine, reqs).await;
+            common::assert_pool_drained(&engine).await;
+            outs
+        });
+        for (i, (out, case)) in outs.iter().zip(&g.prompts).enumerate() {
+            assert!(
+                case.ids.len() + 64 > 32,
+                "the test needs sequences longer than the pool"
+            );
+            assert_eq!(
+                out.token_ids,
+                case.greedy64,
+                "{}: prompt {i} in a pool smaller than itself",
+                path.display()
+            );
+        }
+    }
+}

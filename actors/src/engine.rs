@@ -169,7 +169,17 @@ impl EngineCore {
         let block_size = cfg.cache.block_size;
         let num_blocks = num_kv_blocks(cfg, &files.model_cfg, kv_dtype);
         let model_len = files.model_len(cfg);
-        let max_model_len = model_len.min(num_blocks * block_size);
+        let bm_cfg =
+            BlockManagerConfig::new(num_blocks, block_size, cfg.cache.enable_prefix_caching)
+                .with_sliding_window(files.model_cfg.sliding_window);
+        // A sequence needs blocks for its whole context, or with a sliding window only for
+        // the window and one step's tokens.
+        let held = bm_cfg.tokens_held(model_len, cfg.scheduler.max_num_batched_tokens);
+        let max_model_len = if held <= num_blocks * block_size {
+            model_len
+        } else {
+            model_len.min(num_blocks * block_size)
+        };
         if max_model_len < model_len {
             tracing::warn!(
                 max_model_len,
@@ -177,8 +187,6 @@ impl EngineCore {
                 "the KV pool holds fewer tokens than the model's context; sequences are capped"
             );
         }
-        let bm_cfg =
-            BlockManagerConfig::new(num_blocks, block_size, cfg.cache.enable_prefix_caching);
         let manager = BlockManager::new(bm_cfg.clone())?;
         let eos_ids: Vec<TokenId> = files.tokenizer.special.eos_ids.clone();
         let policy = SchedulerPolicy::new(

@@ -52,7 +52,7 @@ use crate::messages::SeqId;
 pub use crate::messages::blocks::{
     block_hashes, extend_block_hashes, slot_for, AdmitRequest, Admitted, BlockError, BlockHash,
     BlockId, BlockManagerConfig, BlockStats, FreeRequest, GrowRequest, Grown, InspectPool,
-    StepRequest, StepResponse, DEFAULT_BLOCK_SIZE,
+    StepRequest, StepResponse, DEFAULT_BLOCK_SIZE, RELEASED_BLOCK,
 };
 
 pub use pool::BlockPool;
@@ -64,6 +64,9 @@ struct SeqBlocks {
     table: Vec<BlockId>,
     /// Leading blocks of `table` whose hashes were reported (cache hits count as reported).
     num_reported: usize,
+    /// Leading entries of `table` given back (sliding window); they hold
+    /// [`RELEASED_BLOCK`].
+    released: usize,
 }
 
 /// Block tables of all sequences on top of a [`BlockPool`]; see the module docs.
@@ -243,6 +246,7 @@ impl BlockManager {
             SeqBlocks {
                 table: table.clone(),
                 num_reported,
+                released: 0,
             },
         );
         Ok(Admitted {
@@ -289,11 +293,32 @@ impl BlockManager {
         }
         if self.config.enable_prefix_caching {
             for (h, &b) in computed_hashes.iter().zip(&s.table[s.num_reported..]) {
-                self.pool.register(b, *h);
+                if b != RELEASED_BLOCK {
+                    self.pool.register(b, *h);
+                }
             }
         }
         s.num_reported += computed_hashes.len();
         Ok(())
+    }
+
+    /// Gives back `seq`'s blocks that lie wholly before position `keep_from` (no query of
+    /// a sliding-window model reads them again); their table entries become
+    /// [`RELEASED_BLOCK`]. Returns how many leading entries are released in all.
+    pub fn release_before(&mut self, seq: SeqId, keep_from: usize) -> usize {
+        let bs = self.config.block_size;
+        let Some(s) = self.seqs.get_mut(&seq) else {
+            return 0;
+        };
+        let upto = (keep_from / bs).min(s.table.len());
+        for entry in &mut s.table[s.released.min(upto)..upto] {
+            if *entry != RELEASED_BLOCK {
+                self.pool.release(*entry);
+                *entry = RELEASED_BLOCK;
+            }
+        }
+        s.released = s.released.max(upto);
+        s.released
     }
 
     /// Releases `seq`'s blocks (last block first, so a sequence's tail is evicted before
@@ -303,7 +328,9 @@ impl BlockManager {
             return false;
         };
         for &b in s.table.iter().rev() {
-            self.pool.release(b);
+            if b != RELEASED_BLOCK {
+                self.pool.release(b);
+            }
         }
         true
     }
@@ -333,6 +360,10 @@ impl BlockManager {
         }
         for g in &req.grow {
             self.cache_blocks(g.seq_id, &g.computed_hashes)?;
+            // Before any growth, so the window's old blocks make room.
+            if self.config.sliding_window.is_some() && g.keep_from > 0 {
+                self.release_before(g.seq_id, g.keep_from);
+            }
         }
 
         let mut grown = Vec::with_capacity(req.grow.len());
@@ -351,9 +382,11 @@ impl BlockManager {
                             .get(&g.seq_id)
                             .map(|s| s.table[before..].to_vec())
                             .unwrap_or_default();
+                        let released = self.seqs.get(&g.seq_id).map_or(0, |s| s.released);
                         grown.push(Grown {
                             seq_id: g.seq_id,
                             new_blocks,
+                            released,
                         });
                         i += 1;
                         break;
@@ -477,7 +510,16 @@ impl BlockManager {
                 ));
             }
             let mut mine = HashSet::with_capacity(s.table.len());
-            for &b in &s.table {
+            for (j, &b) in s.table.iter().enumerate() {
+                if (b == RELEASED_BLOCK) != (j < s.released) {
+                    return Err(format!(
+                        "sequence {seq}: entry {j} is {b}, but {} leading entries are released",
+                        s.released
+                    ));
+                }
+                if b == RELEASED_BLOCK {
+                    continue;
+                }
                 let i = b as usize;
                 if i >= n {
                     return Err(format!("sequence {seq} holds out-of-range block {b}"));
@@ -488,7 +530,11 @@ impl BlockManager {
                 refs[i] += 1;
             }
         }
-        let table_refs: u64 = self.seqs.values().map(|s| s.table.len() as u64).sum();
+        let table_refs: u64 = self
+            .seqs
+            .values()
+            .map(|s| s.table.iter().filter(|&&b| b != RELEASED_BLOCK).count() as u64)
+            .sum();
         let counted: u64 = self.pool.ref_cnt.iter().map(|&r| u64::from(r)).sum();
         if table_refs != counted {
             return Err(format!(

@@ -17,6 +17,7 @@ fn grow(seq_id: SeqId, num_tokens: usize) -> GrowRequest {
         seq_id,
         num_tokens,
         computed_hashes: Vec::new(),
+        keep_from: 0,
     }
 }
 
@@ -391,11 +392,13 @@ fn apply_registers_reported_hashes_even_for_victims() {
                     seq_id: 1,
                     num_tokens: 3,
                     computed_hashes: block_hashes(&p1, bs),
+                    keep_from: 0,
                 },
                 GrowRequest {
                     seq_id: 2,
                     num_tokens: 3,
                     computed_hashes: block_hashes(&p2, bs),
+                    keep_from: 0,
                 },
             ],
             ..Default::default()
@@ -625,7 +628,7 @@ proptest! {
                         .map(|l| {
                             let computed_hashes = l.compute(&bm);
                             l.tokens.extend(std::iter::repeat_n(1, n));
-                            GrowRequest { seq_id: l.id, num_tokens: l.tokens.len(), computed_hashes }
+                            GrowRequest { seq_id: l.id, num_tokens: l.tokens.len(), computed_hashes, keep_from: 0 }
                         })
                         .collect();
                     let resp = bm
@@ -653,4 +656,81 @@ proptest! {
         prop_assert_eq!(bm.num_free_blocks(), num_blocks);
         prop_assert!(bm.usage() == 0.0);
     }
+}
+
+#[test]
+fn a_sliding_window_gives_old_blocks_back() {
+    let cfg = BlockManagerConfig::new(6, 4, true).with_sliding_window(Some(8));
+    // Without the window a 40-token sequence needs 10 blocks; with it, never more than
+    // the window and a step.
+    assert_eq!(cfg.tokens_held(40, 4), 8 + 4 + 8);
+    let mut bm = BlockManager::new(cfg).expect("valid config");
+    let resp = bm
+        .apply(StepRequest {
+            admit: vec![admit(1, 12)],
+            ..StepRequest::default()
+        })
+        .expect("admit");
+    assert_eq!(resp.admitted[0].block_table.len(), 3);
+    // Step after step, one token at a time: positions before (computed + 1 − 8) go back.
+    for computed in 12..40 {
+        let keep_from = (computed + 1usize).saturating_sub(8);
+        let resp = bm
+            .apply(StepRequest {
+                grow: vec![GrowRequest {
+                    keep_from,
+                    ..grow(1, computed + 1)
+                }],
+                ..StepRequest::default()
+            })
+            .expect("grow");
+        assert!(resp.preempted.is_empty(), "step {computed}: {resp:?}");
+        let table = bm.block_table(1).expect("table");
+        let released = resp.grown[0].released;
+        assert_eq!(released, keep_from / 4, "step {computed}");
+        assert!(table[..released].iter().all(|&b| b == RELEASED_BLOCK));
+        assert!(table[released..].iter().all(|&b| b != RELEASED_BLOCK));
+        assert!(table.len() - released <= 4, "step {computed}: {table:?}");
+        bm.check_invariants().expect("invariants");
+    }
+    // Growing again does not release anything twice; freeing gives back the rest.
+    let again = bm
+        .apply(StepRequest {
+            grow: vec![GrowRequest {
+                keep_from: 33,
+                ..grow(1, 40)
+            }],
+            ..StepRequest::default()
+        })
+        .expect("grow");
+    assert_eq!(again.grown[0].released, 8);
+    bm.check_invariants().expect("invariants");
+    assert!(bm.free(1));
+    bm.check_invariants().expect("invariants");
+    assert_eq!(bm.num_free_blocks(), 6);
+}
+
+#[test]
+fn without_a_window_keep_from_releases_nothing() {
+    let mut bm = manager(8, 4, true);
+    bm.apply(StepRequest {
+        admit: vec![admit(1, 12)],
+        ..StepRequest::default()
+    })
+    .expect("admit");
+    let resp = bm
+        .apply(StepRequest {
+            grow: vec![GrowRequest {
+                keep_from: 9,
+                ..grow(1, 13)
+            }],
+            ..StepRequest::default()
+        })
+        .expect("grow");
+    assert_eq!(resp.grown[0].released, 0);
+    assert!(bm
+        .block_table(1)
+        .expect("table")
+        .iter()
+        .all(|&b| b != RELEASED_BLOCK));
 }

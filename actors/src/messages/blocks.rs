@@ -16,6 +16,10 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 /// Blocks in a pool are fewer than this (block ids are `u32`; the largest is reserved).
 pub const MAX_BLOCKS: usize = u32::MAX as usize;
 
+/// A block-table entry whose block was given back because no query will read it again
+/// (it lies wholly before the sequence's sliding window). Never a valid block id.
+pub const RELEASED_BLOCK: BlockId = BlockId::MAX;
+
 /// Errors of the block manager. Every failing call leaves the manager unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum BlockError {
@@ -42,6 +46,9 @@ pub struct BlockManagerConfig {
     pub block_size: usize,
     /// Share full blocks between sequences with equal prefixes.
     pub enable_prefix_caching: bool,
+    /// The model's sliding window (positions a query attends to): blocks wholly before it
+    /// are given back while the sequence runs. None: every block is kept.
+    pub sliding_window: Option<usize>,
 }
 
 impl Default for BlockManagerConfig {
@@ -50,6 +57,7 @@ impl Default for BlockManagerConfig {
             num_blocks: 1024,
             block_size: DEFAULT_BLOCK_SIZE,
             enable_prefix_caching: true,
+            sliding_window: None,
         }
     }
 }
@@ -60,6 +68,23 @@ impl BlockManagerConfig {
             num_blocks,
             block_size,
             enable_prefix_caching,
+            sliding_window: None,
+        }
+    }
+
+    /// The same pool for a model with a sliding window.
+    pub fn with_sliding_window(mut self, window: Option<usize>) -> Self {
+        self.sliding_window = window.filter(|&w| w > 0);
+        self
+    }
+
+    /// Tokens a sequence of `total` tokens holds blocks for at once when its steps compute
+    /// at most `step_tokens` tokens: all of them, or with a sliding window just the window,
+    /// the step's chunk and two partial blocks.
+    pub fn tokens_held(&self, total: usize, step_tokens: usize) -> usize {
+        match self.sliding_window {
+            Some(w) => total.min(w + step_tokens + 2 * self.block_size),
+            None => total,
         }
     }
 
@@ -194,6 +219,10 @@ pub struct GrowRequest {
     /// Hashes of the blocks (in table order, continuing where the last report stopped) that
     /// became completely filled with computed tokens since the last report.
     pub computed_hashes: Vec<BlockHash>,
+    /// Positions before this one are never read again (sliding window): blocks wholly
+    /// before it are given back. 0 for models without a window.
+    #[serde(default)]
+    pub keep_from: usize,
 }
 
 /// A waiting sequence the scheduler would like to start this step.
@@ -243,6 +272,10 @@ pub struct Grown {
     pub seq_id: SeqId,
     /// Block ids appended to the end of its table (often none).
     pub new_blocks: Vec<BlockId>,
+    /// Leading table entries given back so far (sliding window): they read
+    /// [`RELEASED_BLOCK`] from now on.
+    #[serde(default)]
+    pub released: usize,
 }
 
 /// A waiting sequence that now has a block table.

@@ -282,6 +282,7 @@ mod tests {
                 seq_id: 2,
                 num_tokens: 33,
                 computed_hashes: vec![],
+                keep_from: 0,
             }],
             admit: vec![AdmitRequest {
                 seq_id: 3,
@@ -294,6 +295,7 @@ mod tests {
             grown: vec![Grown {
                 seq_id: 2,
                 new_blocks: vec![8],
+                released: 0,
             }],
             preempted: vec![4],
             admitted: vec![Admitted {

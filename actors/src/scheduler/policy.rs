@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::block_manager::BlockManager;
-use crate::messages::blocks::extend_block_hashes;
+use crate::messages::blocks::{extend_block_hashes, RELEASED_BLOCK};
 use crate::messages::{
     AdmitRequest, BlockError, BlockHash, BlockId, BlockManagerConfig, BlockStats, ErrorBody,
     ErrorCode, FinishReason, FreeRequest, GrowRequest, NewSeqData, SamplingParams, ScheduledBatch,
@@ -265,6 +265,10 @@ impl SchedulerPolicy {
         let prompt_len = prompt_token_ids.len();
         let max_tokens = params.max_tokens as usize;
         let total = prompt_len.saturating_add(max_tokens);
+        // With a sliding window a sequence holds blocks only for its window and a step.
+        let held = self
+            .cache
+            .tokens_held(total, self.config.max_num_batched_tokens);
         if total > self.config.max_model_len {
             return Err(SchedulerError::ExceedsModelLen {
                 seq_id,
@@ -273,7 +277,7 @@ impl SchedulerPolicy {
                 max_model_len: self.config.max_model_len,
             });
         }
-        if total > self.cache.capacity_tokens() {
+        if held > self.cache.capacity_tokens() {
             return Err(SchedulerError::ExceedsKvCapacity {
                 seq_id,
                 prompt_len,
@@ -322,10 +326,17 @@ impl SchedulerPolicy {
             let n = remaining.min(budget);
             budget -= n;
             let (computed_hashes, hashes_upto) = s.unreported_hashes(bs);
+            // The step's first query sits at `num_computed`; a sliding window never looks
+            // further back than that query's window.
+            let keep_from = match self.cache.sliding_window {
+                Some(w) => (s.num_computed + 1).saturating_sub(w),
+                None => 0,
+            };
             grow.push(GrowRequest {
                 seq_id,
                 num_tokens: s.num_computed + n,
                 computed_hashes,
+                keep_from,
             });
             planned_grow.push(PlannedGrow {
                 seq_id,
@@ -401,15 +412,15 @@ impl SchedulerPolicy {
             }
         }
 
-        let mut new_blocks: HashMap<SeqId, Vec<BlockId>> = resp
+        let mut new_blocks: HashMap<SeqId, (Vec<BlockId>, usize)> = resp
             .grown
             .into_iter()
-            .map(|g| (g.seq_id, g.new_blocks))
+            .map(|g| (g.seq_id, (g.new_blocks, g.released)))
             .collect();
         let mut scheduled = Vec::new();
         let mut exec = Vec::new();
         for pg in &plan.grow {
-            let Some(blocks) = new_blocks.remove(&pg.seq_id) else {
+            let Some((blocks, released)) = new_blocks.remove(&pg.seq_id) else {
                 continue;
             };
             // A sequence missing here finished or was aborted meanwhile; its free is
@@ -418,6 +429,9 @@ impl SchedulerPolicy {
                 continue;
             };
             s.block_table.extend(blocks);
+            // Entries the block manager gave back (before the sliding window).
+            let released = released.min(s.block_table.len());
+            s.block_table[..released].fill(RELEASED_BLOCK);
             s.hashes_reported = s.hashes_reported.max(pg.hashes_upto);
             if pg.num_new_tokens > 0 {
                 scheduled.push(scheduled_seq(pg.seq_id, s, pg.num_new_tokens, false));

@@ -472,7 +472,16 @@ fn f16_cache_matches_naive_on_rounded_values() {
 fn sliding_window_matches_the_reference_and_skips_old_blocks() {
     let mut rng = rng(41);
     for window in [1, 3, 5, 16, 17, 40, 1000] {
-        let mut b = build(&mut rng, 4, 2, 2, 8, &[(37, 1), (29, 7), (12, 12)], 1.0, false);
+        let mut b = build(
+            &mut rng,
+            4,
+            2,
+            2,
+            8,
+            &[(37, 1), (29, 7), (12, 12)],
+            1.0,
+            false,
+        );
         let want = naive_window(&b, Some(window));
         // Poison what no window reaches.
         for s in &mut b.seqs {

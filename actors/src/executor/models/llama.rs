@@ -474,7 +474,14 @@ impl Llama {
                 cfg.rope_style,
             )?;
             kv.write(li, &k, &v, input.slots)?;
-            kv.attend_window(li, &q, cfg.num_heads, input.seqs, cfg.sliding_window, &mut attn)?;
+            kv.attend_window(
+                li,
+                &q,
+                cfg.num_heads,
+                input.seqs,
+                cfg.sliding_window,
+                &mut attn,
+            )?;
             layer.wo.forward(&attn, n, &mut o)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
