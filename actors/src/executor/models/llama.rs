@@ -259,61 +259,222 @@ impl LlamaConfig {
     }
 }
 
-/// One decoder layer.
-struct Layer {
-    attn_norm: Vec<f32>,
+/// Grouped-query attention with rotary embeddings: Q, K and V in one stacked product,
+/// K/V written to the pool, paged attention (within the sliding window, if any), output
+/// projection.
+pub struct Attention {
     /// Q, K and V.
     qkv: Projections,
     wo: Linear,
-    ffn_norm: Vec<f32>,
-    /// Gate and up.
-    gate_up: Projections,
-    w_down: Linear,
     /// Storage format of the projections, for the load log.
     format: String,
 }
 
-impl Layer {
-    fn load(
+impl Attention {
+    pub fn load(
         src: &mut WeightSource,
         i: usize,
         cfg: &LlamaConfig,
         xp: Precision,
     ) -> Result<Self, LoadError> {
-        let p = |s: &str| format!("blk.{i}.{s}");
-        let mut lin = |name: &str, rows: usize, cols: usize| -> Result<Linear, LoadError> {
-            let mut l = src.linear(&p(&format!("{name}.weight")), false)?;
-            if l.rows() != rows || l.cols() != cols {
-                return Err(LoadError::Shape(format!(
-                    "blk.{i}.{name}.weight is {}×{}, expected {rows}×{cols}",
-                    l.rows(),
-                    l.cols()
-                )));
-            }
-            let bias = p(&format!("{name}.bias"));
-            if src.has(&bias) {
-                l = l.with_bias(src.vector(&bias)?)?;
-            }
-            Ok(l)
-        };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let wq = lin("attn_q", cfg.num_heads * hd, h)?;
-        let wk = lin("attn_k", cfg.num_kv_heads * hd, h)?;
-        let wv = lin("attn_v", cfg.num_kv_heads * hd, h)?;
-        let wo = lin("attn_output", h, cfg.num_heads * hd)?;
-        let w_gate = lin("ffn_gate", cfg.intermediate_size, h)?;
-        let w_up = lin("ffn_up", cfg.intermediate_size, h)?;
-        let w_down = lin("ffn_down", h, cfg.intermediate_size)?;
+        let wq = layer_linear(src, i, "attn_q", cfg.num_heads * hd, h)?;
+        let wk = layer_linear(src, i, "attn_k", cfg.num_kv_heads * hd, h)?;
+        let wv = layer_linear(src, i, "attn_v", cfg.num_kv_heads * hd, h)?;
+        let wo = layer_linear(src, i, "attn_output", h, cfg.num_heads * hd)?;
         Ok(Self {
-            attn_norm: norm(src, &p("attn_norm.weight"), h)?,
-            ffn_norm: norm(src, &p("ffn_norm.weight"), h)?,
             format: wq.format_name(),
             qkv: Projections::new(vec![wq, wk, wv], xp),
             wo: wo.prepare(xp),
-            gate_up: Projections::new(vec![w_gate, w_up], xp),
-            w_down: w_down.prepare(xp),
         })
     }
+
+    /// Attention of the `n` normed rows `x` of layer `li`, into `out` (`n × hidden`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        cfg: &LlamaConfig,
+        rope: &RopeTable,
+        li: usize,
+        x: &[f32],
+        n: usize,
+        input: &BatchInput<'_>,
+        kv: &mut KvPool,
+        s: &mut Scratch,
+        out: &mut [f32],
+    ) -> Result<(), ForwardError> {
+        let hd = cfg.head_dim;
+        self.qkv
+            .forward(x, n, &mut [&mut s.q, &mut s.k, &mut s.v], &mut s.stacked)?;
+        apply_rope(
+            &mut s.q,
+            input.positions,
+            cfg.num_heads,
+            hd,
+            rope,
+            cfg.rope_style,
+        )?;
+        apply_rope(
+            &mut s.k,
+            input.positions,
+            cfg.num_kv_heads,
+            hd,
+            rope,
+            cfg.rope_style,
+        )?;
+        kv.write(li, &s.k, &s.v, input.slots)?;
+        kv.attend_window(
+            li,
+            &s.q,
+            cfg.num_heads,
+            input.seqs,
+            cfg.sliding_window,
+            &mut s.attn,
+        )?;
+        self.wo.forward(&s.attn, n, out)?;
+        Ok(())
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) · up(x))`, gate and up in one stacked product.
+pub struct Mlp {
+    gate_up: Projections,
+    down: Linear,
+}
+
+/// A decoder layer's feed-forward block: a dense MLP, or a mixture of experts.
+pub trait FeedForward: Send + Sized {
+    /// Loads layer `i`'s block.
+    fn load(
+        src: &mut WeightSource,
+        i: usize,
+        cfg: &LlamaConfig,
+        extra: &Self::Config,
+        xp: Precision,
+    ) -> Result<Self, LoadError>;
+
+    /// What the block needs beyond [`LlamaConfig`] (nothing for a dense MLP).
+    type Config: Send;
+
+    /// The block on the `n` normed rows `x`, into `out` (`n × hidden`), with the forward
+    /// pass's reusable buffers.
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        s: &mut Scratch,
+        out: &mut [f32],
+    ) -> Result<(), ForwardError>;
+}
+
+impl FeedForward for Mlp {
+    type Config = ();
+
+    fn load(
+        src: &mut WeightSource,
+        i: usize,
+        cfg: &LlamaConfig,
+        _: &(),
+        xp: Precision,
+    ) -> Result<Self, LoadError> {
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate = layer_linear(src, i, "ffn_gate", ff, h)?;
+        let up = layer_linear(src, i, "ffn_up", ff, h)?;
+        let down = layer_linear(src, i, "ffn_down", h, ff)?;
+        Ok(Self {
+            gate_up: Projections::new(vec![gate, up], xp),
+            down: down.prepare(xp),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        s: &mut Scratch,
+        out: &mut [f32],
+    ) -> Result<(), ForwardError> {
+        self.forward_rows(x, n, s, out)
+    }
+}
+
+impl Mlp {
+    /// `down(silu(gate(x)) · up(x))` on `n` rows, into `out`.
+    pub fn forward_rows(
+        &self,
+        x: &[f32],
+        n: usize,
+        s: &mut Scratch,
+        out: &mut [f32],
+    ) -> Result<(), ForwardError> {
+        let ff = self.down.cols();
+        // Resizing within the capacity of earlier steps costs no allocation.
+        s.gate.resize(n * ff, 0.0);
+        s.up.resize(n * ff, 0.0);
+        self.gate_up
+            .forward(x, n, &mut [&mut s.gate, &mut s.up], &mut s.stacked)?;
+        silu_mul(&mut s.gate, &s.up);
+        self.down.forward(&s.gate, n, out)
+    }
+
+    /// The stacked gate/up product and the down projection of an expert or a dense MLP.
+    pub fn from_parts(gate: Linear, up: Linear, down: Linear, xp: Precision) -> Self {
+        Self {
+            gate_up: Projections::new(vec![gate, up], xp),
+            down: down.prepare(xp),
+        }
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm feed-forward, each added back.
+pub struct DecoderLayer<F> {
+    attn_norm: Vec<f32>,
+    attn: Attention,
+    ffn_norm: Vec<f32>,
+    ffn: F,
+}
+
+impl<F: FeedForward> DecoderLayer<F> {
+    fn load(
+        src: &mut WeightSource,
+        i: usize,
+        cfg: &LlamaConfig,
+        extra: &F::Config,
+        xp: Precision,
+    ) -> Result<Self, LoadError> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            attn_norm: norm(src, &format!("blk.{i}.attn_norm.weight"), h)?,
+            ffn_norm: norm(src, &format!("blk.{i}.ffn_norm.weight"), h)?,
+            attn: Attention::load(src, i, cfg, xp)?,
+            ffn: F::load(src, i, cfg, extra, xp)?,
+        })
+    }
+}
+
+/// A weight of layer `i` (`blk.{i}.{name}.weight`, with its bias when the file has one),
+/// checked to be `rows × cols`.
+pub fn layer_linear(
+    src: &mut WeightSource,
+    i: usize,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Linear, LoadError> {
+    let p = |s: &str| format!("blk.{i}.{s}");
+    let mut l = src.linear(&p(&format!("{name}.weight")), false)?;
+    if l.rows() != rows || l.cols() != cols {
+        return Err(LoadError::Shape(format!(
+            "blk.{i}.{name}.weight is {}×{}, expected {rows}×{cols}",
+            l.rows(),
+            l.cols()
+        )));
+    }
+    let bias = p(&format!("{name}.bias"));
+    if src.has(&bias) {
+        l = l.with_bias(src.vector(&bias)?)?;
+    }
+    Ok(l)
 }
 
 fn norm(src: &mut WeightSource, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
@@ -327,12 +488,40 @@ fn norm(src: &mut WeightSource, name: &str, len: usize) -> Result<Vec<f32>, Load
     Ok(v)
 }
 
-/// A loaded Llama-family model.
-pub struct Llama {
+/// Buffers of one forward pass, reused by every layer.
+pub struct Scratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    stacked: Vec<f32>,
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(cfg: &LlamaConfig, n: usize) -> Self {
+        let hd = cfg.head_dim;
+        Self {
+            q: vec![0f32; n * cfg.num_heads * hd],
+            k: vec![0f32; n * cfg.num_kv_heads * hd],
+            v: vec![0f32; n * cfg.num_kv_heads * hd],
+            attn: vec![0f32; n * cfg.num_heads * hd],
+            stacked: Vec::new(),
+            gate: Vec::with_capacity(n * cfg.intermediate_size),
+            up: Vec::with_capacity(n * cfg.intermediate_size),
+        }
+    }
+}
+
+/// A Llama-shaped model: embeddings, decoder layers with feed-forward blocks `F`, final
+/// norm, output projection. `F` is a dense MLP for Llama, Mistral and Qwen2
+/// ([`Llama`]), a mixture of experts for Mixtral.
+pub struct LlamaModel<F> {
     pub config: LlamaConfig,
     spec: ModelSpec,
     embed: Linear,
-    layers: Vec<Layer>,
+    layers: Vec<DecoderLayer<F>>,
     final_norm: Vec<f32>,
     /// None when the output projection is tied to the embedding.
     lm_head: Option<Linear>,
@@ -340,6 +529,9 @@ pub struct Llama {
     /// KV element type of `cache.kv_cache_dtype = "auto"` for this model.
     auto_kv_dtype: crate::config::KvCacheDtype,
 }
+
+/// The Llama family's model: dense SwiGLU MLPs.
+pub type Llama = LlamaModel<Mlp>;
 
 impl Llama {
     pub fn load(src: &mut WeightSource, config: LlamaConfig) -> Result<Self, LoadError> {
@@ -351,6 +543,18 @@ impl Llama {
     pub fn load_with(
         src: &mut WeightSource,
         config: LlamaConfig,
+        xp: Precision,
+    ) -> Result<Self, LoadError> {
+        Self::load_model(src, config, &(), xp)
+    }
+}
+
+impl<F: FeedForward> LlamaModel<F> {
+    /// Loads every weight; `extra` is what the feed-forward blocks need beyond `config`.
+    pub fn load_model(
+        src: &mut WeightSource,
+        config: LlamaConfig,
+        extra: &F::Config,
         xp: Precision,
     ) -> Result<Self, LoadError> {
         let auto_kv_dtype = crate::config::KvCacheDtype::Auto.resolve(src.stores_f32());
@@ -366,7 +570,7 @@ impl Llama {
         }
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            layers.push(Layer::load(src, i, &config, xp)?);
+            layers.push(DecoderLayer::load(src, i, &config, extra, xp)?);
         }
         let final_norm = norm(src, "output_norm.weight", config.hidden_size)?;
         let lm_head = if src.has("output.weight") {
@@ -376,12 +580,14 @@ impl Llama {
         };
         tracing::info!(
             source = %src.describe(),
+            architecture = %config.architecture,
             layers = config.num_layers,
             hidden = config.hidden_size,
             heads = config.num_heads,
             kv_heads = config.num_kv_heads,
             vocab = config.vocab_size,
-            weights = %layers.first().map(|l| l.format.clone()).unwrap_or_default(),
+            sliding_window = ?config.sliding_window,
+            weights = %layers.first().map(|l| l.attn.format.clone()).unwrap_or_default(),
             int8_kernel = pagoda_kernels::quant::QMatrix::int8_kernel_available(),
             activations = ?xp,
             tied_embeddings = lm_head.is_none(),
@@ -428,9 +634,7 @@ impl Llama {
                 self.rope.max_positions()
             )));
         }
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-
+        let h = cfg.hidden_size;
         let mut x = vec![0f32; n * h];
         for (row, &t) in x.chunks_exact_mut(h).zip(input.tokens) {
             if t as usize >= cfg.vocab_size {
@@ -442,58 +646,30 @@ impl Llama {
             self.embed.row(t as usize, row)?;
         }
         let mut hbuf = vec![0f32; n * h];
-        let mut q = vec![0f32; n * q_dim];
-        let mut k = vec![0f32; n * kv_dim];
-        let mut v = vec![0f32; n * kv_dim];
-        let mut attn = vec![0f32; n * q_dim];
         let mut o = vec![0f32; n * h];
-        let mut gate = vec![0f32; n * cfg.intermediate_size];
-        let mut up = vec![0f32; n * cfg.intermediate_size];
-        let mut stacked = Vec::new();
+        let mut scratch = Scratch::new(cfg, n);
 
         for (li, layer) in self.layers.iter().enumerate() {
             hbuf.copy_from_slice(&x);
             rms_norm(&mut hbuf, &layer.attn_norm, cfg.rms_norm_eps);
-            layer
-                .qkv
-                .forward(&hbuf, n, &mut [&mut q, &mut k, &mut v], &mut stacked)?;
-            apply_rope(
-                &mut q,
-                input.positions,
-                cfg.num_heads,
-                hd,
+            layer.attn.forward(
+                cfg,
                 &self.rope,
-                cfg.rope_style,
-            )?;
-            apply_rope(
-                &mut k,
-                input.positions,
-                cfg.num_kv_heads,
-                hd,
-                &self.rope,
-                cfg.rope_style,
-            )?;
-            kv.write(li, &k, &v, input.slots)?;
-            kv.attend_window(
                 li,
-                &q,
-                cfg.num_heads,
-                input.seqs,
-                cfg.sliding_window,
-                &mut attn,
+                &hbuf,
+                n,
+                input,
+                kv,
+                &mut scratch,
+                &mut o,
             )?;
-            layer.wo.forward(&attn, n, &mut o)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
             }
 
             hbuf.copy_from_slice(&x);
             rms_norm(&mut hbuf, &layer.ffn_norm, cfg.rms_norm_eps);
-            layer
-                .gate_up
-                .forward(&hbuf, n, &mut [&mut gate, &mut up], &mut stacked)?;
-            silu_mul(&mut gate, &up);
-            layer.w_down.forward(&gate, n, &mut o)?;
+            layer.ffn.forward(&hbuf, n, &mut scratch, &mut o)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
             }
@@ -516,7 +692,7 @@ impl Llama {
     }
 }
 
-impl Llama {
+impl<F: FeedForward> LlamaModel<F> {
     /// Runs one whole sequence through the model in a single prefill on a private KV pool
     /// and returns the logits after each of `rows` (row i = after `tokens[..=i]`). For
     /// scoring and fidelity checks; serving goes through the executor's shared pool.
@@ -557,12 +733,12 @@ impl Llama {
     }
 }
 
-impl CausalLm for Llama {
+impl<F: FeedForward> CausalLm for LlamaModel<F> {
     fn spec(&self) -> &ModelSpec {
         &self.spec
     }
 
     fn forward(&self, input: &BatchInput<'_>, kv: &mut KvPool) -> Result<Vec<f32>, ForwardError> {
-        Llama::forward(self, input, kv)
+        LlamaModel::forward(self, input, kv)
     }
 }
