@@ -249,3 +249,8 @@ fn mistral_runs_sequences_longer_than_its_pool() {
         }
     }
 }
+
+#[test]
+fn mixtral_matches_transformers() {
+    family("mixtral");
+}

@@ -384,7 +384,58 @@ def make_mistral(meta: dict) -> dict:
     return goldens(model, tok, "mistral", desc, out_dir, path, meta)
 
 
-FAMILIES = {"qwen2": make_qwen2, "mistral": make_mistral}
+# ----------------------------------------------------------------------------- Mixtral
+
+
+def make_mixtral(meta: dict) -> dict:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    tok = train_tokenizer("gpt2")
+    cfg = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-5,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.0,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        initializer_range=0.4,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
+    model = MixtralForCausalLM(cfg).to(torch.float32).eval()
+    roughen_norms(model)
+    out_dir = FIXTURES / "tiny-mixtral"
+    save(model, tok, out_dir)
+    model = MixtralForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    path = FIXTURES / "tiny-mixtral.gguf"
+
+    def moe_meta(w):
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+
+    write_llama_gguf(path, "llama", model, cfg, tok, extra=moe_meta)
+    desc = (
+        "MixtralForCausalLM(MixtralConfig(vocab 400, hidden 64, expert ffn 64, 2 layers, 4 heads, 2 kv heads, "
+        "head_dim 16, 4 experts, 2 per token, rope_theta 1e6, rms_eps 1e-5, untied lm_head, initializer_range 0.4)); "
+        "torch.manual_seed(0); norms 1 + 0.25*randn (seed 1); GGUF: arch llama with llama.expert_count 4 and "
+        "llama.expert_used_count 2, experts stacked in ffn_{gate,up,down}_exps, router ffn_gate_inp, Q/K rows "
+        "permuted as llama.cpp's converter does, float32"
+    )
+    return goldens(model, tok, "mixtral", desc, out_dir, path, meta)
+
+
+FAMILIES = {"qwen2": make_qwen2, "mistral": make_mistral, "mixtral": make_mixtral}
 
 
 def main() -> int:

@@ -185,6 +185,73 @@ impl WeightSource {
         }
     }
 
+    /// Expert `expert` of a mixture-of-experts weight: from GGUF, a slice of the stacked
+    /// tensor `stacked` (`[experts, rows, cols]`, as llama.cpp stores them; quantized
+    /// experts stay quantized); from safetensors, the tensor `hf` (Hugging Face keeps
+    /// one tensor per expert).
+    pub fn expert_linear(
+        &mut self,
+        stacked: &str,
+        expert: usize,
+        hf: &str,
+    ) -> Result<Linear, LoadError> {
+        match self {
+            Self::Safetensors { tensors, .. } => {
+                let t = tensors
+                    .get(hf)
+                    .ok_or_else(|| LoadError::MissingTensor(hf.to_owned()))?;
+                let (rows, cols) = t.dims2().map_err(|e| bad(hf, e))?;
+                let w = t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| bad(hf, e))?;
+                Linear::dense(w, rows, cols)
+            }
+            Self::Gguf { .. } => {
+                let qt = self.gguf_tensor(stacked)?;
+                let dims = qt.shape().dims().to_vec();
+                let (experts, rows, cols) = match dims.as_slice() {
+                    [e, r, c] => (*e, *r, *c),
+                    _ => {
+                        return Err(bad(
+                            stacked,
+                            format!("expected [experts, rows, cols], got {dims:?}"),
+                        ))
+                    }
+                };
+                if expert >= experts {
+                    return Err(bad(stacked, format!("no expert {expert} of {experts}")));
+                }
+                let format = match qt.dtype() {
+                    GgmlDType::Q4_0 => Some(QuantFormat::Q4_0),
+                    GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
+                    GgmlDType::Q8_0 => Some(QuantFormat::Q8_0),
+                    _ => None,
+                };
+                match format {
+                    Some(format) => {
+                        let data = qt.data().map_err(|e| bad(stacked, e))?;
+                        let per = data.len() / experts;
+                        let part = data[expert * per..(expert + 1) * per].to_vec();
+                        let m =
+                            QMatrix::new(format, rows, cols, part).map_err(|e| bad(stacked, e))?;
+                        Ok(Linear::quant(m))
+                    }
+                    None => {
+                        let all = qt
+                            .dequantize(&Device::Cpu)
+                            .and_then(|t| t.flatten_all())
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .map_err(|e| bad(stacked, e))?;
+                        let per = rows * cols;
+                        Linear::dense(all[expert * per..(expert + 1) * per].to_vec(), rows, cols)
+                    }
+                }
+            }
+        }
+    }
+
     /// Does the model have this tensor (GGUF name)?
     pub fn has(&self, name: &str) -> bool {
         match self {
@@ -342,6 +409,7 @@ pub fn hf_name(gguf: &str) -> String {
                 "ffn_gate" => "mlp.gate_proj",
                 "ffn_up" => "mlp.up_proj",
                 "ffn_down" => "mlp.down_proj",
+                "ffn_gate_inp" => "block_sparse_moe.gate",
                 other => other,
             };
             return format!("model.layers.{layer}.{hf}.{suffix}");

@@ -26,6 +26,7 @@ pub const FAMILY: Family = Family {
         "Qwen2ForCausalLM",
         "qwen2",
     ],
+    accepts: |_| true,
     spec: |src| Ok(LlamaConfig::from_source(src)?.spec()),
     load: |src, xp| {
         let cfg = LlamaConfig::from_source(src)?;
@@ -162,6 +163,7 @@ impl LlamaConfig {
             "LlamaForCausalLM" | "llama" => "llama",
             "MistralForCausalLM" | "mistral" => "mistral",
             "Qwen2ForCausalLM" | "qwen2" => "qwen2",
+            "MixtralForCausalLM" | "mixtral" => "mixtral",
             other => return Err(LoadError::UnsupportedArchitecture(other.to_string())),
         };
         if let Some(rs) = v.get("rope_scaling").filter(|r| !r.is_null()) {

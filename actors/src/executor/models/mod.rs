@@ -7,6 +7,7 @@
 //! and the [`Family`] registry: a new family is a new file plus one line in [`FAMILIES`].
 
 pub mod llama;
+pub mod mixtral;
 
 use pagoda_kernels::attention::AttnSeq;
 use pagoda_kernels::quant::Precision;
@@ -71,6 +72,9 @@ pub struct Family {
     pub gguf_names: &'static [&'static str],
     /// Hugging Face `config.json` `architectures[0]` or `model_type` values.
     pub hf_names: &'static [&'static str],
+    /// Whether a source with one of those names is this family's (llama.cpp stores
+    /// Mixtral under `llama`: the expert count tells them apart).
+    pub accepts: fn(&WeightSource) -> bool,
     /// The model's description, without loading any weight.
     pub spec: fn(&WeightSource) -> Result<ModelSpec, LoadError>,
     /// Loads the weights (quantized matrices keep their format; activations of the
@@ -78,8 +82,8 @@ pub struct Family {
     pub load: fn(&mut WeightSource, Precision) -> LoadResult,
 }
 
-/// Every family pagoda serves.
-pub const FAMILIES: &[&Family] = &[&llama::FAMILY];
+/// Every family pagoda serves, most specific first.
+pub const FAMILIES: &[&Family] = &[&mixtral::FAMILY, &llama::FAMILY];
 
 /// The architecture name a weight source declares: GGUF `general.architecture`, or
 /// `architectures[0]` (else `model_type`) of a Hugging Face `config.json`.
@@ -111,7 +115,7 @@ pub fn family_of(src: &WeightSource) -> Result<&'static Family, LoadError> {
         .copied()
         .find(|f| {
             let names = if gguf { f.gguf_names } else { f.hf_names };
-            names.contains(&arch.as_str())
+            names.contains(&arch.as_str()) && (f.accepts)(src)
         })
         .ok_or(LoadError::UnsupportedArchitecture(arch))
 }
@@ -120,8 +124,10 @@ pub fn family_of(src: &WeightSource) -> Result<&'static Family, LoadError> {
 pub fn supported_names() -> String {
     FAMILIES
         .iter()
-        .flat_map(|f| f.gguf_names.iter())
+        .flat_map(|f| f.gguf_names.iter().chain(f.hf_names))
         .copied()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect::<Vec<_>>()
         .join(", ")
 }
