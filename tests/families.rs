@@ -254,3 +254,8 @@ fn mistral_runs_sequences_longer_than_its_pool() {
 fn mixtral_matches_transformers() {
     family("mixtral");
 }
+
+#[test]
+fn deepseek_v2_with_latent_attention_matches_transformers() {
+    family("deepseek2");
+}

@@ -435,7 +435,68 @@ def make_mixtral(meta: dict) -> dict:
     return goldens(model, tok, "mixtral", desc, out_dir, path, meta)
 
 
-FAMILIES = {"qwen2": make_qwen2, "mistral": make_mistral, "mixtral": make_mixtral}
+# ----------------------------------------------------------------------------- DeepSeek-V2
+
+
+def make_deepseek2(meta: dict) -> dict:
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    tok = train_tokenizer("gpt2")
+    cfg = DeepseekV2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rope_theta=10_000.0,
+        rope_scaling=None,
+        rms_norm_eps=1e-6,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=1,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        tie_word_embeddings=False,
+        initializer_range=0.4,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
+    model = DeepseekV2ForCausalLM(cfg).to(torch.float32).eval()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    roughen_norms(model)
+    out_dir = FIXTURES / "tiny-deepseek2"
+    save(model, tok, out_dir)
+    model = DeepseekV2ForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    desc = (
+        "DeepseekV2ForCausalLM(DeepseekV2Config(vocab 400, hidden 64, dense ffn 96, 3 layers (the first dense), "
+        "4 heads, q_lora_rank None (the Lite shape), kv_lora_rank 32, qk_nope 16, qk_rope 8, v_head 16, "
+        "8 routed experts of ffn 32, 2 shared, 2 per token, group_limited_greedy with 4 groups / top 2, "
+        "routed_scaling_factor 1.5, rope_theta 1e4, no rope scaling, untied lm_head, initializer_range 0.4)); "
+        "torch.manual_seed(0); norms 1 + 0.25*randn (seed 1); Hugging Face directory only"
+    )
+    return goldens(model, tok, "deepseek2", desc, out_dir, None, meta)
+
+
+FAMILIES = {
+    "qwen2": make_qwen2,
+    "mistral": make_mistral,
+    "mixtral": make_mixtral,
+    "deepseek2": make_deepseek2,
+}
 
 
 def main() -> int:

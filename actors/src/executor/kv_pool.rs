@@ -4,7 +4,9 @@
 //! memory, and half the bytes every decode step reads) or f32 (`cache.kv_cache_dtype`).
 
 use half::f16;
-use pagoda_kernels::attention::{paged_attention_window, write_kv, AttnSeq, KvElem, KvShape};
+use pagoda_kernels::attention::{
+    paged_attention_window, paged_attention_with_scale, write_kv, AttnSeq, KvElem, KvShape,
+};
 use pagoda_kernels::KernelError;
 
 use crate::config::KvCacheDtype;
@@ -103,6 +105,30 @@ impl KvPool {
         out: &mut [f32],
     ) -> Result<(), KernelError> {
         self.attend_window(li, q, num_heads, seqs, None, out)
+    }
+
+    /// [`Self::attend`] with a softmax scale of the model's choosing (multi-head latent
+    /// attention scales by its full query head, not by the cached width).
+    pub fn attend_scaled(
+        &self,
+        li: usize,
+        q: &[f32],
+        num_heads: usize,
+        seqs: &[AttnSeq<'_>],
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let shape = self.shape;
+        match &self.layers {
+            Layers::F16 { k, v } => {
+                let i = check_layer(k.len(), li)?;
+                paged_attention_with_scale(&shape, &k[i], &v[i], q, num_heads, seqs, scale, out)
+            }
+            Layers::F32 { k, v } => {
+                let i = check_layer(k.len(), li)?;
+                paged_attention_with_scale(&shape, &k[i], &v[i], q, num_heads, seqs, scale, out)
+            }
+        }
     }
 
     /// [`Self::attend`] within a sliding window of `window` positions (None: all).

@@ -254,23 +254,33 @@ impl WeightSource {
 
     /// Does the model have this tensor (GGUF name)?
     pub fn has(&self, name: &str) -> bool {
+        self.has_as(name, &hf_name(name))
+    }
+
+    /// [`Self::has`] naming the tensor in each format (see [`Self::linear_as`]).
+    pub fn has_as(&self, name: &str, hf: &str) -> bool {
         match self {
             Self::Gguf { content, .. } => content.tensor_infos.contains_key(name),
-            Self::Safetensors { tensors, .. } => tensors.contains_key(&hf_name(name)),
+            Self::Safetensors { tensors, .. } => tensors.contains_key(hf),
         }
     }
 
     /// A 1-D tensor (norm weights, biases) as f32.
     pub fn vector(&mut self, name: &str) -> Result<Vec<f32>, LoadError> {
+        self.vector_as(name, &hf_name(name))
+    }
+
+    /// [`Self::vector`] naming the tensor in each format (see [`Self::linear_as`]).
+    pub fn vector_as(&mut self, name: &str, hf: &str) -> Result<Vec<f32>, LoadError> {
         let t = match self {
             Self::Gguf { .. } => self
                 .gguf_tensor(name)?
                 .dequantize(&Device::Cpu)
                 .map_err(|e| bad(name, e))?,
             Self::Safetensors { tensors, .. } => tensors
-                .get(&hf_name(name))
+                .get(hf)
                 .cloned()
-                .ok_or_else(|| LoadError::MissingTensor(hf_name(name)))?,
+                .ok_or_else(|| LoadError::MissingTensor(hf.to_owned()))?,
         };
         t.to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
@@ -282,6 +292,17 @@ impl WeightSource {
     /// `row_access`, the layer must support row lookups (embeddings), so formats without a
     /// pagoda kernel are dequantized.
     pub fn linear(&mut self, name: &str, row_access: bool) -> Result<Linear, LoadError> {
+        self.linear_as(name, &hf_name(name), row_access)
+    }
+
+    /// [`Self::linear`] naming the tensor in each format: `gguf` in a GGUF file, `hf` in a
+    /// Hugging Face directory (for families whose names the generic mapping does not know).
+    pub fn linear_as(
+        &mut self,
+        name: &str,
+        hf: &str,
+        row_access: bool,
+    ) -> Result<Linear, LoadError> {
         match self {
             Self::Gguf { .. } => {
                 let qt = self.gguf_tensor(name)?;
@@ -321,16 +342,15 @@ impl WeightSource {
                 }
             }
             Self::Safetensors { tensors, .. } => {
-                let hf = hf_name(name);
                 let t = tensors
-                    .get(&hf)
-                    .ok_or_else(|| LoadError::MissingTensor(hf.clone()))?;
-                let (rows, cols) = t.dims2().map_err(|e| bad(&hf, e))?;
+                    .get(hf)
+                    .ok_or_else(|| LoadError::MissingTensor(hf.to_owned()))?;
+                let (rows, cols) = t.dims2().map_err(|e| bad(hf, e))?;
                 let w = t
                     .to_dtype(DType::F32)
                     .and_then(|t| t.flatten_all())
                     .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| bad(&hf, e))?;
+                    .map_err(|e| bad(hf, e))?;
                 Linear::dense(w, rows, cols)
             }
         }

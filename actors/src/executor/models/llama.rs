@@ -479,7 +479,7 @@ pub fn layer_linear(
     Ok(l)
 }
 
-fn norm(src: &mut WeightSource, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+pub(super) fn norm(src: &mut WeightSource, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
     let v = src.vector(name)?;
     if v.len() != len {
         return Err(LoadError::Shape(format!(
@@ -502,6 +502,19 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// Buffers that grow on demand (for blocks used outside [`LlamaModel`]).
+    pub fn empty() -> Self {
+        Self {
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            attn: Vec::new(),
+            stacked: Vec::new(),
+            gate: Vec::new(),
+            up: Vec::new(),
+        }
+    }
+
     fn new(cfg: &LlamaConfig, n: usize) -> Self {
         let hd = cfg.head_dim;
         Self {

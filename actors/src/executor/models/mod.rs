@@ -6,6 +6,7 @@
 //! ([`KvLayout`]) the model declares. The executor and the engine see only [`CausalLm`]
 //! and the [`Family`] registry: a new family is a new file plus one line in [`FAMILIES`].
 
+pub mod deepseek;
 pub mod llama;
 pub mod mixtral;
 
@@ -83,7 +84,7 @@ pub struct Family {
 }
 
 /// Every family pagoda serves, most specific first.
-pub const FAMILIES: &[&Family] = &[&mixtral::FAMILY, &llama::FAMILY];
+pub const FAMILIES: &[&Family] = &[&mixtral::FAMILY, &llama::FAMILY, &deepseek::FAMILY];
 
 /// The architecture name a weight source declares: GGUF `general.architecture`, or
 /// `architectures[0]` (else `model_type`) of a Hugging Face `config.json`.
