@@ -481,14 +481,86 @@ def make_deepseek2(meta: dict) -> dict:
     out_dir = FIXTURES / "tiny-deepseek2"
     save(model, tok, out_dir)
     model = DeepseekV2ForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    path = FIXTURES / "tiny-deepseek2.gguf"
+    write_deepseek2_gguf(path, model, cfg, tok)
     desc = (
         "DeepseekV2ForCausalLM(DeepseekV2Config(vocab 400, hidden 64, dense ffn 96, 3 layers (the first dense), "
         "4 heads, q_lora_rank None (the Lite shape), kv_lora_rank 32, qk_nope 16, qk_rope 8, v_head 16, "
         "8 routed experts of ffn 32, 2 shared, 2 per token, group_limited_greedy with 4 groups / top 2, "
         "routed_scaling_factor 1.5, rope_theta 1e4, no rope scaling, untied lm_head, initializer_range 0.4)); "
-        "torch.manual_seed(0); norms 1 + 0.25*randn (seed 1); Hugging Face directory only"
+        "torch.manual_seed(0); norms 1 + 0.25*randn (seed 1); GGUF: arch deepseek2 with llama.cpp's names "
+        "(attn_kv_a_mqa, attn_kv_a_norm, attn_kv_b, ffn_*_exps, ffn_*_shexp, ffn_gate_inp) and keys "
+        "(kv_lora_rank, key_length = nope + rope, value_length, rope.dimension_count, leading_dense_block_count, "
+        "expert_*), group routing in expert_group_count / expert_group_used_count, float32"
     )
-    return goldens(model, tok, "deepseek2", desc, out_dir, None, meta)
+    return goldens(model, tok, "deepseek2", desc, out_dir, path, meta)
+
+
+def write_deepseek2_gguf(path: Path, model, cfg, tok) -> None:
+    import gguf
+
+    arch = "deepseek2"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(path.stem)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_attention_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.q_lora_rank is not None:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_key_length(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.v_head_dim)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_uint32(f"{arch}.expert_group_count", cfg.n_group)
+    w.add_uint32(f"{arch}.expert_group_used_count", cfg.topk_group)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    gguf_tokenizer(w, tok, "gpt2")
+    sd = model.state_dict()
+    w.add_tensor("token_embd.weight", f32(sd["model.embed_tokens.weight"]))
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names = {
+            "attn_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm",
+            "attn_q": "self_attn.q_proj",
+            "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+            "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+            "attn_kv_b": "self_attn.kv_b_proj",
+            "attn_output": "self_attn.o_proj",
+        }
+        if i < cfg.first_k_dense_replace:
+            names.update({"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"})
+        else:
+            names.update({
+                "ffn_gate_inp": "mlp.gate",
+                "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+                "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                "ffn_down_shexp": "mlp.shared_experts.down_proj",
+            })
+            for gg, hf in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
+                stacked = torch.stack([sd[f"{p}mlp.experts.{e}.{hf}.weight"] for e in range(cfg.n_routed_experts)])
+                w.add_tensor(f"blk.{i}.{gg}.weight", f32(stacked))
+        for g_name, hf in names.items():
+            w.add_tensor(f"blk.{i}.{g_name}.weight", f32(sd[p + hf + ".weight"]))
+    w.add_tensor("output_norm.weight", f32(sd["model.norm.weight"]))
+    w.add_tensor("output.weight", f32(sd["lm_head.weight"]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.chmod(0o644)
 
 
 FAMILIES = {

@@ -20,7 +20,8 @@
 //!
 //! Laid out as the other families: config → attention / feed-forward / decoder layer →
 //! model, each with load and forward; the KV pool is passed in. Hugging Face directories
-//! (`DeepseekV2ForCausalLM`).
+//! (`DeepseekV2ForCausalLM`) and GGUF files (`deepseek2`, llama.cpp's names and keys; group
+//! routing from `expert_group_count` / `expert_group_used_count`).
 
 use pagoda_kernels::ops::{apply_rope, rms_norm, RopeStyle, RopeTable};
 use pagoda_kernels::quant::Precision;
@@ -84,11 +85,83 @@ pub struct DeepseekConfig {
 
 impl DeepseekConfig {
     pub fn from_source(src: &WeightSource) -> Result<Self, LoadError> {
-        let v = src.hf_config().ok_or_else(|| {
-            LoadError::Unsupported(
-                "DeepSeek-V2 loads from Hugging Face directories (GGUF not yet)".into(),
-            )
-        })?;
+        let cfg = match src.gguf_metadata() {
+            Some(md) => Self::from_gguf(md)?,
+            None => Self::from_hf(src)?,
+        };
+        cfg.validate()
+    }
+
+    /// From GGUF metadata (llama.cpp's `deepseek2` keys).
+    fn from_gguf(
+        md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+    ) -> Result<Self, LoadError> {
+        let key = |k: &str| format!("deepseek2.{k}");
+        let get = |k: &str| md.get(&key(k));
+        let int = |k: &str| -> Result<usize, LoadError> {
+            let v = get(k).ok_or_else(|| LoadError::MissingMetadata(key(k)))?;
+            v.to_u64()
+                .map(|x| x as usize)
+                .or_else(|_| v.to_u32().map(|x| x as usize))
+                .or_else(|_| v.to_i32().map(|x| x as usize))
+                .map_err(|_| LoadError::MissingMetadata(key(k)))
+        };
+        let float = |k: &str, d: f32| {
+            get(k)
+                .and_then(|v| {
+                    v.to_f32()
+                        .ok()
+                        .or_else(|| v.to_f64().ok().map(|x| x as f32))
+                })
+                .unwrap_or(d)
+        };
+        let rope = int("rope.dimension_count")?;
+        let key_length = int("attention.key_length")?;
+        let topk = match (int("expert_group_count"), int("expert_group_used_count")) {
+            (Ok(n_group), Ok(topk_group)) if n_group > 1 => TopK::GroupLimited {
+                n_group,
+                topk_group,
+            },
+            _ => TopK::Greedy,
+        };
+        let vocab_size = match int("vocab_size") {
+            Ok(v) => v,
+            Err(_) => md
+                .get("tokenizer.ggml.tokens")
+                .and_then(|t| t.to_vec().ok())
+                .map(|t| t.len())
+                .ok_or_else(|| LoadError::MissingMetadata(key("vocab_size")))?,
+        };
+        Ok(Self {
+            architecture: "deepseek2".into(),
+            vocab_size,
+            hidden_size: int("embedding_length")?,
+            intermediate_size: int("feed_forward_length")?,
+            num_layers: int("block_count")?,
+            num_heads: int("attention.head_count")?,
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta: float("rope.freq_base", 10_000.0),
+            max_position_embeddings: int("context_length")?,
+            q_lora_rank: int("attention.q_lora_rank").ok().filter(|&r| r > 0),
+            kv_lora_rank: int("attention.kv_lora_rank")?,
+            qk_nope_head_dim: key_length.saturating_sub(rope),
+            qk_rope_head_dim: rope,
+            v_head_dim: int("attention.value_length")?,
+            first_k_dense_replace: int("leading_dense_block_count").unwrap_or(0),
+            n_routed_experts: int("expert_count")?,
+            n_shared_experts: int("expert_shared_count").unwrap_or(0),
+            num_experts_per_tok: int("expert_used_count")?,
+            moe_intermediate_size: int("expert_feed_forward_length")?,
+            routed_scaling_factor: float("expert_weights_scale", 1.0),
+            topk,
+        })
+    }
+
+    /// From a Hugging Face `config.json`.
+    fn from_hf(src: &WeightSource) -> Result<Self, LoadError> {
+        let v = src
+            .hf_config()
+            .ok_or_else(|| LoadError::Unsupported("no model description".into()))?;
         let path = src.hf_config_path().unwrap_or_default();
         let bad = |m: String| LoadError::BadConfig {
             path: path.clone(),
@@ -123,7 +196,7 @@ impl DeepseekConfig {
             }
         };
         let num_heads = int("num_attention_heads")?;
-        let cfg = Self {
+        Ok(Self {
             architecture: "deepseek2".into(),
             vocab_size: int("vocab_size")?,
             hidden_size: int("hidden_size")?,
@@ -148,7 +221,11 @@ impl DeepseekConfig {
             moe_intermediate_size: int("moe_intermediate_size")?,
             routed_scaling_factor: float("routed_scaling_factor", 1.0),
             topk,
-        };
+        })
+    }
+
+    fn validate(self) -> Result<Self, LoadError> {
+        let cfg = self;
         let groups_ok = match cfg.topk {
             TopK::Greedy => true,
             TopK::GroupLimited {
