@@ -259,3 +259,8 @@ fn mixtral_matches_transformers() {
 fn deepseek_v2_with_latent_attention_matches_transformers() {
     family("deepseek2");
 }
+
+#[test]
+fn deepseek_v2_with_low_rank_queries_matches_transformers() {
+    family("deepseek2_qlora");
+}

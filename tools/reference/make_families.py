@@ -438,9 +438,12 @@ def make_mixtral(meta: dict) -> dict:
 # ----------------------------------------------------------------------------- DeepSeek-V2
 
 
-def make_deepseek2(meta: dict) -> dict:
+def make_deepseek2(meta: dict, q_lora: bool = False) -> dict:
+    """The Lite attention shape with group-limited routing; with `q_lora`, the full V2
+    shape (queries through a low-rank bottleneck) with greedy routing."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
+    fam = "deepseek2-qlora" if q_lora else "deepseek2"
     torch.manual_seed(0)
     tok = train_tokenizer("gpt2")
     cfg = DeepseekV2Config(
@@ -454,7 +457,7 @@ def make_deepseek2(meta: dict) -> dict:
         rope_theta=10_000.0,
         rope_scaling=None,
         rms_norm_eps=1e-6,
-        q_lora_rank=None,
+        q_lora_rank=24 if q_lora else None,
         kv_lora_rank=32,
         qk_nope_head_dim=16,
         qk_rope_head_dim=8,
@@ -464,9 +467,9 @@ def make_deepseek2(meta: dict) -> dict:
         n_shared_experts=2,
         num_experts_per_tok=2,
         moe_intermediate_size=32,
-        topk_method="group_limited_greedy",
-        n_group=4,
-        topk_group=2,
+        topk_method="greedy" if q_lora else "group_limited_greedy",
+        n_group=None if q_lora else 4,
+        topk_group=None if q_lora else 2,
         routed_scaling_factor=1.5,
         tie_word_embeddings=False,
         initializer_range=0.4,
@@ -475,13 +478,13 @@ def make_deepseek2(meta: dict) -> dict:
         torch_dtype="float32",
     )
     model = DeepseekV2ForCausalLM(cfg).to(torch.float32).eval()
-    for name, p in model.named_parameters():
-        assert torch.isfinite(p).all(), name
+    for pname, p in model.named_parameters():
+        assert torch.isfinite(p).all(), pname
     roughen_norms(model)
-    out_dir = FIXTURES / "tiny-deepseek2"
+    out_dir = FIXTURES / f"tiny-{fam}"
     save(model, tok, out_dir)
     model = DeepseekV2ForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="eager").eval()
-    path = FIXTURES / "tiny-deepseek2.gguf"
+    path = FIXTURES / f"tiny-{fam}.gguf"
     write_deepseek2_gguf(path, model, cfg, tok)
     desc = (
         "DeepseekV2ForCausalLM(DeepseekV2Config(vocab 400, hidden 64, dense ffn 96, 3 layers (the first dense), "
@@ -493,7 +496,10 @@ def make_deepseek2(meta: dict) -> dict:
         "(kv_lora_rank, key_length = nope + rope, value_length, rope.dimension_count, leading_dense_block_count, "
         "expert_*), group routing in expert_group_count / expert_group_used_count, float32"
     )
-    return goldens(model, tok, "deepseek2", desc, out_dir, path, meta)
+    if q_lora:
+        desc = desc.replace("q_lora_rank None (the Lite shape)", "q_lora_rank 24 (the full V2 shape)").replace(
+            "group_limited_greedy with 4 groups / top 2", "greedy routing")
+    return goldens(model, tok, fam, desc, out_dir, path, meta)
 
 
 def write_deepseek2_gguf(path: Path, model, cfg, tok) -> None:
@@ -523,8 +529,9 @@ def write_deepseek2_gguf(path: Path, model, cfg, tok) -> None:
     w.add_expert_shared_count(cfg.n_shared_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_expert_weights_scale(cfg.routed_scaling_factor)
-    w.add_uint32(f"{arch}.expert_group_count", cfg.n_group)
-    w.add_uint32(f"{arch}.expert_group_used_count", cfg.topk_group)
+    if cfg.topk_method == "group_limited_greedy":
+        w.add_uint32(f"{arch}.expert_group_count", cfg.n_group)
+        w.add_uint32(f"{arch}.expert_group_used_count", cfg.topk_group)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     gguf_tokenizer(w, tok, "gpt2")
     sd = model.state_dict()
@@ -534,12 +541,19 @@ def write_deepseek2_gguf(path: Path, model, cfg, tok) -> None:
         names = {
             "attn_norm": "input_layernorm",
             "ffn_norm": "post_attention_layernorm",
-            "attn_q": "self_attn.q_proj",
             "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
             "attn_kv_a_norm": "self_attn.kv_a_layernorm",
             "attn_kv_b": "self_attn.kv_b_proj",
             "attn_output": "self_attn.o_proj",
         }
+        if cfg.q_lora_rank is None:
+            names["attn_q"] = "self_attn.q_proj"
+        else:
+            names.update({
+                "attn_q_a": "self_attn.q_a_proj",
+                "attn_q_a_norm": "self_attn.q_a_layernorm",
+                "attn_q_b": "self_attn.q_b_proj",
+            })
         if i < cfg.first_k_dense_replace:
             names.update({"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"})
         else:
@@ -568,6 +582,7 @@ FAMILIES = {
     "mistral": make_mistral,
     "mixtral": make_mixtral,
     "deepseek2": make_deepseek2,
+    "deepseek2-qlora": lambda meta: make_deepseek2(meta, q_lora=True),
 }
 
 
@@ -580,7 +595,7 @@ def main() -> int:
     for name in args.only.split(","):
         print(f"{name}:")
         g = FAMILIES[name](meta)
-        mg.dump_json(g, GOLDENS / f"tiny_{name}.json")
+        mg.dump_json(g, GOLDENS / f"tiny_{name.replace('-', '_')}.json")
     return 0
 
 
