@@ -13,7 +13,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use pagoda_actors::config::KvCacheDtype;
-use pagoda_actors::executor::models::sequence_logits;
+use pagoda_actors::executor::backend::Cpu;
+use pagoda_actors::executor::models::{self, sequence_logits};
 use pagoda_actors::executor::open_model;
 use pagoda_actors::protocol::{GenerateRequest, Prompt};
 use serde::Deserialize;
@@ -74,12 +75,13 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 fn check_logits(family: &str, path: &Path, g: &Goldens) {
     let (mut src, fam, spec) = open_model(path).unwrap_or_else(|e| panic!("{family}: {e}"));
-    let model = (fam.load)(&mut src, Default::default()).unwrap_or_else(|e| panic!("{e}"));
+    let cpu = Cpu::default();
+    let model = models::load(&cpu, fam, &mut src).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(model.spec(), &spec);
     let vocab = spec.vocab_size;
     for (i, case) in g.prompts.iter().enumerate() {
         let rows = [0, case.ids.len() - 1];
-        let logits = sequence_logits(model.as_ref(), &case.ids, &rows, KvCacheDtype::F32)
+        let logits = sequence_logits(&cpu, model.as_ref(), &case.ids, &rows, KvCacheDtype::F32)
             .unwrap_or_else(|e| panic!("{family} prompt {i}: {e}"));
         let d0 = max_diff(&logits[..vocab], &case.logits_pos0);
         let dl = max_diff(&logits[vocab..], &case.logits_last);

@@ -11,7 +11,9 @@
 
 mod common;
 
-use pagoda_actors::executor::models::llama::{Llama, LlamaConfig};
+use pagoda_actors::config::{Activations, KvCacheDtype};
+use pagoda_actors::executor::backend::Cpu;
+use pagoda_actors::executor::models::{self, sequence_logits, CausalLm};
 use pagoda_actors::executor::open_model;
 use pagoda_actors::protocol::{GenerateRequest, Prompt};
 use serde::Deserialize;
@@ -51,18 +53,46 @@ fn read_json<T: for<'a> Deserialize<'a>>(rel: &str) -> T {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad goldens {}: {e}", path.display()))
 }
 
-fn load(path: &std::path::Path) -> Llama {
-    let (mut src, _, _) = open_model(path).expect("open model");
-    let cfg = LlamaConfig::from_source(&src).expect("a llama config");
-    Llama::load(&mut src, cfg).expect("load model")
+/// A model on the CPU backend, scored on a private KV pool of the element type the
+/// engine's `auto` picks for it (f16 for a GGUF, f32 for f32 safetensors).
+struct Scorer {
+    cpu: Cpu,
+    model: Box<dyn CausalLm<Cpu>>,
+    kv_dtype: KvCacheDtype,
+}
+
+impl Scorer {
+    fn load(path: &std::path::Path, activations: Activations) -> Self {
+        let (mut src, family, _) = open_model(path).expect("open model");
+        let cpu = Cpu::new(activations.precision());
+        let model = models::load(&cpu, family, &mut src).expect("load model");
+        Self {
+            cpu,
+            model,
+            kv_dtype: KvCacheDtype::Auto.resolve(src.stores_f32()),
+        }
+    }
+
+    fn vocab(&self) -> usize {
+        self.model.spec().vocab_size
+    }
+
+    fn sequence_logits(&self, tokens: &[u32], rows: &[usize]) -> Vec<f32> {
+        sequence_logits(&self.cpu, self.model.as_ref(), tokens, rows, self.kv_dtype)
+            .expect("forward")
+    }
+}
+
+fn load(path: &std::path::Path) -> Scorer {
+    Scorer::load(path, Activations::Precise)
 }
 
 /// Teacher-forced top-1 agreement with the goldens: (agreeing, total, disagreements as
 /// (description, reference margin)).
-fn teacher_forced(model: &Llama) -> (usize, usize, Vec<(String, f32)>) {
+fn teacher_forced(model: &Scorer) -> (usize, usize, Vec<(String, f32)>) {
     let goldens: GgufGoldens = read_json("tests/goldens/smollm2_q4_1.json");
     assert_eq!(goldens.prompts.len(), 10);
-    let vocab = model.config.vocab_size;
+    let vocab = model.vocab();
     let (mut agree, mut total) = (0usize, 0usize);
     let mut report = Vec::new();
     for case in &goldens.prompts {
@@ -70,7 +100,7 @@ fn teacher_forced(model: &Llama) -> (usize, usize, Vec<(String, f32)>) {
         tokens.extend_from_slice(&case.forced_ids);
         let p = case.prompt_ids.len();
         let rows: Vec<usize> = (0..case.top1.len()).map(|i| p - 1 + i).collect();
-        let logits = model.sequence_logits(&tokens, &rows).expect("forward");
+        let logits = model.sequence_logits(&tokens, &rows);
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
             if argmax(row) == case.top1[i] {
                 agree += 1;
@@ -94,10 +124,7 @@ fn teacher_forced(model: &Llama) -> (usize, usize, Vec<(String, f32)>) {
 
 #[test]
 fn gguf_fast_activations_stay_close_to_transformers() {
-    let (mut src, _, _) = open_model(&common::model_path()).expect("open model");
-    let cfg = LlamaConfig::from_source(&src).expect("a llama config");
-    let fast = pagoda_actors::config::Activations::Fast.precision();
-    let model = Llama::load_with(&mut src, cfg, fast).expect("load model");
+    let model = Scorer::load(&common::model_path(), Activations::Fast);
     let (agree, total, report) = teacher_forced(&model);
     let rate = agree as f64 / total as f64;
     eprintln!(
@@ -184,13 +211,11 @@ fn gguf_greedy_32_matches_transformers_through_the_engine() {
 fn safetensors_f32_logits_match_transformers() {
     let goldens: TinyGoldens = read_json("tests/goldens/tiny_llama.json");
     let model = load(&common::repo_root().join("tests/fixtures/tiny-llama"));
-    let vocab = model.config.vocab_size;
+    let vocab = model.vocab();
     let mut max_delta = 0f32;
     for case in &goldens.prompts {
         let n = case.ids.len();
-        let logits = model
-            .sequence_logits(&case.ids, &[0, n - 1])
-            .expect("forward");
+        let logits = model.sequence_logits(&case.ids, &[0, n - 1]);
         let (pos0, last) = logits.split_at(vocab);
         for (got, want) in [(pos0, &case.logits_pos0), (last, &case.logits_last)] {
             assert_eq!(want.len(), vocab);

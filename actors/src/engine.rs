@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use crate::block_manager::{BlockManager, BlockManagerActor};
 use crate::config::EngineConfig;
 use crate::detokenizer::DetokenizerActor;
-use crate::executor::models::{Family, ModelSpec};
+use crate::executor::backend::{Backend as _, Cpu};
+use crate::executor::models::{self, ModelSpec};
 use crate::executor::weights::LoadError;
 use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
 use crate::load::EngineLoad;
@@ -54,6 +55,8 @@ pub enum EngineError {
     Blocks(#[from] crate::messages::BlockError),
     #[error("the model's vocabulary ({model}) is smaller than the tokenizer's ({tokenizer})")]
     VocabMismatch { model: usize, tokenizer: usize },
+    #[error("compute backend: {0}")]
+    Backend(#[from] crate::executor::backend::ForwardError),
     #[error("engine: {0}")]
     Other(String),
 }
@@ -113,15 +116,6 @@ impl ModelFiles {
     }
 }
 
-fn load_family(
-    family: &'static Family,
-    src: &mut crate::executor::weights::WeightSource,
-    cfg: &EngineConfig,
-) -> Result<Box<dyn crate::executor::models::CausalLm>, EngineError> {
-    tracing::debug!(family = family.name, "loading");
-    Ok((family.load)(src, cfg.model.activations.precision())?)
-}
-
 /// Where a core's results go: the detokenizer, or a bridge to frontends.
 pub struct CoreOutputs {
     pub tokens: Recipient<StepTokens>,
@@ -163,7 +157,11 @@ impl EngineCore {
         let (mut src, family, spec) = open_model(path)?;
         let files = ModelFiles::with_config(path, spec)?;
         let kv_dtype = cfg.cache.kv_cache_dtype.resolve(src.stores_f32());
-        let model = load_family(family, &mut src, cfg)?;
+        // The compute backend: pagoda's CPU kernels (the one implementation of the seam
+        // today; see executor::backend).
+        let backend = Cpu::new(cfg.model.activations.precision());
+        tracing::debug!(family = family.name, backend = backend.name(), "loading");
+        let model = models::load(&backend, family, &mut src)?;
         drop(src);
 
         let block_size = cfg.cache.block_size;
@@ -214,7 +212,7 @@ impl EngineCore {
             cfg.cache.enable_prefix_caching,
             kv_dtype.name(),
         );
-        let executor = Executor::new(model, num_blocks, block_size, kv_dtype, eos_ids);
+        let executor = Executor::new(backend, model, num_blocks, block_size, kv_dtype, eos_ids)?;
         // The executor's thread: forward passes block it for milliseconds at a time.
         let exec_guard = supervisor.guard("executor");
         let executor = ExecutorActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {

@@ -216,52 +216,28 @@ pub fn paged_attention<E: KvElem>(
     seqs: &[AttnSeq<'_>],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    let scale = 1.0 / (shape.head_dim.max(1) as f32).sqrt();
-    paged_attention_with_scale(shape, k_cache, v_cache, q, num_heads, seqs, scale, out)
+    paged_attention_ext(shape, k_cache, v_cache, q, num_heads, seqs, None, None, out)
 }
 
-/// [`paged_attention`] with an explicit softmax scale.
+/// The general form of [`paged_attention`]: a softmax scale of the caller's choosing
+/// (`None`: `1 / sqrt(head_dim)`; multi-head latent attention scales by its full query
+/// head, not by the cached width) and an optional sliding window: with `Some(w)` the
+/// query at position `p` attends only to the `w` positions `p + 1 − w ..= p` (Mistral's
+/// `sliding_window`, as transformers masks it). Blocks wholly before every query's
+/// window are never read, so their table entries may name freed blocks.
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention_with_scale<E: KvElem>(
+pub fn paged_attention_ext<E: KvElem>(
     shape: &KvShape,
     k_cache: &[E],
     v_cache: &[E],
     q: &[f32],
     num_heads: usize,
     seqs: &[AttnSeq<'_>],
-    scale: f32,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
-    attention_with(
-        crate::simd::level(),
-        shape,
-        k_cache,
-        v_cache,
-        q,
-        num_heads,
-        seqs,
-        scale,
-        None,
-        out,
-    )
-}
-
-/// [`paged_attention`] with a sliding window: the query at position `p` attends only to
-/// the `window` positions `p + 1 − window ..= p` (Mistral's `sliding_window`, as
-/// transformers masks it). Blocks wholly before every query's window are never read, so
-/// their table entries may name freed blocks.
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention_window<E: KvElem>(
-    shape: &KvShape,
-    k_cache: &[E],
-    v_cache: &[E],
-    q: &[f32],
-    num_heads: usize,
-    seqs: &[AttnSeq<'_>],
+    scale: Option<f32>,
     window: Option<usize>,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    let scale = 1.0 / (shape.head_dim.max(1) as f32).sqrt();
+    let scale = scale.unwrap_or_else(|| 1.0 / (shape.head_dim.max(1) as f32).sqrt());
     attention_with(
         crate::simd::level(),
         shape,

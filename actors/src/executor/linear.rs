@@ -1,5 +1,6 @@
-//! The linear layer: one type over dense and quantized weights, so a model file never cares
-//! how its matrices are stored. Q4_0 / Q4_1 / Q8_0 run on pagoda's own kernels (batched: each
+//! Weight matrices as the loader reads them, and as the CPU backend runs them: one type
+//! over dense and quantized storage, so a model file never cares how its matrices are
+//! stored. Q4_0 / Q4_1 / Q8_0 run on pagoda's own kernels (batched: each
 //! weight block is read once per step for every token); other GGUF formats (K-quants) go
 //! through candle-core's `QMatMul` until pagoda has kernels of its own for them.
 
@@ -7,6 +8,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Tensor};
 use pagoda_kernels::quant::{Precision, QMatrix};
 
+use super::backend::ForwardError;
 use super::weights::LoadError;
 
 /// A weight matrix of `rows` (out features) × `cols` (in features), with an optional bias.
@@ -27,17 +29,6 @@ enum Weight {
         rows: usize,
         cols: usize,
     },
-}
-
-/// Errors raised while running a layer (shape mismatches are bugs, but never panics).
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("kernel: {0}")]
-    Kernel(#[from] pagoda_kernels::KernelError),
-    #[error("candle: {0}")]
-    Candle(#[from] candle_core::Error),
-    #[error("{0}")]
-    Shape(String),
 }
 
 impl Linear {
@@ -212,168 +203,5 @@ impl Linear {
             }
         }
         Ok(())
-    }
-}
-
-/// Projections of one input (Q, K and V; or gate and up), run as a single stacked matrix
-/// when their storage allows it: one pass over the input and one kernel call instead of
-/// several.
-pub enum Projections {
-    Stacked { lin: Linear, rows: Vec<usize> },
-    Separate(Vec<Linear>),
-}
-
-impl Projections {
-    /// Stack `parts` if possible, and convert the result for this CPU
-    /// (`Linear::prepare`).
-    pub fn new(parts: Vec<Linear>, precision: Precision) -> Self {
-        match Linear::stack(&parts) {
-            Some(lin) => Projections::Stacked {
-                rows: parts.iter().map(Linear::rows).collect(),
-                lin: lin.prepare(precision),
-            },
-            None => {
-                Projections::Separate(parts.into_iter().map(|l| l.prepare(precision)).collect())
-            }
-        }
-    }
-
-    /// `outs[i]` (n × rows of part i) = `x` · part iᵀ. `scratch` holds the stacked output
-    /// between calls, so steady-state steps do not allocate.
-    pub fn forward(
-        &self,
-        x: &[f32],
-        n: usize,
-        outs: &mut [&mut [f32]],
-        scratch: &mut Vec<f32>,
-    ) -> Result<(), ForwardError> {
-        match self {
-            Projections::Separate(parts) => {
-                if parts.len() != outs.len() {
-                    return Err(ForwardError::Shape(format!(
-                        "{} projections into {} outputs",
-                        parts.len(),
-                        outs.len()
-                    )));
-                }
-                for (p, o) in parts.iter().zip(outs.iter_mut()) {
-                    p.forward(x, n, o)?;
-                }
-            }
-            Projections::Stacked { lin, rows } => {
-                if rows.len() != outs.len()
-                    || rows.iter().zip(outs.iter()).any(|(r, o)| o.len() != n * r)
-                {
-                    return Err(ForwardError::Shape(format!(
-                        "stacked projections of {rows:?} rows into outputs of {:?} values for {n} tokens",
-                        outs.iter().map(|o| o.len()).collect::<Vec<_>>()
-                    )));
-                }
-                let total = lin.rows();
-                scratch.resize(n * total, 0.0);
-                lin.forward(x, n, &mut scratch[..n * total])?;
-                for (t, src) in scratch[..n * total].chunks_exact(total).enumerate() {
-                    let mut at = 0;
-                    for (o, &r) in outs.iter_mut().zip(rows) {
-                        o[t * r..(t + 1) * r].copy_from_slice(&src[at..at + r]);
-                        at += r;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use pagoda_kernels::quant::QuantFormat;
-    use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    fn values(rng: &mut StdRng, len: usize) -> Vec<f32> {
-        (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
-    }
-
-    fn quant(rng: &mut StdRng, rows: usize, cols: usize) -> Linear {
-        let w = values(rng, rows * cols);
-        Linear::quant(QMatrix::from_f32(QuantFormat::Q4_1, rows, cols, &w).unwrap())
-    }
-
-    /// Stacked projections (with biases on some parts, as Qwen2's Q/K/V) give what the
-    /// parts give one by one, for dense and quantized (packed on this CPU) weights.
-    #[test]
-    fn stacked_projections_match_the_parts() {
-        let mut rng = StdRng::seed_from_u64(5);
-        let (cols, n) = (64, 5);
-        let x = values(&mut rng, n * cols);
-        let sizes = [24, 8, 16];
-        for kind in ["dense", "quant"] {
-            let make = |rng: &mut StdRng| -> Vec<Linear> {
-                sizes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &rows)| {
-                        let l = match kind {
-                            "dense" => Linear::dense(values(rng, rows * cols), rows, cols).unwrap(),
-                            _ => quant(rng, rows, cols),
-                        };
-                        if i == 1 {
-                            l
-                        } else {
-                            l.with_bias(values(rng, rows)).unwrap()
-                        }
-                    })
-                    .collect()
-            };
-            let mut r1 = StdRng::seed_from_u64(9);
-            let mut r2 = StdRng::seed_from_u64(9);
-            let parts = make(&mut r1);
-            let stacked = Projections::new(make(&mut r2), Precision::default());
-            assert!(matches!(stacked, Projections::Stacked { .. }), "{kind}");
-            let mut want: Vec<Vec<f32>> = sizes.iter().map(|&r| vec![0f32; n * r]).collect();
-            for (p, w) in parts.iter().zip(want.iter_mut()) {
-                p.forward(&x, n, w).unwrap();
-            }
-            let mut got: Vec<Vec<f32>> = sizes.iter().map(|&r| vec![f32::NAN; n * r]).collect();
-            let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| v.as_mut_slice()).collect();
-            stacked.forward(&x, n, &mut outs, &mut Vec::new()).unwrap();
-            for (g, w) in got.iter().zip(&want) {
-                for (a, b) in g.iter().zip(w) {
-                    // Quantized parts run unpacked, the stack packed (int8 activations
-                    // in two planes): close, not bit-equal.
-                    assert!(
-                        (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
-                        "{kind}: {a} vs {b}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn stacking_refuses_mismatched_parts() {
-        let mut rng = StdRng::seed_from_u64(1);
-        let a = quant(&mut rng, 8, 64);
-        let b = quant(&mut rng, 8, 32);
-        assert!(Linear::stack(&[a, b]).is_none(), "different widths");
-        let a = quant(&mut rng, 8, 64);
-        let d = Linear::dense(values(&mut rng, 8 * 64), 8, 64).unwrap();
-        assert!(Linear::stack(&[a, d]).is_none(), "mixed storage");
-        assert!(Linear::stack(&[]).is_none());
-        // Unstackable parts still work, one by one.
-        let a = quant(&mut rng, 8, 64);
-        let d = Linear::dense(values(&mut rng, 8 * 64), 8, 64).unwrap();
-        let p = Projections::new(vec![a, d], Precision::default());
-        assert!(matches!(p, Projections::Separate(_)));
-        let x = values(&mut rng, 2 * 64);
-        let (mut o1, mut o2) = (vec![0f32; 16], vec![0f32; 16]);
-        p.forward(&x, 2, &mut [&mut o1, &mut o2], &mut Vec::new())
-            .unwrap();
-        // A wrong output size is an error, not a panic.
-        let mut short = vec![0f32; 3];
-        assert!(p
-            .forward(&x, 2, &mut [&mut o1, &mut short], &mut Vec::new())
-            .is_err());
     }
 }

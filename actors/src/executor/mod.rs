@@ -1,8 +1,9 @@
-//! The executor: owns the model weights, the KV pool and the per-sequence samplers, and runs
-//! one engine step (forward + sampling for the whole batch). It is CPU-heavy, so its actor
-//! lives on an `Arbiter` (thread) of its own, never on the async reactor.
+//! The executor: owns the compute backend, the model on it, the KV pool and the
+//! per-sequence samplers, and runs one engine step (forward + sampling for the whole
+//! batch). It is compute-heavy, so its actor lives on an `Arbiter` (thread) of its own,
+//! never on the async reactor.
 
-pub mod kv_pool;
+pub mod backend;
 pub mod linear;
 pub mod models;
 pub mod sampler;
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use actix::{Actor, Context, Handler};
-use pagoda_kernels::attention::{AttnSeq, KvShape};
+use pagoda_kernels::attention::AttnSeq;
 
 use crate::config::{EngineConfig, KvCacheDtype};
 use crate::fault;
@@ -22,8 +23,7 @@ use crate::messages::{
     StepOutput, TokenId,
 };
 use crate::supervisor::LifeGuard;
-use kv_pool::KvPool;
-use linear::ForwardError;
+use backend::{Backend, ForwardError};
 use models::{BatchInput, CausalLm, Family, ModelSpec};
 use sampler::{Sampler, SamplingError};
 use weights::{LoadError, WeightSource};
@@ -49,13 +49,7 @@ pub fn num_kv_blocks(cfg: &EngineConfig, model: &ModelSpec, dtype: KvCacheDtype)
     if cfg.cache.num_blocks > 0 {
         return cfg.cache.num_blocks;
     }
-    let per_block = KvPool::bytes_per_block(
-        model.kv.num_layers,
-        cfg.cache.block_size,
-        model.kv.heads,
-        model.kv.head_dim,
-        dtype,
-    );
+    let per_block = backend::kv_bytes_per_block(model.kv, cfg.cache.block_size, dtype);
     ((cfg.cache.kv_cache_bytes as usize) / per_block.max(1)).max(1)
 }
 
@@ -65,52 +59,75 @@ struct SeqState {
     sampler: Sampler,
 }
 
+/// A model on its backend, with the KV pool it runs on: the executor's view, whatever the
+/// backend.
+trait Device: Send {
+    fn spec(&self) -> &ModelSpec;
+    fn num_blocks(&self) -> usize;
+    fn forward(&mut self, input: &BatchInput<'_>) -> Result<Vec<f32>, ForwardError>;
+}
+
+struct OnBackend<B: Backend> {
+    backend: B,
+    model: Box<dyn CausalLm<B>>,
+    kv: B::Kv,
+}
+
+impl<B: Backend> Device for OnBackend<B> {
+    fn spec(&self) -> &ModelSpec {
+        self.model.spec()
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.backend.kv_blocks(&self.kv)
+    }
+
+    fn forward(&mut self, input: &BatchInput<'_>) -> Result<Vec<f32>, ForwardError> {
+        self.model.forward(&self.backend, input, &mut self.kv)
+    }
+}
+
 /// Model + KV pool + samplers. Plain struct: the actor below only forwards messages to it.
 pub struct Executor {
-    model: Box<dyn CausalLm>,
-    kv: KvPool,
+    device: Box<dyn Device>,
+    block_size: usize,
     seqs: HashMap<SeqId, SeqState>,
     /// Tokens that end a sequence, suppressed while it has fewer than `min_tokens` outputs.
     eos_ids: Vec<TokenId>,
 }
 
 impl Executor {
-    pub fn new(
-        model: Box<dyn CausalLm>,
+    /// Allocates the KV pool on `backend` in the model's block shape.
+    pub fn new<B: Backend>(
+        backend: B,
+        model: Box<dyn CausalLm<B>>,
         num_blocks: usize,
         block_size: usize,
         kv_dtype: KvCacheDtype,
         eos_ids: Vec<TokenId>,
-    ) -> Self {
-        // The pool's block shape is the model's.
-        let l = model.spec().kv;
-        let shape = KvShape {
-            num_blocks,
-            block_size,
-            num_kv_heads: l.heads,
-            head_dim: l.head_dim,
-        };
-        let kv = KvPool::new(l.num_layers, shape, kv_dtype);
+    ) -> Result<Self, ForwardError> {
+        let layout = model.spec().kv;
+        let kv = backend.kv_pool(layout, num_blocks, block_size, kv_dtype)?;
         tracing::info!(
+            backend = backend.name(),
             num_blocks,
             block_size,
             dtype = kv_dtype.name(),
-            kv_mib =
-                (KvPool::bytes_per_block(l.num_layers, block_size, l.heads, l.head_dim, kv_dtype)
-                    * num_blocks) as f64
-                    / (1024.0 * 1024.0),
+            kv_mib = (backend::kv_bytes_per_block(layout, block_size, kv_dtype) * num_blocks)
+                as f64
+                / (1024.0 * 1024.0),
             "KV pool allocated"
         );
-        Self {
-            model,
-            kv,
+        Ok(Self {
+            device: Box::new(OnBackend { backend, model, kv }),
+            block_size,
             seqs: HashMap::new(),
             eos_ids,
-        }
+        })
     }
 
     pub fn model_spec(&self) -> &ModelSpec {
-        self.model.spec()
+        self.device.spec()
     }
 
     /// Runs one step: forward for every scheduled token, then one sampled token for each
@@ -125,7 +142,7 @@ impl Executor {
                 "injected fault: the forward pass of a step with sequence {id} failed"
             ));
         }
-        let vocab = self.model.spec().vocab_size;
+        let vocab = self.device.spec().vocab_size;
         for s in &batch.seqs {
             if let Some(new) = &s.new_seq {
                 // A preempted sequence keeps its sampler (its RNG state is part of it).
@@ -150,7 +167,8 @@ impl Executor {
             return Ok(StepOutput::default());
         }
         let started = Instant::now();
-        let bs = self.kv.shape().block_size;
+        let bs = self.block_size;
+        let num_blocks = self.device.num_blocks();
         let total: usize = seqs.iter().map(|s| s.token_ids.len()).sum();
         let mut tokens = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
@@ -168,7 +186,7 @@ impl Executor {
                         s.seq_id
                     ))
                 })? as usize;
-                if block >= self.kv.num_blocks() {
+                if block >= num_blocks {
                     return Err(ForwardError::Shape(format!(
                         "block id {block} out of range"
                     )));
@@ -195,8 +213,8 @@ impl Executor {
             seqs: &attn,
             logit_rows: &logit_rows,
         };
-        let mut logits = self.model.forward(&input, &mut self.kv)?;
-        let vocab = self.model.spec().vocab_size;
+        let mut logits = self.device.forward(&input)?;
+        let vocab = self.device.spec().vocab_size;
         let mut out = StepOutput::default();
         let mut suppress: Vec<TokenId> = Vec::new();
         for (row, seq_id) in logits.chunks_exact_mut(vocab).zip(samplers) {

@@ -44,6 +44,8 @@ pub enum LoadError {
     Tokenizer(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    #[error("compute backend: {0}")]
+    Backend(String),
 }
 
 /// Where the weights come from.

@@ -23,13 +23,13 @@
 //! (`DeepseekV2ForCausalLM`) and GGUF files (`deepseek2`, llama.cpp's names and keys; group
 //! routing from `expert_group_count` / `expert_group_used_count`).
 
-use pagoda_kernels::ops::{apply_rope, rms_norm, RopeStyle, RopeTable};
-use pagoda_kernels::quant::Precision;
+use pagoda_kernels::ops::RopeStyle;
 
-use super::llama::{Mlp, Scratch};
-use super::{BatchInput, CausalLm, Family, KvLayout, ModelSpec};
-use crate::executor::kv_pool::KvPool;
-use crate::executor::linear::{ForwardError, Linear};
+use super::llama::{FeedForward, Mlp, Scratch};
+use super::mixtral::{group_by_expert, Experts};
+use super::{check_input, BatchInput, CausalLm, Family, Kind, KvLayout, ModelSpec};
+use crate::executor::backend::{self, Backend, ForwardError};
+use crate::executor::linear::Linear;
 use crate::executor::weights::{LoadError, WeightSource};
 
 /// The family.
@@ -39,11 +39,14 @@ pub const FAMILY: Family = Family {
     hf_names: &["DeepseekV2ForCausalLM", "deepseek_v2"],
     accepts: |_| true,
     spec: |src| Ok(DeepseekConfig::from_source(src)?.spec()),
-    load: |src, xp| {
-        let cfg = DeepseekConfig::from_source(src)?;
-        Ok(Box::new(Deepseek::load(src, cfg, xp)?))
-    },
+    kind: Kind::Deepseek,
 };
+
+/// Loads a DeepSeek-V2 model from `src` onto `b`.
+pub fn load<B: Backend>(b: &B, src: &mut WeightSource) -> Result<Deepseek<B>, LoadError> {
+    let cfg = DeepseekConfig::from_source(src)?;
+    Deepseek::load(b, src, cfg)
+}
 
 /// How routed experts are picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,104 +303,141 @@ fn matrix(
     Ok(l)
 }
 
-fn vector(src: &mut WeightSource, gguf: &str, hf: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+fn vector<B: Backend>(
+    b: &B,
+    src: &mut WeightSource,
+    gguf: &str,
+    hf: &str,
+    len: usize,
+) -> Result<B::Tensor, LoadError> {
     let v = src.vector_as(gguf, hf)?;
-    if v.len() != len {
-        return Err(LoadError::Shape(format!(
-            "{hf} has {} values, expected {len}",
-            v.len()
-        )));
-    }
-    Ok(v)
+    backend::vector(b, hf, v, len)
 }
 
 /// How queries are made.
-enum QueryProj {
-    Direct(Linear),
+enum QueryProj<B: Backend> {
+    Direct(B::Matrix),
     LowRank {
-        a: Linear,
-        norm: Vec<f32>,
-        b: Linear,
+        a: B::Matrix,
+        norm: B::Tensor,
+        b: B::Matrix,
     },
 }
 
 /// Multi-head latent attention (see the module docs).
-pub struct Mla {
-    q: QueryProj,
+pub struct Mla<B: Backend> {
+    q: QueryProj<B>,
     /// `hidden → kv_lora_rank + qk_rope_head_dim`.
-    kv_a: Linear,
-    kv_a_norm: Vec<f32>,
-    /// Per head, `W_uk_h` (`qk_nope × kv_lora_rank`), row-major.
-    w_uk: Vec<Vec<f32>>,
-    /// Per head, `W_uv_h` (`v_head_dim × kv_lora_rank`), row-major.
-    w_uv: Vec<Vec<f32>>,
-    o: Linear,
+    kv_a: B::Matrix,
+    kv_a_norm: B::Tensor,
+    /// Per head, `W_uk_hᵀ` (`kv_lora_rank × qk_nope`): a head's query into latent space.
+    w_uk_t: Vec<B::Matrix>,
+    /// Per head, `W_uv_h` (`v_head_dim × kv_lora_rank`): a weighted latent into values.
+    w_uv: Vec<B::Matrix>,
+    o: B::Matrix,
 }
 
-impl Mla {
+/// Buffers of latent attention, reused by every layer.
+struct MlaScratch<B: Backend> {
+    qa: B::Tensor,
+    qa_normed: B::Tensor,
+    q: B::Tensor,
+    kv_a: B::Tensor,
+    latent_raw: B::Tensor,
+    latent: B::Tensor,
+    k_pe: B::Tensor,
+    cache_rows: B::Tensor,
+    q_pe: B::Tensor,
+    q_nope: B::Tensor,
+    q_latent: B::Tensor,
+    q_cache: B::Tensor,
+    o_cache: B::Tensor,
+    o_latent: B::Tensor,
+    heads: B::Tensor,
+}
+
+impl<B: Backend> MlaScratch<B> {
+    fn new(b: &B) -> Self {
+        Self {
+            qa: b.tensor(),
+            qa_normed: b.tensor(),
+            q: b.tensor(),
+            kv_a: b.tensor(),
+            latent_raw: b.tensor(),
+            latent: b.tensor(),
+            k_pe: b.tensor(),
+            cache_rows: b.tensor(),
+            q_pe: b.tensor(),
+            q_nope: b.tensor(),
+            q_latent: b.tensor(),
+            q_cache: b.tensor(),
+            o_cache: b.tensor(),
+            o_latent: b.tensor(),
+            heads: b.tensor(),
+        }
+    }
+}
+
+impl<B: Backend> Mla<B> {
     pub fn load(
+        b: &B,
         src: &mut WeightSource,
         i: usize,
         cfg: &DeepseekConfig,
-        xp: Precision,
     ) -> Result<Self, LoadError> {
         let (h, nh, qk) = (cfg.hidden_size, cfg.num_heads, cfg.qk_head_dim());
         let g = |n: &str| format!("blk.{i}.{n}");
         let q = match cfg.q_lora_rank {
-            None => QueryProj::Direct(
-                matrix(
-                    src,
-                    &g("attn_q.weight"),
-                    &hf(i, "self_attn.q_proj.weight"),
-                    nh * qk,
-                    h,
-                )?
-                .prepare(xp),
-            ),
+            None => QueryProj::Direct(b.matrix(matrix(
+                src,
+                &g("attn_q.weight"),
+                &hf(i, "self_attn.q_proj.weight"),
+                nh * qk,
+                h,
+            )?)?),
             Some(r) => QueryProj::LowRank {
-                a: matrix(
+                a: b.matrix(matrix(
                     src,
                     &g("attn_q_a.weight"),
                     &hf(i, "self_attn.q_a_proj.weight"),
                     r,
                     h,
-                )?
-                .prepare(xp),
+                )?)?,
                 norm: vector(
+                    b,
                     src,
                     &g("attn_q_a_norm.weight"),
                     &hf(i, "self_attn.q_a_layernorm.weight"),
                     r,
                 )?,
-                b: matrix(
+                b: b.matrix(matrix(
                     src,
                     &g("attn_q_b.weight"),
                     &hf(i, "self_attn.q_b_proj.weight"),
                     nh * qk,
                     r,
-                )?
-                .prepare(xp),
+                )?)?,
             },
         };
-        let kv_a = matrix(
+        let kv_a = b.matrix(matrix(
             src,
             &g("attn_kv_a_mqa.weight"),
             &hf(i, "self_attn.kv_a_proj_with_mqa.weight"),
             cfg.cache_dim(),
             h,
-        )?
-        .prepare(xp);
+        )?)?;
         let kv_a_norm = vector(
+            b,
             src,
             &g("attn_kv_a_norm.weight"),
             &hf(i, "self_attn.kv_a_layernorm.weight"),
             cfg.kv_lora_rank,
         )?;
-        // The up-projection is absorbed into the query and the output: keep it as f32
-        // rows per head.
-        let per_head = cfg.qk_nope_head_dim + cfg.v_head_dim;
+        // The up-projection is absorbed into the query and the output: per head, one
+        // dense matrix each way.
+        let (nope, vd, r) = (cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let per_head = nope + vd;
         let kv_b = src.vector_as(&g("attn_kv_b.weight"), &hf(i, "self_attn.kv_b_proj.weight"))?;
-        let r = cfg.kv_lora_rank;
         if kv_b.len() != nh * per_head * r {
             return Err(LoadError::Shape(format!(
                 "kv_b_proj of layer {i} has {} values, expected {}",
@@ -405,159 +445,120 @@ impl Mla {
                 nh * per_head * r
             )));
         }
-        let mut w_uk = Vec::with_capacity(nh);
+        let mut w_uk_t = Vec::with_capacity(nh);
         let mut w_uv = Vec::with_capacity(nh);
         for head in kv_b.chunks_exact(per_head * r) {
-            let (uk, uv) = head.split_at(cfg.qk_nope_head_dim * r);
-            w_uk.push(uk.to_vec());
-            w_uv.push(uv.to_vec());
+            let (uk, uv) = head.split_at(nope * r);
+            // uk is nope × r; its transpose maps a query head (nope) into the latent (r).
+            let mut t = vec![0f32; r * nope];
+            for d in 0..nope {
+                for j in 0..r {
+                    t[j * nope + d] = uk[d * r + j];
+                }
+            }
+            w_uk_t.push(b.matrix(Linear::dense(t, r, nope)?)?);
+            w_uv.push(b.matrix(Linear::dense(uv.to_vec(), vd, r)?)?);
         }
-        let o = matrix(
+        let o = b.matrix(matrix(
             src,
             &g("attn_output.weight"),
             &hf(i, "self_attn.o_proj.weight"),
             h,
-            nh * cfg.v_head_dim,
-        )?
-        .prepare(xp);
+            nh * vd,
+        )?)?;
         Ok(Self {
             q,
             kv_a,
             kv_a_norm,
-            w_uk,
+            w_uk_t,
             w_uv,
             o,
         })
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    fn forward(
         &self,
+        b: &B,
         cfg: &DeepseekConfig,
-        rope: &RopeTable,
+        rope: &B::Rope,
         li: usize,
-        x: &[f32],
-        n: usize,
-        input: &BatchInput<'_>,
-        kv: &mut KvPool,
-        out: &mut [f32],
+        x: &B::Tensor,
+        step: &B::Step<'_>,
+        kv: &mut B::Kv,
+        s: &mut MlaScratch<B>,
+        out: &mut B::Tensor,
     ) -> Result<(), ForwardError> {
-        let (nh, nope, rd, r, vd) = (
+        let (nh, nope, rd, r) = (
             cfg.num_heads,
             cfg.qk_nope_head_dim,
             cfg.qk_rope_head_dim,
             cfg.kv_lora_rank,
-            cfg.v_head_dim,
         );
-        let qk = nope + rd;
-        let mut q = vec![0f32; n * nh * qk];
+        let (qk, cd, eps) = (nope + rd, r + rd, cfg.rms_norm_eps);
+        let interleaved = RopeStyle::Interleaved;
         match &self.q {
-            QueryProj::Direct(w) => w.forward(x, n, &mut q)?,
-            QueryProj::LowRank { a, norm, b } => {
-                let mut qa = vec![0f32; n * a.rows()];
-                a.forward(x, n, &mut qa)?;
-                rms_norm(&mut qa, norm, cfg.rms_norm_eps);
-                b.forward(&qa, n, &mut q)?;
+            QueryProj::Direct(w) => b.matmul(w, x, &mut s.q)?,
+            QueryProj::LowRank { a, norm, b: up } => {
+                b.matmul(a, x, &mut s.qa)?;
+                b.rms_norm(&s.qa, norm, eps, &mut s.qa_normed)?;
+                b.matmul(up, &s.qa_normed, &mut s.q)?;
             }
         }
-        // The latent and the shared rotary key: what the pool keeps.
-        let cd = r + rd;
-        let mut kv_a = vec![0f32; n * cd];
-        self.kv_a.forward(x, n, &mut kv_a)?;
-        let mut k_pe = vec![0f32; n * rd];
-        let mut latent = vec![0f32; n * r];
-        for t in 0..n {
-            latent[t * r..(t + 1) * r].copy_from_slice(&kv_a[t * cd..t * cd + r]);
-            k_pe[t * rd..(t + 1) * rd].copy_from_slice(&kv_a[t * cd + r..(t + 1) * cd]);
-        }
-        rms_norm(&mut latent, &self.kv_a_norm, cfg.rms_norm_eps);
-        apply_rope(
-            &mut k_pe,
-            input.positions,
-            1,
-            rd,
-            rope,
-            RopeStyle::Interleaved,
-        )?;
-        let mut k_rows = vec![0f32; n * cd];
-        let mut v_rows = vec![0f32; n * cd];
-        for t in 0..n {
-            k_rows[t * cd..t * cd + r].copy_from_slice(&latent[t * r..(t + 1) * r]);
-            k_rows[t * cd + r..(t + 1) * cd].copy_from_slice(&k_pe[t * rd..(t + 1) * rd]);
-            v_rows[t * cd..t * cd + r].copy_from_slice(&latent[t * r..(t + 1) * r]);
-        }
-        kv.write(li, &k_rows, &v_rows, input.slots)?;
+        // What the pool keeps per token: the normed latent and the rotated shared key.
+        b.matmul(&self.kv_a, x, &mut s.kv_a)?;
+        b.copy_cols(&s.kv_a, cd, 0, &mut s.latent_raw, r, 0, r)?;
+        b.rms_norm(&s.latent_raw, &self.kv_a_norm, eps, &mut s.latent)?;
+        b.copy_cols(&s.kv_a, cd, r, &mut s.k_pe, rd, 0, rd)?;
+        b.rope(&mut s.k_pe, 1, rd, rope, interleaved, step)?;
+        b.copy_cols(&s.latent, r, 0, &mut s.cache_rows, cd, 0, r)?;
+        b.copy_cols(&s.k_pe, rd, 0, &mut s.cache_rows, cd, r, rd)?;
+        // Values are the latent: the same rows serve as V (the rotary columns of the
+        // attention output are not used).
+        b.kv_write(kv, li, &s.cache_rows, &s.cache_rows, step)?;
 
-        // Queries in the cache's space: [W_ukᵀ q_nope ; rotated q_pe] per head.
-        let mut q_pe = vec![0f32; n * nh * rd];
-        for t in 0..n {
-            for h in 0..nh {
-                let src = &q[(t * nh + h) * qk + nope..(t * nh + h + 1) * qk];
-                q_pe[(t * nh + h) * rd..(t * nh + h + 1) * rd].copy_from_slice(src);
-            }
-        }
-        apply_rope(
-            &mut q_pe,
-            input.positions,
-            nh,
-            rd,
-            rope,
-            RopeStyle::Interleaved,
-        )?;
-        let mut q_cache = vec![0f32; n * nh * cd];
-        for t in 0..n {
-            for h in 0..nh {
-                let qn = &q[(t * nh + h) * qk..(t * nh + h) * qk + nope];
-                let dst = &mut q_cache[(t * nh + h) * cd..(t * nh + h + 1) * cd];
-                let (lat, pe) = dst.split_at_mut(r);
-                // lat[j] = Σ_d W_uk[d][j] · q_nope[d]
-                lat.fill(0.0);
-                for (d, &qd) in qn.iter().enumerate() {
-                    let row = &self.w_uk[h][d * r..(d + 1) * r];
-                    for (l, &w) in lat.iter_mut().zip(row) {
-                        *l += w * qd;
-                    }
-                }
-                pe.copy_from_slice(&q_pe[(t * nh + h) * rd..(t * nh + h + 1) * rd]);
-            }
-        }
+        // Queries in the cache's space, per head: [W_ukᵀ q_nope ; rotated q_pe].
+        b.copy_cols(&s.q, qk, nope, &mut s.q_pe, rd, 0, rd)?;
+        b.rope(&mut s.q_pe, nh, rd, rope, interleaved, step)?;
+        b.copy_cols(&s.q, qk, 0, &mut s.q_nope, nope, 0, nope)?;
+        b.matmul_heads(&self.w_uk_t, &s.q_nope, &mut s.q_latent)?;
+        b.copy_cols(&s.q_latent, r, 0, &mut s.q_cache, cd, 0, r)?;
+        b.copy_cols(&s.q_pe, rd, 0, &mut s.q_cache, cd, r, rd)?;
         let scale = 1.0 / (qk as f32).sqrt();
-        let mut o_cache = vec![0f32; n * nh * cd];
-        kv.attend_scaled(li, &q_cache, nh, input.seqs, scale, &mut o_cache)?;
-        // Each head's weighted latent through W_uv.
-        let mut heads = vec![0f32; n * nh * vd];
-        for t in 0..n {
-            for h in 0..nh {
-                let lat = &o_cache[(t * nh + h) * cd..(t * nh + h) * cd + r];
-                let dst = &mut heads[(t * nh + h) * vd..(t * nh + h + 1) * vd];
-                for (d, o) in dst.iter_mut().enumerate() {
-                    let row = &self.w_uv[h][d * r..(d + 1) * r];
-                    *o = row.iter().zip(lat).map(|(w, l)| w * l).sum();
-                }
-            }
-        }
-        self.o.forward(&heads, n, out)?;
-        Ok(())
+        b.attend(
+            kv,
+            li,
+            &s.q_cache,
+            nh,
+            Some(scale),
+            None,
+            step,
+            &mut s.o_cache,
+        )?;
+        // Each head's weighted latent through W_uv, then the output projection.
+        b.copy_cols(&s.o_cache, cd, 0, &mut s.o_latent, r, 0, r)?;
+        b.matmul_heads(&self.w_uv, &s.o_latent, &mut s.heads)?;
+        b.matmul(&self.o, &s.heads, out)
     }
 }
 
 /// Routed experts, shared experts, and the router.
-pub struct DeepseekMoe {
+pub struct DeepseekMoe<B: Backend> {
     /// `n_routed_experts × hidden`.
-    router: Linear,
-    experts: Vec<Mlp>,
-    shared: Option<Mlp>,
+    router: B::Matrix,
+    experts: Experts<B>,
+    shared: Option<Mlp<B>>,
     top_k: usize,
     method: TopK,
     scaling: f32,
 }
 
-impl DeepseekMoe {
+impl<B: Backend> DeepseekMoe<B> {
     fn load(
+        b: &B,
         src: &mut WeightSource,
         i: usize,
         cfg: &DeepseekConfig,
-        xp: Precision,
     ) -> Result<Self, LoadError> {
         let (h, ff) = (cfg.hidden_size, cfg.moe_intermediate_size);
         let router = matrix(
@@ -584,7 +585,7 @@ impl DeepseekMoe {
                     "expert {e} of layer {i} is not {ff}×{h} / {h}×{ff}"
                 )));
             }
-            experts.push(Mlp::from_parts(gate, up, down, xp));
+            experts.push(Mlp::from_parts(b, gate, up, down)?);
         }
         let shared = if cfg.n_shared_experts > 0 {
             let sff = ff * cfg.n_shared_experts;
@@ -600,13 +601,13 @@ impl DeepseekMoe {
             let gate = part("ffn_gate_shexp", "gate_proj", sff, h)?;
             let up = part("ffn_up_shexp", "up_proj", sff, h)?;
             let down = part("ffn_down_shexp", "down_proj", h, sff)?;
-            Some(Mlp::from_parts(gate, up, down, xp))
+            Some(Mlp::from_parts(b, gate, up, down)?)
         } else {
             None
         };
         Ok(Self {
-            router: router.prepare(xp),
-            experts,
+            router: b.matrix(router)?,
+            experts: Experts::new(experts),
             shared,
             top_k: cfg.num_experts_per_tok,
             method: cfg.topk,
@@ -616,48 +617,27 @@ impl DeepseekMoe {
 
     fn forward(
         &self,
-        x: &[f32],
-        n: usize,
-        s: &mut Scratch,
-        out: &mut [f32],
+        b: &B,
+        x: &B::Tensor,
+        s: &mut Scratch<B>,
+        out: &mut B::Tensor,
     ) -> Result<(), ForwardError> {
-        let h = x.len() / n.max(1);
-        let ne = self.experts.len();
-        let mut logits = vec![0f32; n * ne];
-        self.router.forward(x, n, &mut logits)?;
-        let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-        for (t, row) in logits.chunks_exact(ne).enumerate() {
-            for (e, w) in route(row, self.top_k, self.method) {
-                routed[e].push((t, w * self.scaling));
-            }
-        }
+        let (ne, h) = b.matrix_shape(&self.router);
+        // Routing decisions are made on the host: the logits are n × experts.
+        b.matmul(&self.router, x, &mut s.router)?;
+        let mut logits = Vec::new();
+        b.download(&s.router, &mut logits)?;
+        let routed = group_by_expert(&logits, ne, |row| {
+            route(row, self.top_k, self.method)
+                .into_iter()
+                .map(|(e, w)| (e, w * self.scaling))
+                .collect()
+        });
         match &self.shared {
-            Some(shared) => shared.forward_rows(x, n, s, out)?,
-            None => out.fill(0.0),
+            Some(shared) => shared.forward(b, x, s, out)?,
+            None => b.fill(out, b.len(x), 0.0)?,
         }
-        let mut xs = Vec::new();
-        let mut ys = Vec::new();
-        for (expert, tokens) in self.experts.iter().zip(&routed) {
-            if tokens.is_empty() {
-                continue;
-            }
-            let m = tokens.len();
-            xs.clear();
-            for &(t, _) in tokens {
-                xs.extend_from_slice(&x[t * h..(t + 1) * h]);
-            }
-            ys.resize(m * h, 0.0);
-            expert.forward_rows(&xs, m, s, &mut ys)?;
-            for (j, &(t, w)) in tokens.iter().enumerate() {
-                for (o, y) in out[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(&ys[j * h..(j + 1) * h])
-                {
-                    *o += w * y;
-                }
-            }
-        }
-        Ok(())
+        self.experts.forward(b, x, h, &routed, s, out)
     }
 }
 
@@ -689,40 +669,34 @@ pub fn route(logits: &[f32], k: usize, method: TopK) -> Vec<(usize, f32)> {
 }
 
 /// A layer's feed-forward block.
-enum Ffn {
-    Dense(Mlp),
-    Moe(DeepseekMoe),
+enum Ffn<B: Backend> {
+    Dense(Mlp<B>),
+    Moe(DeepseekMoe<B>),
 }
 
 /// One decoder layer: pre-norm MLA, pre-norm feed-forward.
-struct Layer {
-    attn_norm: Vec<f32>,
-    attn: Mla,
-    ffn_norm: Vec<f32>,
-    ffn: Ffn,
+struct Layer<B: Backend> {
+    attn_norm: B::Tensor,
+    attn: Mla<B>,
+    ffn_norm: B::Tensor,
+    ffn: Ffn<B>,
 }
 
 /// A loaded DeepSeek-V2 model.
-pub struct Deepseek {
+pub struct Deepseek<B: Backend> {
     pub config: DeepseekConfig,
     spec: ModelSpec,
-    embed: Linear,
-    layers: Vec<Layer>,
-    final_norm: Vec<f32>,
-    lm_head: Linear,
-    rope: RopeTable,
+    embed: B::Matrix,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Tensor,
+    lm_head: B::Matrix,
+    rope: B::Rope,
 }
 
-impl Deepseek {
-    pub fn load(
-        src: &mut WeightSource,
-        config: DeepseekConfig,
-        xp: Precision,
-    ) -> Result<Self, LoadError> {
+impl<B: Backend> Deepseek<B> {
+    pub fn load(b: &B, src: &mut WeightSource, config: DeepseekConfig) -> Result<Self, LoadError> {
         let h = config.hidden_size;
-        let embed = src
-            .linear_as("token_embd.weight", "model.embed_tokens.weight", true)?
-            .prepare(xp);
+        let embed = src.linear_as("token_embd.weight", "model.embed_tokens.weight", true)?;
         if embed.rows() != config.vocab_size || embed.cols() != h {
             return Err(LoadError::Shape(format!(
                 "the embedding is {}×{}, expected {}×{h}",
@@ -731,6 +705,7 @@ impl Deepseek {
                 config.vocab_size
             )));
         }
+        let embed = b.matrix(embed)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let ffn = if i < config.first_k_dense_replace {
@@ -747,37 +722,45 @@ impl Deepseek {
                 let gate = part("ffn_gate", "gate_proj", ff, h)?;
                 let up = part("ffn_up", "up_proj", ff, h)?;
                 let down = part("ffn_down", "down_proj", h, ff)?;
-                Ffn::Dense(Mlp::from_parts(gate, up, down, xp))
+                Ffn::Dense(Mlp::from_parts(b, gate, up, down)?)
             } else {
-                Ffn::Moe(DeepseekMoe::load(src, i, &config, xp)?)
+                Ffn::Moe(DeepseekMoe::load(b, src, i, &config)?)
             };
             layers.push(Layer {
                 attn_norm: vector(
+                    b,
                     src,
                     &format!("blk.{i}.attn_norm.weight"),
                     &hf(i, "input_layernorm.weight"),
                     h,
                 )?,
                 ffn_norm: vector(
+                    b,
                     src,
                     &format!("blk.{i}.ffn_norm.weight"),
                     &hf(i, "post_attention_layernorm.weight"),
                     h,
                 )?,
-                attn: Mla::load(src, i, &config, xp)?,
+                attn: Mla::load(b, src, i, &config)?,
                 ffn,
             });
         }
-        let final_norm = vector(src, "output_norm.weight", "model.norm.weight", h)?;
-        let lm_head =
-            matrix(src, "output.weight", "lm_head.weight", config.vocab_size, h)?.prepare(xp);
-        let rope = RopeTable::new(
+        let final_norm = vector(b, src, "output_norm.weight", "model.norm.weight", h)?;
+        let lm_head = b.matrix(matrix(
+            src,
+            "output.weight",
+            "lm_head.weight",
+            config.vocab_size,
+            h,
+        )?)?;
+        let rope = b.rope_table(
             config.qk_rope_head_dim,
             config.max_position_embeddings,
             config.rope_theta,
-        );
+        )?;
         tracing::info!(
             source = %src.describe(),
+            backend = b.name(),
             layers = config.num_layers,
             hidden = h,
             heads = config.num_heads,
@@ -798,73 +781,42 @@ impl Deepseek {
     }
 }
 
-impl CausalLm for Deepseek {
+impl<B: Backend> CausalLm<B> for Deepseek<B> {
     fn spec(&self) -> &ModelSpec {
         &self.spec
     }
 
-    fn forward(&self, input: &BatchInput<'_>, kv: &mut KvPool) -> Result<Vec<f32>, ForwardError> {
+    fn forward(
+        &self,
+        b: &B,
+        input: &BatchInput<'_>,
+        kv: &mut B::Kv,
+    ) -> Result<Vec<f32>, ForwardError> {
         let cfg = &self.config;
-        let n = input.tokens.len();
-        if input.positions.len() != n || input.slots.len() != n {
-            return Err(ForwardError::Shape(
-                "tokens/positions/slots differ in length".into(),
-            ));
-        }
-        if let Some(p) = input
-            .positions
-            .iter()
-            .find(|&&p| p >= self.rope.max_positions())
-        {
-            return Err(ForwardError::Shape(format!(
-                "position {p} is beyond the model's context ({})",
-                self.rope.max_positions()
-            )));
-        }
-        let h = cfg.hidden_size;
-        let mut x = vec![0f32; n * h];
-        for (row, &t) in x.chunks_exact_mut(h).zip(input.tokens) {
-            if t as usize >= cfg.vocab_size {
-                return Err(ForwardError::Shape(format!(
-                    "token id {t} is outside the vocabulary ({})",
-                    cfg.vocab_size
-                )));
-            }
-            self.embed.row(t as usize, row)?;
-        }
-        let mut hbuf = vec![0f32; n * h];
-        let mut o = vec![0f32; n * h];
-        let mut scratch = Scratch::empty();
+        check_input(input, cfg.max_position_embeddings)?;
+        let step = b.step(input)?;
+        let (mut x, mut hbuf, mut o) = (b.tensor(), b.tensor(), b.tensor());
+        b.embed(&self.embed, &step, &mut x)?;
+        let mut scratch = Scratch::new(b);
+        let mut mla = MlaScratch::new(b);
         for (li, layer) in self.layers.iter().enumerate() {
-            hbuf.copy_from_slice(&x);
-            rms_norm(&mut hbuf, &layer.attn_norm, cfg.rms_norm_eps);
+            b.rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut hbuf)?;
             layer
                 .attn
-                .forward(cfg, &self.rope, li, &hbuf, n, input, kv, &mut o)?;
-            for (xi, oi) in x.iter_mut().zip(&o) {
-                *xi += oi;
-            }
-            hbuf.copy_from_slice(&x);
-            rms_norm(&mut hbuf, &layer.ffn_norm, cfg.rms_norm_eps);
+                .forward(b, cfg, &self.rope, li, &hbuf, &step, kv, &mut mla, &mut o)?;
+            b.add(&mut x, &o)?;
+            b.rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut hbuf)?;
             match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward_rows(&hbuf, n, &mut scratch, &mut o)?,
-                Ffn::Moe(moe) => moe.forward(&hbuf, n, &mut scratch, &mut o)?,
+                Ffn::Dense(mlp) => mlp.forward(b, &hbuf, &mut scratch, &mut o)?,
+                Ffn::Moe(moe) => moe.forward(b, &hbuf, &mut scratch, &mut o)?,
             }
-            for (xi, oi) in x.iter_mut().zip(&o) {
-                *xi += oi;
-            }
+            b.add(&mut x, &o)?;
         }
-        let m = input.logit_rows.len();
-        let mut last = vec![0f32; m * h];
-        for (dst, &r) in last.chunks_exact_mut(h).zip(input.logit_rows) {
-            if r >= n {
-                return Err(ForwardError::Shape(format!("logit row {r} of {n}")));
-            }
-            dst.copy_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        rms_norm(&mut last, &self.final_norm, cfg.rms_norm_eps);
-        let mut logits = vec![0f32; m * cfg.vocab_size];
-        self.lm_head.forward(&last, m, &mut logits)?;
+        b.gather_rows(&x, cfg.hidden_size, input.logit_rows, &mut o)?;
+        b.rms_norm(&o, &self.final_norm, cfg.rms_norm_eps, &mut hbuf)?;
+        b.matmul(&self.lm_head, &hbuf, &mut o)?;
+        let mut logits = Vec::new();
+        b.download(&o, &mut logits)?;
         Ok(logits)
     }
 }

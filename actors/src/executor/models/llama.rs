@@ -5,13 +5,12 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use pagoda_kernels::attention::AttnSeq;
-use pagoda_kernels::ops::{apply_rope, rms_norm, silu_mul, RopeStyle, RopeTable};
-use pagoda_kernels::quant::Precision;
+use pagoda_kernels::ops::RopeStyle;
 
-use super::{BatchInput, CausalLm, Family, KvLayout, ModelSpec};
-use crate::executor::kv_pool::KvPool;
-use crate::executor::linear::{ForwardError, Linear, Projections};
+use super::layers::Projections;
+use super::{check_input, BatchInput, CausalLm, Family, Kind, KvLayout, ModelSpec};
+use crate::executor::backend::{self, Backend, ForwardError};
+use crate::executor::linear::Linear;
 use crate::executor::weights::{read_text, LoadError, WeightSource};
 
 /// The family: Llama 1/2/3, Mistral (without a sliding window), Qwen2, SmolLM.
@@ -28,11 +27,14 @@ pub const FAMILY: Family = Family {
     ],
     accepts: |_| true,
     spec: |src| Ok(LlamaConfig::from_source(src)?.spec()),
-    load: |src, xp| {
-        let cfg = LlamaConfig::from_source(src)?;
-        Ok(Box::new(Llama::load_with(src, cfg, xp)?))
-    },
+    kind: Kind::Llama,
 };
+
+/// Loads a Llama-family model from `src` onto `b`.
+pub fn load<B: Backend>(b: &B, src: &mut WeightSource) -> Result<Llama<B>, LoadError> {
+    let cfg = LlamaConfig::from_source(src)?;
+    LlamaModel::load(b, src, cfg, &())
+}
 
 /// Hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -264,20 +266,20 @@ impl LlamaConfig {
 /// Grouped-query attention with rotary embeddings: Q, K and V in one stacked product,
 /// K/V written to the pool, paged attention (within the sliding window, if any), output
 /// projection.
-pub struct Attention {
+pub struct Attention<B: Backend> {
     /// Q, K and V.
-    qkv: Projections,
-    wo: Linear,
+    qkv: Projections<B>,
+    wo: B::Matrix,
     /// Storage format of the projections, for the load log.
     format: String,
 }
 
-impl Attention {
+impl<B: Backend> Attention<B> {
     pub fn load(
+        b: &B,
         src: &mut WeightSource,
         i: usize,
         cfg: &LlamaConfig,
-        xp: Precision,
     ) -> Result<Self, LoadError> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let wq = layer_linear(src, i, "attn_q", cfg.num_heads * hd, h)?;
@@ -286,170 +288,139 @@ impl Attention {
         let wo = layer_linear(src, i, "attn_output", h, cfg.num_heads * hd)?;
         Ok(Self {
             format: wq.format_name(),
-            qkv: Projections::new(vec![wq, wk, wv], xp),
-            wo: wo.prepare(xp),
+            qkv: Projections::new(b, vec![wq, wk, wv])?,
+            wo: b.matrix(wo)?,
         })
     }
 
-    /// Attention of the `n` normed rows `x` of layer `li`, into `out` (`n × hidden`).
+    /// Attention of the normed rows `x` of layer `li`, into `out` (`n × hidden`).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
+        b: &B,
         cfg: &LlamaConfig,
-        rope: &RopeTable,
+        rope: &B::Rope,
         li: usize,
-        x: &[f32],
-        n: usize,
-        input: &BatchInput<'_>,
-        kv: &mut KvPool,
-        s: &mut Scratch,
-        out: &mut [f32],
+        x: &B::Tensor,
+        step: &B::Step<'_>,
+        kv: &mut B::Kv,
+        s: &mut Scratch<B>,
+        out: &mut B::Tensor,
     ) -> Result<(), ForwardError> {
         let hd = cfg.head_dim;
         self.qkv
-            .forward(x, n, &mut [&mut s.q, &mut s.k, &mut s.v], &mut s.stacked)?;
-        apply_rope(
-            &mut s.q,
-            input.positions,
-            cfg.num_heads,
-            hd,
-            rope,
-            cfg.rope_style,
-        )?;
-        apply_rope(
-            &mut s.k,
-            input.positions,
-            cfg.num_kv_heads,
-            hd,
-            rope,
-            cfg.rope_style,
-        )?;
-        kv.write(li, &s.k, &s.v, input.slots)?;
-        kv.attend_window(
+            .forward(b, x, &mut [&mut s.q, &mut s.k, &mut s.v], &mut s.stacked)?;
+        b.rope(&mut s.q, cfg.num_heads, hd, rope, cfg.rope_style, step)?;
+        b.rope(&mut s.k, cfg.num_kv_heads, hd, rope, cfg.rope_style, step)?;
+        b.kv_write(kv, li, &s.k, &s.v, step)?;
+        b.attend(
+            kv,
             li,
             &s.q,
             cfg.num_heads,
-            input.seqs,
+            None,
             cfg.sliding_window,
+            step,
             &mut s.attn,
         )?;
-        self.wo.forward(&s.attn, n, out)?;
-        Ok(())
+        b.matmul(&self.wo, &s.attn, out)
     }
 }
 
 /// The SwiGLU MLP: `down(silu(gate(x)) · up(x))`, gate and up in one stacked product.
-pub struct Mlp {
-    gate_up: Projections,
-    down: Linear,
+pub struct Mlp<B: Backend> {
+    gate_up: Projections<B>,
+    down: B::Matrix,
 }
 
 /// A decoder layer's feed-forward block: a dense MLP, or a mixture of experts.
-pub trait FeedForward: Send + Sized {
+pub trait FeedForward<B: Backend>: Send + Sync + Sized {
+    /// What the block needs beyond [`LlamaConfig`] (nothing for a dense MLP).
+    type Config: Send;
+
     /// Loads layer `i`'s block.
     fn load(
+        b: &B,
         src: &mut WeightSource,
         i: usize,
         cfg: &LlamaConfig,
         extra: &Self::Config,
-        xp: Precision,
     ) -> Result<Self, LoadError>;
 
-    /// What the block needs beyond [`LlamaConfig`] (nothing for a dense MLP).
-    type Config: Send;
-
-    /// The block on the `n` normed rows `x`, into `out` (`n × hidden`), with the forward
+    /// The block on the normed rows `x`, into `out` (`n × hidden`), with the forward
     /// pass's reusable buffers.
     fn forward(
         &self,
-        x: &[f32],
-        n: usize,
-        s: &mut Scratch,
-        out: &mut [f32],
+        b: &B,
+        x: &B::Tensor,
+        s: &mut Scratch<B>,
+        out: &mut B::Tensor,
     ) -> Result<(), ForwardError>;
 }
 
-impl FeedForward for Mlp {
+impl<B: Backend> FeedForward<B> for Mlp<B> {
     type Config = ();
 
     fn load(
+        b: &B,
         src: &mut WeightSource,
         i: usize,
         cfg: &LlamaConfig,
         _: &(),
-        xp: Precision,
     ) -> Result<Self, LoadError> {
         let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
         let gate = layer_linear(src, i, "ffn_gate", ff, h)?;
         let up = layer_linear(src, i, "ffn_up", ff, h)?;
         let down = layer_linear(src, i, "ffn_down", h, ff)?;
-        Ok(Self {
-            gate_up: Projections::new(vec![gate, up], xp),
-            down: down.prepare(xp),
-        })
+        Self::from_parts(b, gate, up, down)
     }
 
     fn forward(
         &self,
-        x: &[f32],
-        n: usize,
-        s: &mut Scratch,
-        out: &mut [f32],
+        b: &B,
+        x: &B::Tensor,
+        s: &mut Scratch<B>,
+        out: &mut B::Tensor,
     ) -> Result<(), ForwardError> {
-        self.forward_rows(x, n, s, out)
+        self.gate_up
+            .forward(b, x, &mut [&mut s.gate, &mut s.up], &mut s.stacked)?;
+        b.silu_mul(&mut s.gate, &s.up)?;
+        b.matmul(&self.down, &s.gate, out)
     }
 }
 
-impl Mlp {
-    /// `down(silu(gate(x)) · up(x))` on `n` rows, into `out`.
-    pub fn forward_rows(
-        &self,
-        x: &[f32],
-        n: usize,
-        s: &mut Scratch,
-        out: &mut [f32],
-    ) -> Result<(), ForwardError> {
-        let ff = self.down.cols();
-        // Resizing within the capacity of earlier steps costs no allocation.
-        s.gate.resize(n * ff, 0.0);
-        s.up.resize(n * ff, 0.0);
-        self.gate_up
-            .forward(x, n, &mut [&mut s.gate, &mut s.up], &mut s.stacked)?;
-        silu_mul(&mut s.gate, &s.up);
-        self.down.forward(&s.gate, n, out)
-    }
-
+impl<B: Backend> Mlp<B> {
     /// The stacked gate/up product and the down projection of an expert or a dense MLP.
-    pub fn from_parts(gate: Linear, up: Linear, down: Linear, xp: Precision) -> Self {
-        Self {
-            gate_up: Projections::new(vec![gate, up], xp),
-            down: down.prepare(xp),
-        }
+    pub fn from_parts(b: &B, gate: Linear, up: Linear, down: Linear) -> Result<Self, LoadError> {
+        Ok(Self {
+            gate_up: Projections::new(b, vec![gate, up])?,
+            down: b.matrix(down)?,
+        })
     }
 }
 
 /// One decoder layer: pre-norm attention and pre-norm feed-forward, each added back.
-pub struct DecoderLayer<F> {
-    attn_norm: Vec<f32>,
-    attn: Attention,
-    ffn_norm: Vec<f32>,
+pub struct DecoderLayer<B: Backend, F> {
+    attn_norm: B::Tensor,
+    attn: Attention<B>,
+    ffn_norm: B::Tensor,
     ffn: F,
 }
 
-impl<F: FeedForward> DecoderLayer<F> {
+impl<B: Backend, F: FeedForward<B>> DecoderLayer<B, F> {
     fn load(
+        b: &B,
         src: &mut WeightSource,
         i: usize,
         cfg: &LlamaConfig,
         extra: &F::Config,
-        xp: Precision,
     ) -> Result<Self, LoadError> {
         let h = cfg.hidden_size;
         Ok(Self {
-            attn_norm: norm(src, &format!("blk.{i}.attn_norm.weight"), h)?,
-            ffn_norm: norm(src, &format!("blk.{i}.ffn_norm.weight"), h)?,
-            attn: Attention::load(src, i, cfg, xp)?,
-            ffn: F::load(src, i, cfg, extra, xp)?,
+            attn_norm: norm(b, src, &format!("blk.{i}.attn_norm.weight"), h)?,
+            ffn_norm: norm(b, src, &format!("blk.{i}.ffn_norm.weight"), h)?,
+            attn: Attention::load(b, src, i, cfg)?,
+            ffn: F::load(b, src, i, cfg, extra)?,
         })
     }
 }
@@ -479,52 +450,47 @@ pub fn layer_linear(
     Ok(l)
 }
 
-pub(super) fn norm(src: &mut WeightSource, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+/// A norm weight of `len` values, on the backend.
+fn norm<B: Backend>(
+    b: &B,
+    src: &mut WeightSource,
+    name: &str,
+    len: usize,
+) -> Result<B::Tensor, LoadError> {
     let v = src.vector(name)?;
-    if v.len() != len {
-        return Err(LoadError::Shape(format!(
-            "{name} has {} values, expected {len}",
-            v.len()
-        )));
-    }
-    Ok(v)
+    backend::vector(b, name, v, len)
 }
 
 /// Buffers of one forward pass, reused by every layer.
-pub struct Scratch {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    stacked: Vec<f32>,
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
+pub struct Scratch<B: Backend> {
+    q: B::Tensor,
+    k: B::Tensor,
+    v: B::Tensor,
+    attn: B::Tensor,
+    stacked: B::Tensor,
+    gate: B::Tensor,
+    up: B::Tensor,
+    /// Rows routed to one expert, and the expert's output for them.
+    pub expert_in: B::Tensor,
+    pub expert_out: B::Tensor,
+    /// Router logits.
+    pub router: B::Tensor,
 }
 
-impl Scratch {
-    /// Buffers that grow on demand (for blocks used outside [`LlamaModel`]).
-    pub fn empty() -> Self {
+impl<B: Backend> Scratch<B> {
+    /// Empty buffers (the backend's ops size them).
+    pub fn new(b: &B) -> Self {
         Self {
-            q: Vec::new(),
-            k: Vec::new(),
-            v: Vec::new(),
-            attn: Vec::new(),
-            stacked: Vec::new(),
-            gate: Vec::new(),
-            up: Vec::new(),
-        }
-    }
-
-    fn new(cfg: &LlamaConfig, n: usize) -> Self {
-        let hd = cfg.head_dim;
-        Self {
-            q: vec![0f32; n * cfg.num_heads * hd],
-            k: vec![0f32; n * cfg.num_kv_heads * hd],
-            v: vec![0f32; n * cfg.num_kv_heads * hd],
-            attn: vec![0f32; n * cfg.num_heads * hd],
-            stacked: Vec::new(),
-            gate: Vec::with_capacity(n * cfg.intermediate_size),
-            up: Vec::with_capacity(n * cfg.intermediate_size),
+            q: b.tensor(),
+            k: b.tensor(),
+            v: b.tensor(),
+            attn: b.tensor(),
+            stacked: b.tensor(),
+            gate: b.tensor(),
+            up: b.tensor(),
+            expert_in: b.tensor(),
+            expert_out: b.tensor(),
+            router: b.tensor(),
         }
     }
 }
@@ -532,48 +498,30 @@ impl Scratch {
 /// A Llama-shaped model: embeddings, decoder layers with feed-forward blocks `F`, final
 /// norm, output projection. `F` is a dense MLP for Llama, Mistral and Qwen2
 /// ([`Llama`]), a mixture of experts for Mixtral.
-pub struct LlamaModel<F> {
+pub struct LlamaModel<B: Backend, F> {
     pub config: LlamaConfig,
     spec: ModelSpec,
-    embed: Linear,
-    layers: Vec<DecoderLayer<F>>,
-    final_norm: Vec<f32>,
+    embed: B::Matrix,
+    layers: Vec<DecoderLayer<B, F>>,
+    final_norm: B::Tensor,
     /// None when the output projection is tied to the embedding.
-    lm_head: Option<Linear>,
-    rope: RopeTable,
-    /// KV element type of `cache.kv_cache_dtype = "auto"` for this model.
-    auto_kv_dtype: crate::config::KvCacheDtype,
+    lm_head: Option<B::Matrix>,
+    rope: B::Rope,
 }
 
 /// The Llama family's model: dense SwiGLU MLPs.
-pub type Llama = LlamaModel<Mlp>;
+pub type Llama<B> = LlamaModel<B, Mlp<B>>;
 
-impl Llama {
-    pub fn load(src: &mut WeightSource, config: LlamaConfig) -> Result<Self, LoadError> {
-        Self::load_with(src, config, Precision::default())
-    }
-
-    /// Load with the given activation precision for the quantized products (see
-    /// `pagoda_kernels::quant::Precision`).
-    pub fn load_with(
-        src: &mut WeightSource,
-        config: LlamaConfig,
-        xp: Precision,
-    ) -> Result<Self, LoadError> {
-        Self::load_model(src, config, &(), xp)
-    }
-}
-
-impl<F: FeedForward> LlamaModel<F> {
-    /// Loads every weight; `extra` is what the feed-forward blocks need beyond `config`.
-    pub fn load_model(
+impl<B: Backend, F: FeedForward<B>> LlamaModel<B, F> {
+    /// Loads every weight onto `b`; `extra` is what the feed-forward blocks need beyond
+    /// `config`.
+    pub fn load(
+        b: &B,
         src: &mut WeightSource,
         config: LlamaConfig,
         extra: &F::Config,
-        xp: Precision,
     ) -> Result<Self, LoadError> {
-        let auto_kv_dtype = crate::config::KvCacheDtype::Auto.resolve(src.stores_f32());
-        let embed = src.linear("token_embd.weight", true)?.prepare(xp);
+        let embed = src.linear("token_embd.weight", true)?;
         if embed.rows() != config.vocab_size || embed.cols() != config.hidden_size {
             return Err(LoadError::Shape(format!(
                 "token_embd.weight is {}×{}, expected {}×{}",
@@ -583,18 +531,20 @@ impl<F: FeedForward> LlamaModel<F> {
                 config.hidden_size
             )));
         }
+        let embed = b.matrix(embed)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            layers.push(DecoderLayer::load(src, i, &config, extra, xp)?);
+            layers.push(DecoderLayer::load(b, src, i, &config, extra)?);
         }
-        let final_norm = norm(src, "output_norm.weight", config.hidden_size)?;
+        let final_norm = norm(b, src, "output_norm.weight", config.hidden_size)?;
         let lm_head = if src.has("output.weight") {
-            Some(src.linear("output.weight", false)?.prepare(xp))
+            Some(b.matrix(src.linear("output.weight", false)?)?)
         } else {
             None
         };
         tracing::info!(
             source = %src.describe(),
+            backend = b.name(),
             architecture = %config.architecture,
             layers = config.num_layers,
             hidden = config.hidden_size,
@@ -604,156 +554,69 @@ impl<F: FeedForward> LlamaModel<F> {
             sliding_window = ?config.sliding_window,
             weights = %layers.first().map(|l| l.attn.format.clone()).unwrap_or_default(),
             int8_kernel = pagoda_kernels::quant::QMatrix::int8_kernel_available(),
-            activations = ?xp,
             tied_embeddings = lm_head.is_none(),
             "model loaded"
         );
-        let rope = RopeTable::new(
+        let rope = b.rope_table(
             config.head_dim,
             config.max_position_embeddings,
             config.rope_theta,
-        );
+        )?;
         Ok(Self {
             embed,
             layers,
             final_norm,
             lm_head,
             rope,
-            auto_kv_dtype,
             spec: config.spec(),
             config,
         })
     }
-
-    /// Runs the batch through the model, writing its K/V into the pool, and returns the
-    /// logits of `input.logit_rows` (row-major, `logit_rows.len() × vocab_size`).
-    pub fn forward(
-        &self,
-        input: &BatchInput<'_>,
-        kv: &mut KvPool,
-    ) -> Result<Vec<f32>, ForwardError> {
-        let cfg = &self.config;
-        let n = input.tokens.len();
-        if input.positions.len() != n || input.slots.len() != n {
-            return Err(ForwardError::Shape(
-                "tokens/positions/slots differ in length".into(),
-            ));
-        }
-        if let Some(p) = input
-            .positions
-            .iter()
-            .find(|&&p| p >= self.rope.max_positions())
-        {
-            return Err(ForwardError::Shape(format!(
-                "position {p} is beyond the model's context ({})",
-                self.rope.max_positions()
-            )));
-        }
-        let h = cfg.hidden_size;
-        let mut x = vec![0f32; n * h];
-        for (row, &t) in x.chunks_exact_mut(h).zip(input.tokens) {
-            if t as usize >= cfg.vocab_size {
-                return Err(ForwardError::Shape(format!(
-                    "token id {t} is outside the vocabulary ({})",
-                    cfg.vocab_size
-                )));
-            }
-            self.embed.row(t as usize, row)?;
-        }
-        let mut hbuf = vec![0f32; n * h];
-        let mut o = vec![0f32; n * h];
-        let mut scratch = Scratch::new(cfg, n);
-
-        for (li, layer) in self.layers.iter().enumerate() {
-            hbuf.copy_from_slice(&x);
-            rms_norm(&mut hbuf, &layer.attn_norm, cfg.rms_norm_eps);
-            layer.attn.forward(
-                cfg,
-                &self.rope,
-                li,
-                &hbuf,
-                n,
-                input,
-                kv,
-                &mut scratch,
-                &mut o,
-            )?;
-            for (xi, oi) in x.iter_mut().zip(&o) {
-                *xi += oi;
-            }
-
-            hbuf.copy_from_slice(&x);
-            rms_norm(&mut hbuf, &layer.ffn_norm, cfg.rms_norm_eps);
-            layer.ffn.forward(&hbuf, n, &mut scratch, &mut o)?;
-            for (xi, oi) in x.iter_mut().zip(&o) {
-                *xi += oi;
-            }
-        }
-
-        // Only the rows that sample need the final norm and the (large) output projection.
-        let m = input.logit_rows.len();
-        let mut last = vec![0f32; m * h];
-        for (dst, &r) in last.chunks_exact_mut(h).zip(input.logit_rows) {
-            if r >= n {
-                return Err(ForwardError::Shape(format!("logit row {r} of {n}")));
-            }
-            dst.copy_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        rms_norm(&mut last, &self.final_norm, cfg.rms_norm_eps);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = vec![0f32; m * cfg.vocab_size];
-        head.forward(&last, m, &mut logits)?;
-        Ok(logits)
-    }
 }
 
-impl<F: FeedForward> LlamaModel<F> {
-    /// Runs one whole sequence through the model in a single prefill on a private KV pool
-    /// and returns the logits after each of `rows` (row i = after `tokens[..=i]`). For
-    /// scoring and fidelity checks; serving goes through the executor's shared pool.
-    pub fn sequence_logits(
-        &self,
-        tokens: &[u32],
-        rows: &[usize],
-    ) -> Result<Vec<f32>, ForwardError> {
-        const BS: usize = 16;
-        let cfg = &self.config;
-        let num_blocks = tokens.len().div_ceil(BS).max(1);
-        let mut kv = KvPool::new(
-            cfg.num_layers,
-            pagoda_kernels::attention::KvShape {
-                num_blocks,
-                block_size: BS,
-                num_kv_heads: cfg.num_kv_heads,
-                head_dim: cfg.head_dim,
-            },
-            self.auto_kv_dtype,
-        );
-        let table: Vec<u32> = (0..num_blocks as u32).collect();
-        let positions: Vec<usize> = (0..tokens.len()).collect();
-        let seqs = [AttnSeq {
-            query_start: 0,
-            query_len: tokens.len(),
-            context_len: tokens.len(),
-            block_table: &table,
-        }];
-        let input = BatchInput {
-            tokens,
-            positions: &positions,
-            slots: &positions,
-            seqs: &seqs,
-            logit_rows: rows,
-        };
-        self.forward(&input, &mut kv)
-    }
-}
-
-impl<F: FeedForward> CausalLm for LlamaModel<F> {
+impl<B: Backend, F: FeedForward<B>> CausalLm<B> for LlamaModel<B, F> {
     fn spec(&self) -> &ModelSpec {
         &self.spec
     }
 
-    fn forward(&self, input: &BatchInput<'_>, kv: &mut KvPool) -> Result<Vec<f32>, ForwardError> {
-        LlamaModel::forward(self, input, kv)
+    fn forward(
+        &self,
+        b: &B,
+        input: &BatchInput<'_>,
+        kv: &mut B::Kv,
+    ) -> Result<Vec<f32>, ForwardError> {
+        let cfg = &self.config;
+        check_input(input, cfg.max_position_embeddings)?;
+        let step = b.step(input)?;
+        let (mut x, mut hbuf, mut o) = (b.tensor(), b.tensor(), b.tensor());
+        b.embed(&self.embed, &step, &mut x)?;
+        let mut scratch = Scratch::new(b);
+        for (li, layer) in self.layers.iter().enumerate() {
+            b.rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut hbuf)?;
+            layer.attn.forward(
+                b,
+                cfg,
+                &self.rope,
+                li,
+                &hbuf,
+                &step,
+                kv,
+                &mut scratch,
+                &mut o,
+            )?;
+            b.add(&mut x, &o)?;
+            b.rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut hbuf)?;
+            layer.ffn.forward(b, &hbuf, &mut scratch, &mut o)?;
+            b.add(&mut x, &o)?;
+        }
+        // Only the rows that sample need the final norm and the (large) output projection.
+        let h = cfg.hidden_size;
+        b.gather_rows(&x, h, input.logit_rows, &mut o)?;
+        b.rms_norm(&o, &self.final_norm, cfg.rms_norm_eps, &mut hbuf)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        b.matmul(head, &hbuf, &mut o)?;
+        let mut logits = Vec::new();
+        b.download(&o, &mut logits)?;
+        Ok(logits)
     }
 }

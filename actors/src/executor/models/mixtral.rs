@@ -8,11 +8,9 @@
 //! `llama.expert_count` and the experts stacked into `ffn_{gate,up,down}_exps` tensors)
 //! and from Hugging Face directories (`MixtralForCausalLM`).
 
-use pagoda_kernels::quant::Precision;
-
 use super::llama::{layer_linear, FeedForward, LlamaConfig, LlamaModel, Mlp, Scratch};
-use super::Family;
-use crate::executor::linear::{ForwardError, Linear};
+use super::{Family, Kind};
+use crate::executor::backend::{Backend, ForwardError};
 use crate::executor::weights::{LoadError, WeightSource};
 
 /// The family.
@@ -22,21 +20,24 @@ pub const FAMILY: Family = Family {
     hf_names: &["MixtralForCausalLM", "mixtral"],
     accepts: |src| MoeConfig::from_source(src).is_ok_and(|m| m.num_experts > 0),
     spec: |src| Ok(LlamaConfig::from_source(src)?.spec()),
-    load: |src, xp| {
-        let cfg = LlamaConfig::from_source(src)?;
-        let moe = MoeConfig::from_source(src)?;
-        if moe.num_experts == 0 || moe.top_k == 0 || moe.top_k > moe.num_experts {
-            return Err(LoadError::Unsupported(format!(
-                "a mixture of {} experts with {} per token",
-                moe.num_experts, moe.top_k
-            )));
-        }
-        Ok(Box::new(Mixtral::load_model(src, cfg, &moe, xp)?))
-    },
+    kind: Kind::Mixtral,
 };
 
+/// Loads a Mixtral model from `src` onto `b`.
+pub fn load<B: Backend>(b: &B, src: &mut WeightSource) -> Result<Mixtral<B>, LoadError> {
+    let cfg = LlamaConfig::from_source(src)?;
+    let moe = MoeConfig::from_source(src)?;
+    if moe.num_experts == 0 || moe.top_k == 0 || moe.top_k > moe.num_experts {
+        return Err(LoadError::Unsupported(format!(
+            "a mixture of {} experts with {} per token",
+            moe.num_experts, moe.top_k
+        )));
+    }
+    LlamaModel::load(b, src, cfg, &moe)
+}
+
 /// A Mixtral model.
-pub type Mixtral = LlamaModel<Moe>;
+pub type Mixtral<B> = LlamaModel<B, Moe<B>>;
 
 /// The mixture's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,23 +80,99 @@ impl MoeConfig {
     }
 }
 
+/// SwiGLU experts run on the tokens routed to them: each expert's rows are gathered,
+/// run through it in one product, and added back weighted, so an expert's weights are
+/// read once per step.
+pub struct Experts<B: Backend> {
+    experts: Vec<Mlp<B>>,
+}
+
+impl<B: Backend> Experts<B> {
+    pub fn new(experts: Vec<Mlp<B>>) -> Self {
+        Self { experts }
+    }
+
+    pub fn len(&self) -> usize {
+        self.experts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.experts.is_empty()
+    }
+
+    /// `out` (`n × width`, already holding what the experts add to) += for each token, the
+    /// weighted outputs of the experts `routed` sends it to (`routed[e]`: expert `e`'s
+    /// tokens and weights).
+    pub fn forward(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        width: usize,
+        routed: &[Vec<(usize, f32)>],
+        s: &mut Scratch<B>,
+        out: &mut B::Tensor,
+    ) -> Result<(), ForwardError> {
+        let mut rows = Vec::new();
+        let mut weights = Vec::new();
+        for (expert, tokens) in self.experts.iter().zip(routed) {
+            if tokens.is_empty() {
+                continue;
+            }
+            rows.clear();
+            weights.clear();
+            for &(t, w) in tokens {
+                rows.push(t);
+                weights.push(w);
+            }
+            let mut xs = std::mem::replace(&mut s.expert_in, b.tensor());
+            let mut ys = std::mem::replace(&mut s.expert_out, b.tensor());
+            let run = b
+                .gather_rows(x, width, &rows, &mut xs)
+                .and_then(|()| expert.forward(b, &xs, s, &mut ys))
+                .and_then(|()| b.scatter_add_rows(out, width, &ys, &rows, &weights));
+            s.expert_in = xs;
+            s.expert_out = ys;
+            run?;
+        }
+        Ok(())
+    }
+}
+
+/// Each expert's tokens and their weights, from router logits (`n × experts`, host
+/// memory) and a routing rule.
+pub fn group_by_expert(
+    logits: &[f32],
+    experts: usize,
+    mut route: impl FnMut(&[f32]) -> Vec<(usize, f32)>,
+) -> Vec<Vec<(usize, f32)>> {
+    let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts];
+    for (t, row) in logits.chunks_exact(experts.max(1)).enumerate() {
+        for (e, w) in route(row) {
+            if let Some(r) = routed.get_mut(e) {
+                r.push((t, w));
+            }
+        }
+    }
+    routed
+}
+
 /// The sparse mixture-of-experts block.
-pub struct Moe {
+pub struct Moe<B: Backend> {
     /// `num_experts × hidden`: one logit per expert per token.
-    router: Linear,
-    experts: Vec<Mlp>,
+    router: B::Matrix,
+    experts: Experts<B>,
     top_k: usize,
 }
 
-impl FeedForward for Moe {
+impl<B: Backend> FeedForward<B> for Moe<B> {
     type Config = MoeConfig;
 
     fn load(
+        b: &B,
         src: &mut WeightSource,
         i: usize,
         cfg: &LlamaConfig,
         moe: &MoeConfig,
-        xp: Precision,
     ) -> Result<Self, LoadError> {
         let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
         let router = layer_linear(src, i, "ffn_gate_inp", moe.num_experts, h)?;
@@ -117,57 +194,31 @@ impl FeedForward for Moe {
             let gate = part("ffn_gate_exps", "w1", ff, h)?;
             let up = part("ffn_up_exps", "w3", ff, h)?;
             let down = part("ffn_down_exps", "w2", h, ff)?;
-            experts.push(Mlp::from_parts(gate, up, down, xp));
+            experts.push(Mlp::from_parts(b, gate, up, down)?);
         }
         Ok(Self {
-            router: router.prepare(xp),
-            experts,
+            router: b.matrix(router)?,
+            experts: Experts::new(experts),
             top_k: moe.top_k,
         })
     }
 
     fn forward(
         &self,
-        x: &[f32],
-        n: usize,
-        s: &mut Scratch,
-        out: &mut [f32],
+        b: &B,
+        x: &B::Tensor,
+        s: &mut Scratch<B>,
+        out: &mut B::Tensor,
     ) -> Result<(), ForwardError> {
-        let h = x.len() / n.max(1);
         let ne = self.experts.len();
-        let mut logits = vec![0f32; n * ne];
-        self.router.forward(x, n, &mut logits)?;
-        // Each expert's tokens, with their routing weights.
-        let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-        for (t, row) in logits.chunks_exact(ne).enumerate() {
-            for (e, w) in route(row, self.top_k) {
-                routed[e].push((t, w));
-            }
-        }
-        out.fill(0.0);
-        let mut xs = Vec::new();
-        let mut ys = Vec::new();
-        for (expert, tokens) in self.experts.iter().zip(&routed) {
-            if tokens.is_empty() {
-                continue;
-            }
-            let m = tokens.len();
-            xs.clear();
-            for &(t, _) in tokens {
-                xs.extend_from_slice(&x[t * h..(t + 1) * h]);
-            }
-            ys.resize(m * h, 0.0);
-            expert.forward_rows(&xs, m, s, &mut ys)?;
-            for (j, &(t, w)) in tokens.iter().enumerate() {
-                for (o, y) in out[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(&ys[j * h..(j + 1) * h])
-                {
-                    *o += w * y;
-                }
-            }
-        }
-        Ok(())
+        let (_, h) = b.matrix_shape(&self.router);
+        // Routing decisions are made on the host: the logits are n × experts.
+        b.matmul(&self.router, x, &mut s.router)?;
+        let mut logits = Vec::new();
+        b.download(&s.router, &mut logits)?;
+        let routed = group_by_expert(&logits, ne, |row| route(row, self.top_k));
+        b.fill(out, b.len(x), 0.0)?;
+        self.experts.forward(b, x, h, &routed, s, out)
     }
 }
 

@@ -1,20 +1,21 @@
 //! Model families behind one interface.
 //!
 //! Each family is one file laid out as config → layers with `load` and `forward` → model,
-//! and implements [`CausalLm`]. The KV cache is never inside a model: `forward` receives
-//! the batch's slots and block tables and the executor's KV pool, whose per-token shape
-//! ([`KvLayout`]) the model declares. The executor and the engine see only [`CausalLm`]
-//! and the [`Family`] registry: a new family is a new file plus one line in [`FAMILIES`].
+//! and implements [`CausalLm`]. Models are generic over the compute [`Backend`]: every
+//! weight is the backend's, every operation a backend call. The KV cache is never inside
+//! a model: `forward` receives the batch's slots and block tables and the executor's KV
+//! pool, whose per-token shape ([`KvLayout`]) the model declares. The executor and the
+//! engine see only [`CausalLm`] and the [`Family`] registry: a new family is a new file,
+//! one line in [`FAMILIES`] and one arm in [`load`].
 
 pub mod deepseek;
+pub mod layers;
 pub mod llama;
 pub mod mixtral;
 
 use pagoda_kernels::attention::AttnSeq;
-use pagoda_kernels::quant::Precision;
 
-use crate::executor::kv_pool::KvPool;
-use crate::executor::linear::ForwardError;
+use crate::executor::backend::{Backend, ForwardError};
 use crate::executor::weights::{LoadError, WeightSource};
 
 /// One step's worth of token rows, sequence after sequence.
@@ -53,17 +54,31 @@ pub struct ModelSpec {
     pub sliding_window: Option<usize>,
 }
 
-/// A loaded model of any family.
-pub trait CausalLm: Send {
+/// A loaded model of any family, on backend `B`.
+pub trait CausalLm<B: Backend>: Send + Sync {
     fn spec(&self) -> &ModelSpec;
 
     /// Runs the batch through the model, writing its K/V into the pool, and returns the
-    /// logits of `input.logit_rows` (row-major, `logit_rows.len() × vocab_size`).
-    fn forward(&self, input: &BatchInput<'_>, kv: &mut KvPool) -> Result<Vec<f32>, ForwardError>;
+    /// logits of `input.logit_rows` (row-major, `logit_rows.len() × vocab_size`) in host
+    /// memory, for the samplers.
+    fn forward(
+        &self,
+        b: &B,
+        input: &BatchInput<'_>,
+        kv: &mut B::Kv,
+    ) -> Result<Vec<f32>, ForwardError>;
 }
 
-/// A loaded model, or why it could not be.
-pub type LoadResult = Result<Box<dyn CausalLm>, LoadError>;
+/// Which model code a family runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// [`llama::Llama`]: Llama, Mistral, Qwen2.
+    Llama,
+    /// [`mixtral::Mixtral`].
+    Mixtral,
+    /// [`deepseek::Deepseek`].
+    Deepseek,
+}
 
 /// A model family: the architecture names it answers to, how to read its description,
 /// and how to load it.
@@ -78,9 +93,22 @@ pub struct Family {
     pub accepts: fn(&WeightSource) -> bool,
     /// The model's description, without loading any weight.
     pub spec: fn(&WeightSource) -> Result<ModelSpec, LoadError>,
-    /// Loads the weights (quantized matrices keep their format; activations of the
-    /// int8 kernel at `precision`).
-    pub load: fn(&mut WeightSource, Precision) -> LoadResult,
+    /// The model code that loads and runs it.
+    pub kind: Kind,
+}
+
+/// Loads a family's weights onto backend `b` (quantized matrices keep their format where
+/// the backend runs them so).
+pub fn load<B: Backend>(
+    b: &B,
+    family: &Family,
+    src: &mut WeightSource,
+) -> Result<Box<dyn CausalLm<B>>, LoadError> {
+    Ok(match family.kind {
+        Kind::Llama => Box::new(llama::load(b, src)?),
+        Kind::Mixtral => Box::new(mixtral::load(b, src)?),
+        Kind::Deepseek => Box::new(deepseek::load(b, src)?),
+    })
 }
 
 /// Every family pagoda serves, most specific first.
@@ -136,25 +164,16 @@ pub fn supported_names() -> String {
 /// Runs one whole sequence through `model` in a single prefill on a private KV pool of
 /// `dtype` and returns the logits after each of `rows` (row i = after `tokens[..=i]`). For
 /// scoring and fidelity checks; serving goes through the executor's shared pool.
-pub fn sequence_logits(
-    model: &dyn CausalLm,
+pub fn sequence_logits<B: Backend>(
+    b: &B,
+    model: &dyn CausalLm<B>,
     tokens: &[u32],
     rows: &[usize],
     dtype: crate::config::KvCacheDtype,
 ) -> Result<Vec<f32>, ForwardError> {
     const BS: usize = 16;
-    let kv_layout = model.spec().kv;
     let num_blocks = tokens.len().div_ceil(BS).max(1);
-    let mut kv = KvPool::new(
-        kv_layout.num_layers,
-        pagoda_kernels::attention::KvShape {
-            num_blocks,
-            block_size: BS,
-            num_kv_heads: kv_layout.heads,
-            head_dim: kv_layout.head_dim,
-        },
-        dtype,
-    );
+    let mut kv = b.kv_pool(model.spec().kv, num_blocks, BS, dtype)?;
     let table: Vec<u32> = (0..num_blocks as u32).collect();
     let positions: Vec<usize> = (0..tokens.len()).collect();
     let seqs = [AttnSeq {
@@ -170,5 +189,27 @@ pub fn sequence_logits(
         seqs: &seqs,
         logit_rows: rows,
     };
-    model.forward(&input, &mut kv)
+    model.forward(b, &input, &mut kv)
+}
+
+/// Checks a batch's index arrays agree and its positions fit the model's context.
+pub(crate) fn check_input(
+    input: &BatchInput<'_>,
+    max_positions: usize,
+) -> Result<(), ForwardError> {
+    let n = input.tokens.len();
+    if input.positions.len() != n || input.slots.len() != n {
+        return Err(ForwardError::Shape(
+            "tokens/positions/slots differ in length".into(),
+        ));
+    }
+    if let Some(p) = input.positions.iter().find(|&&p| p >= max_positions) {
+        return Err(ForwardError::Shape(format!(
+            "position {p} is beyond the model's context ({max_positions})"
+        )));
+    }
+    if let Some(r) = input.logit_rows.iter().find(|&&r| r >= n) {
+        return Err(ForwardError::Shape(format!("logit row {r} of {n}")));
+    }
+    Ok(())
 }

@@ -4,9 +4,7 @@
 //! memory, and half the bytes every decode step reads) or f32 (`cache.kv_cache_dtype`).
 
 use half::f16;
-use pagoda_kernels::attention::{
-    paged_attention_window, paged_attention_with_scale, write_kv, AttnSeq, KvElem, KvShape,
-};
+use pagoda_kernels::attention::{paged_attention_ext, write_kv, AttnSeq, KvElem, KvShape};
 use pagoda_kernels::KernelError;
 
 use crate::config::KvCacheDtype;
@@ -39,17 +37,6 @@ fn check_layer(num_layers: usize, i: usize) -> Result<usize, KernelError> {
 }
 
 impl KvPool {
-    /// Bytes one block takes across all layers (K and V).
-    pub fn bytes_per_block(
-        num_layers: usize,
-        block_size: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
-        dtype: KvCacheDtype,
-    ) -> usize {
-        2 * num_layers * block_size * num_kv_heads * head_dim * dtype.bytes()
-    }
-
     pub fn new(num_layers: usize, shape: KvShape, dtype: KvCacheDtype) -> Self {
         let len = shape.layer_len();
         let layers = match dtype {
@@ -95,49 +82,16 @@ impl KvPool {
         }
     }
 
-    /// Paged attention of `q` over layer `li` (see `pagoda_kernels::attention`).
+    /// Paged attention of `q` over layer `li` (see
+    /// `pagoda_kernels::attention::paged_attention_ext`).
+    #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
         li: usize,
         q: &[f32],
         num_heads: usize,
         seqs: &[AttnSeq<'_>],
-        out: &mut [f32],
-    ) -> Result<(), KernelError> {
-        self.attend_window(li, q, num_heads, seqs, None, out)
-    }
-
-    /// [`Self::attend`] with a softmax scale of the model's choosing (multi-head latent
-    /// attention scales by its full query head, not by the cached width).
-    pub fn attend_scaled(
-        &self,
-        li: usize,
-        q: &[f32],
-        num_heads: usize,
-        seqs: &[AttnSeq<'_>],
-        scale: f32,
-        out: &mut [f32],
-    ) -> Result<(), KernelError> {
-        let shape = self.shape;
-        match &self.layers {
-            Layers::F16 { k, v } => {
-                let i = check_layer(k.len(), li)?;
-                paged_attention_with_scale(&shape, &k[i], &v[i], q, num_heads, seqs, scale, out)
-            }
-            Layers::F32 { k, v } => {
-                let i = check_layer(k.len(), li)?;
-                paged_attention_with_scale(&shape, &k[i], &v[i], q, num_heads, seqs, scale, out)
-            }
-        }
-    }
-
-    /// [`Self::attend`] within a sliding window of `window` positions (None: all).
-    pub fn attend_window(
-        &self,
-        li: usize,
-        q: &[f32],
-        num_heads: usize,
-        seqs: &[AttnSeq<'_>],
+        scale: Option<f32>,
         window: Option<usize>,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
@@ -145,11 +99,11 @@ impl KvPool {
         match &self.layers {
             Layers::F16 { k, v } => {
                 let i = check_layer(k.len(), li)?;
-                paged_attention_window(&shape, &k[i], &v[i], q, num_heads, seqs, window, out)
+                paged_attention_ext(&shape, &k[i], &v[i], q, num_heads, seqs, scale, window, out)
             }
             Layers::F32 { k, v } => {
                 let i = check_layer(k.len(), li)?;
-                paged_attention_window(&shape, &k[i], &v[i], q, num_heads, seqs, window, out)
+                paged_attention_ext(&shape, &k[i], &v[i], q, num_heads, seqs, scale, window, out)
             }
         }
     }
@@ -191,17 +145,22 @@ mod tests {
             let mut pool = KvPool::new(2, shape, dtype);
             pool.write(1, &k, &v, &slots).unwrap();
             let mut out = vec![0f32; q.len()];
-            pool.attend(1, &q, 4, &seqs, &mut out).unwrap();
+            pool.attend(1, &q, 4, &seqs, None, None, &mut out).unwrap();
             assert!(pool.write(2, &k, &v, &slots).is_err());
-            assert!(pool.attend(2, &q, 4, &seqs, &mut out).is_err());
+            assert!(pool.attend(2, &q, 4, &seqs, None, None, &mut out).is_err());
             outs.push(out);
         }
         for (a, b) in outs[0].iter().zip(&outs[1]) {
             assert!((a - b).abs() < 2e-3, "{a} vs {b}");
         }
+        let layout = crate::executor::models::KvLayout {
+            num_layers: 30,
+            heads: 3,
+            head_dim: 64,
+        };
         assert_eq!(
-            KvPool::bytes_per_block(30, 16, 3, 64, KvCacheDtype::F32),
-            2 * KvPool::bytes_per_block(30, 16, 3, 64, KvCacheDtype::F16)
+            crate::executor::backend::kv_bytes_per_block(layout, 16, KvCacheDtype::F32),
+            2 * crate::executor::backend::kv_bytes_per_block(layout, 16, KvCacheDtype::F16)
         );
         assert_eq!(KvCacheDtype::Auto.resolve(true), KvCacheDtype::F32);
         assert_eq!(KvCacheDtype::Auto.resolve(false), KvCacheDtype::F16);
