@@ -155,13 +155,42 @@ pub fn write_kv<E: KvElem>(
     v: &[f32],
     slots: &[usize],
 ) -> Result<(), KernelError> {
-    let layer_len = shape.validate()?;
-    check_len("k_cache", layer_len, k_cache.len())?;
-    check_len("v_cache", layer_len, v_cache.len())?;
+    // Check both before writing either, so a bad V leaves K untouched.
+    check_rows(shape, v_cache, v, slots)?;
+    write_rows(shape, k_cache, k, slots)?;
+    write_rows(shape, v_cache, v, slots)
+}
+
+/// Write `n = slots.len()` tokens' rows (`n × num_kv_heads × head_dim`) into one cache
+/// buffer (`write_kv` is this for K and for V; a model whose values are its keys, as
+/// latent attention's, keeps one buffer).
+pub fn write_rows<E: KvElem>(
+    shape: &KvShape,
+    cache: &mut [E],
+    x: &[f32],
+    slots: &[usize],
+) -> Result<(), KernelError> {
+    check_rows(shape, cache, x, slots)?;
     let tok = shape.slot_len();
-    let expected = checked_product("write_kv k", &[slots.len(), tok])?;
-    check_len("write_kv k", expected, k.len())?;
-    check_len("write_kv v", expected, v.len())?;
+    for (&slot, xs) in slots.iter().zip(x.chunks_exact(tok)) {
+        let at = slot * tok;
+        for (d, &s) in cache[at..at + tok].iter_mut().zip(xs) {
+            *d = E::from_f32(s);
+        }
+    }
+    Ok(())
+}
+
+fn check_rows<E>(
+    shape: &KvShape,
+    cache: &[E],
+    x: &[f32],
+    slots: &[usize],
+) -> Result<(), KernelError> {
+    let layer_len = shape.validate()?;
+    check_len("KV cache", layer_len, cache.len())?;
+    let expected = checked_product("KV rows", &[slots.len(), shape.slot_len()])?;
+    check_len("KV rows", expected, x.len())?;
     let num_slots = shape.num_slots();
     if let Some(&bad) = slots.iter().find(|&&s| s >= num_slots) {
         return Err(KernelError::OutOfRange {
@@ -169,19 +198,6 @@ pub fn write_kv<E: KvElem>(
             index: bad,
             bound: num_slots,
         });
-    }
-    for ((&slot, ks), vs) in slots
-        .iter()
-        .zip(k.chunks_exact(tok))
-        .zip(v.chunks_exact(tok))
-    {
-        let at = slot * tok;
-        for (d, &s) in k_cache[at..at + tok].iter_mut().zip(ks) {
-            *d = E::from_f32(s);
-        }
-        for (d, &s) in v_cache[at..at + tok].iter_mut().zip(vs) {
-            *d = E::from_f32(s);
-        }
     }
     Ok(())
 }

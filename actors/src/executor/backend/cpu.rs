@@ -94,7 +94,12 @@ impl Backend for Cpu {
             num_kv_heads: layout.heads,
             head_dim: layout.head_dim,
         };
-        Ok(KvPool::new(layout.num_layers, shape, dtype))
+        Ok(KvPool::new(
+            layout.num_layers,
+            shape,
+            dtype,
+            layout.values_are_keys,
+        ))
     }
 
     fn kv_blocks(&self, kv: &KvPool) -> usize {
@@ -301,10 +306,10 @@ impl Backend for Cpu {
         kv: &mut KvPool,
         layer: usize,
         k: &Vec<f32>,
-        v: &Vec<f32>,
+        v: Option<&Vec<f32>>,
         step: &&BatchInput<'_>,
     ) -> Result<(), ForwardError> {
-        Ok(kv.write(layer, k, v, step.slots)?)
+        Ok(kv.write(layer, k, v.map(|v| &v[..]), step.slots)?)
     }
 
     fn attend(

@@ -1,17 +1,73 @@
-//! The unified paged KV pool: one K and one V buffer per layer, allocated once at start-up
-//! and shared by every sequence through block tables. Layout per layer:
+//! The unified paged KV pool: one K and one V buffer per layer (one buffer in all for
+//! models whose values are their keys, as DeepSeek's latent attention), allocated once at
+//! start-up and shared by every sequence through block tables. Layout per layer:
 //! `[num_blocks][block_size][num_kv_heads][head_dim]`, in f16 (the default: half the
 //! memory, and half the bytes every decode step reads) or f32 (`cache.kv_cache_dtype`).
 
 use half::f16;
-use pagoda_kernels::attention::{paged_attention_ext, write_kv, AttnSeq, KvElem, KvShape};
+use pagoda_kernels::attention::{
+    paged_attention_ext, write_kv, write_rows, AttnSeq, KvElem, KvShape,
+};
 use pagoda_kernels::KernelError;
 
 use crate::config::KvCacheDtype;
 
+/// Per layer, the K buffer and — unless values are the keys — the V buffer.
+struct Buffers<E> {
+    k: Vec<Vec<E>>,
+    v: Option<Vec<Vec<E>>>,
+}
+
+impl<E: KvElem> Buffers<E> {
+    fn new(num_layers: usize, len: usize, values_are_keys: bool) -> Self {
+        let alloc = || (0..num_layers).map(|_| vec![E::default(); len]).collect();
+        Self {
+            k: alloc(),
+            v: (!values_are_keys).then(alloc),
+        }
+    }
+
+    fn write(
+        &mut self,
+        shape: &KvShape,
+        li: usize,
+        k: &[f32],
+        v: Option<&[f32]>,
+        slots: &[usize],
+    ) -> Result<(), KernelError> {
+        let i = check_layer(self.k.len(), li)?;
+        match (&mut self.v, v) {
+            (Some(vc), Some(v)) => write_kv(shape, &mut self.k[i], &mut vc[i], k, v, slots),
+            (None, None) => write_rows(shape, &mut self.k[i], k, slots),
+            (Some(_), None) => Err(values_mismatch("values are missing")),
+            (None, Some(_)) => Err(values_mismatch(
+                "values given to a pool whose values are its keys",
+            )),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        shape: &KvShape,
+        li: usize,
+        q: &[f32],
+        num_heads: usize,
+        seqs: &[AttnSeq<'_>],
+        scale: Option<f32>,
+        window: Option<usize>,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let i = check_layer(self.k.len(), li)?;
+        let k = &self.k[i];
+        let v = self.v.as_ref().map_or(k, |v| &v[i]);
+        paged_attention_ext(shape, k, v, q, num_heads, seqs, scale, window, out)
+    }
+}
+
 enum Layers {
-    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
-    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    F16(Buffers<f16>),
+    F32(Buffers<f32>),
 }
 
 pub struct KvPool {
@@ -19,8 +75,11 @@ pub struct KvPool {
     layers: Layers,
 }
 
-fn alloc<E: KvElem>(num_layers: usize, len: usize) -> Vec<Vec<E>> {
-    (0..num_layers).map(|_| vec![E::default(); len]).collect()
+fn values_mismatch(reason: &str) -> KernelError {
+    KernelError::InvalidShape {
+        what: "KV write",
+        reason: reason.into(),
+    }
 }
 
 /// The index of layer `i`, or an error naming it.
@@ -37,17 +96,20 @@ fn check_layer(num_layers: usize, i: usize) -> Result<usize, KernelError> {
 }
 
 impl KvPool {
-    pub fn new(num_layers: usize, shape: KvShape, dtype: KvCacheDtype) -> Self {
+    /// A pool of `num_layers` layers; with `values_are_keys` each layer keeps one buffer,
+    /// which attention reads as keys and as values.
+    pub fn new(
+        num_layers: usize,
+        shape: KvShape,
+        dtype: KvCacheDtype,
+        values_are_keys: bool,
+    ) -> Self {
         let len = shape.layer_len();
         let layers = match dtype {
-            KvCacheDtype::F16 | KvCacheDtype::Auto => Layers::F16 {
-                k: alloc(num_layers, len),
-                v: alloc(num_layers, len),
-            },
-            KvCacheDtype::F32 => Layers::F32 {
-                k: alloc(num_layers, len),
-                v: alloc(num_layers, len),
-            },
+            KvCacheDtype::F16 | KvCacheDtype::Auto => {
+                Layers::F16(Buffers::new(num_layers, len, values_are_keys))
+            }
+            KvCacheDtype::F32 => Layers::F32(Buffers::new(num_layers, len, values_are_keys)),
         };
         Self { shape, layers }
     }
@@ -61,24 +123,18 @@ impl KvPool {
     }
 
     /// Store `n` tokens' keys and values (`n × num_kv_heads × head_dim` each) of layer
-    /// `li` at `slots`.
+    /// `li` at `slots`; `v` is `None` exactly when the pool's values are its keys.
     pub fn write(
         &mut self,
         li: usize,
         k: &[f32],
-        v: &[f32],
+        v: Option<&[f32]>,
         slots: &[usize],
     ) -> Result<(), KernelError> {
         let shape = self.shape;
         match &mut self.layers {
-            Layers::F16 { k: kc, v: vc } => {
-                let i = check_layer(kc.len(), li)?;
-                write_kv(&shape, &mut kc[i], &mut vc[i], k, v, slots)
-            }
-            Layers::F32 { k: kc, v: vc } => {
-                let i = check_layer(kc.len(), li)?;
-                write_kv(&shape, &mut kc[i], &mut vc[i], k, v, slots)
-            }
+            Layers::F16(b) => b.write(&shape, li, k, v, slots),
+            Layers::F32(b) => b.write(&shape, li, k, v, slots),
         }
     }
 
@@ -97,14 +153,8 @@ impl KvPool {
     ) -> Result<(), KernelError> {
         let shape = self.shape;
         match &self.layers {
-            Layers::F16 { k, v } => {
-                let i = check_layer(k.len(), li)?;
-                paged_attention_ext(&shape, &k[i], &v[i], q, num_heads, seqs, scale, window, out)
-            }
-            Layers::F32 { k, v } => {
-                let i = check_layer(k.len(), li)?;
-                paged_attention_ext(&shape, &k[i], &v[i], q, num_heads, seqs, scale, window, out)
-            }
+            Layers::F16(b) => b.attend(&shape, li, q, num_heads, seqs, scale, window, out),
+            Layers::F32(b) => b.attend(&shape, li, q, num_heads, seqs, scale, window, out),
         }
     }
 }
@@ -142,11 +192,12 @@ mod tests {
         }];
         let mut outs = Vec::new();
         for dtype in [KvCacheDtype::F16, KvCacheDtype::F32] {
-            let mut pool = KvPool::new(2, shape, dtype);
-            pool.write(1, &k, &v, &slots).unwrap();
+            let mut pool = KvPool::new(2, shape, dtype, false);
+            pool.write(1, &k, Some(&v), &slots).unwrap();
             let mut out = vec![0f32; q.len()];
             pool.attend(1, &q, 4, &seqs, None, None, &mut out).unwrap();
-            assert!(pool.write(2, &k, &v, &slots).is_err());
+            assert!(pool.write(2, &k, Some(&v), &slots).is_err());
+            assert!(pool.write(1, &k, None, &slots).is_err());
             assert!(pool.attend(2, &q, 4, &seqs, None, None, &mut out).is_err());
             outs.push(out);
         }
@@ -157,6 +208,7 @@ mod tests {
             num_layers: 30,
             heads: 3,
             head_dim: 64,
+            values_are_keys: false,
         };
         assert_eq!(
             crate::executor::backend::kv_bytes_per_block(layout, 16, KvCacheDtype::F32),
@@ -165,5 +217,52 @@ mod tests {
         assert_eq!(KvCacheDtype::Auto.resolve(true), KvCacheDtype::F32);
         assert_eq!(KvCacheDtype::Auto.resolve(false), KvCacheDtype::F16);
         assert_eq!(KvCacheDtype::F32.resolve(false), KvCacheDtype::F32);
+    }
+
+    /// A pool whose values are its keys keeps one buffer per layer (half the bytes) and
+    /// attends exactly as a two-buffer pool given the same rows as K and V.
+    #[test]
+    fn values_are_keys_pool_attends_like_k_equals_v() {
+        let shape = KvShape {
+            num_blocks: 3,
+            block_size: 4,
+            num_kv_heads: 1,
+            head_dim: 12,
+        };
+        let n = 7;
+        let rows: Vec<f32> = (0..n * 12)
+            .map(|i| ((i * 29) % 31) as f32 / 15.0 - 1.0)
+            .collect();
+        let q: Vec<f32> = (0..n * 3 * 12)
+            .map(|i| ((i * 11) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        let table = [1u32, 2];
+        let slots: Vec<usize> = (0..n).map(|p| table[p / 4] as usize * 4 + p % 4).collect();
+        let seqs = [AttnSeq {
+            query_start: 0,
+            query_len: n,
+            context_len: n,
+            block_table: &table,
+        }];
+        let mut two = KvPool::new(1, shape, KvCacheDtype::F32, false);
+        two.write(0, &rows, Some(&rows), &slots).unwrap();
+        let mut one = KvPool::new(1, shape, KvCacheDtype::F32, true);
+        assert!(one.write(0, &rows, Some(&rows), &slots).is_err());
+        one.write(0, &rows, None, &slots).unwrap();
+        let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+        two.attend(0, &q, 3, &seqs, Some(0.3), None, &mut a)
+            .unwrap();
+        one.attend(0, &q, 3, &seqs, Some(0.3), None, &mut b)
+            .unwrap();
+        assert_eq!(a, b);
+        let layout = |values_are_keys| crate::executor::models::KvLayout {
+            num_layers: 27,
+            heads: 1,
+            head_dim: 576,
+            values_are_keys,
+        };
+        let bytes = |l| crate::executor::backend::kv_bytes_per_block(l, 16, KvCacheDtype::F16);
+        assert_eq!(2 * bytes(layout(true)), bytes(layout(false)));
+        assert_eq!(bytes(layout(true)), 27 * 16 * 576 * 2);
     }
 }

@@ -173,13 +173,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
         weights: &[f32],
     ) -> Result<(), ForwardError>;
     /// Stores the step's keys and values (`n × heads × head_dim` each) of `layer` at the
-    /// step's slots.
+    /// step's slots; `v` is `None` exactly when the pool's layout has `values_are_keys`.
     fn kv_write(
         &self,
         kv: &mut Self::Kv,
         layer: usize,
         k: &Self::Tensor,
-        v: &Self::Tensor,
+        v: Option<&Self::Tensor>,
         step: &Self::Step<'_>,
     ) -> Result<(), ForwardError>;
     /// Causal paged attention of `q` (`n × heads × head_dim`) over `layer` of the pool
@@ -199,9 +199,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<(), ForwardError>;
 }
 
-/// Bytes one KV block takes across all layers (K and V) at `dtype`.
+/// Bytes one KV block takes across all layers (K and V, or K alone) at `dtype`.
 pub fn kv_bytes_per_block(layout: KvLayout, block_size: usize, dtype: KvCacheDtype) -> usize {
-    2 * layout.num_layers * block_size * layout.heads * layout.head_dim * dtype.bytes()
+    layout.buffers()
+        * layout.num_layers
+        * block_size
+        * layout.heads
+        * layout.head_dim
+        * dtype.bytes()
 }
 
 /// The backend's copy of a host vector (norm weights), checked to be `len` long.

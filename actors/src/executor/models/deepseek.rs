@@ -274,6 +274,7 @@ impl DeepseekConfig {
                 num_layers: self.num_layers,
                 heads: 1,
                 head_dim: self.cache_dim(),
+                values_are_keys: true,
             },
             sliding_window: None,
         }
@@ -513,9 +514,9 @@ impl<B: Backend> Mla<B> {
         b.rope(&mut s.k_pe, 1, rd, rope, interleaved, step)?;
         b.copy_cols(&s.latent, r, 0, &mut s.cache_rows, cd, 0, r)?;
         b.copy_cols(&s.k_pe, rd, 0, &mut s.cache_rows, cd, r, rd)?;
-        // Values are the latent: the same rows serve as V (the rotary columns of the
-        // attention output are not used).
-        b.kv_write(kv, li, &s.cache_rows, &s.cache_rows, step)?;
+        // Values are the latent: the pool keeps these rows once and attention reads them
+        // as V too (the rotary columns of its output are not used).
+        b.kv_write(kv, li, &s.cache_rows, None, step)?;
 
         // Queries in the cache's space, per head: [W_ukᵀ q_nope ; rotated q_pe].
         b.copy_cols(&s.q, qk, nope, &mut s.q_pe, rd, 0, rd)?;

@@ -240,6 +240,7 @@ impl LlamaConfig {
                 num_layers: self.num_layers,
                 heads: self.num_kv_heads,
                 head_dim: self.head_dim,
+                values_are_keys: false,
             },
             sliding_window: self.sliding_window,
         }
@@ -312,7 +313,7 @@ impl<B: Backend> Attention<B> {
             .forward(b, x, &mut [&mut s.q, &mut s.k, &mut s.v], &mut s.stacked)?;
         b.rope(&mut s.q, cfg.num_heads, hd, rope, cfg.rope_style, step)?;
         b.rope(&mut s.k, cfg.num_kv_heads, hd, rope, cfg.rope_style, step)?;
-        b.kv_write(kv, li, &s.k, &s.v, step)?;
+        b.kv_write(kv, li, &s.k, Some(&s.v), step)?;
         b.attend(
             kv,
             li,

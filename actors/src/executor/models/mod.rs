@@ -33,12 +33,25 @@ pub struct BatchInput<'a> {
 }
 
 /// What one layer keeps per token in the KV pool: `heads × head_dim` values for K and as
-/// many for V. The pool's block shape comes from here, not from one fixed layout.
+/// many for V — or, with `values_are_keys`, for K only (latent attention reads its values
+/// from the same rows). The pool's block shape comes from here, not from one fixed layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
     pub num_layers: usize,
     pub heads: usize,
     pub head_dim: usize,
+    pub values_are_keys: bool,
+}
+
+impl KvLayout {
+    /// Buffers per layer: K and V, or one.
+    pub fn buffers(&self) -> usize {
+        if self.values_are_keys {
+            1
+        } else {
+            2
+        }
+    }
 }
 
 /// What the engine needs to know of a model, whatever its family.
