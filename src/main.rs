@@ -357,7 +357,7 @@ fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.request_rate.is_nan() || args.request_rate <= 0.0 {
         anyhow::bail!("--request-rate must be a positive number of requests per second, or inf");
     }
-    let dataset = if args.dataset == "random" {
+    let mut dataset = if args.dataset == "random" {
         Dataset::random(args.input_len, args.prefix_len)?
     } else {
         Dataset::load(std::path::Path::new(&args.dataset))?
@@ -409,6 +409,7 @@ fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
                 engine.info.model_path,
                 if args.prefix_caching { "on" } else { "off" }
             );
+            dataset.fit_vocab(engine.info.vocab_size);
             targets.push(Target::InProcess(engine.clone()));
             if let Some(url) = &args.compare_nats_url {
                 config.nats.url = url.clone();
@@ -444,6 +445,7 @@ fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             Dataset::Random {
                 input_len,
                 prefix_len,
+                ..
             } => eprintln!(
                 "random prompts: input {input_len} tokens (shared prefix {prefix_len}), output {} tokens, greedy, ignore_eos {}, request rate {rate}",
                 args.output_len, args.ignore_eos

@@ -407,6 +407,7 @@ fn summarize(
         Dataset::Random {
             input_len,
             prefix_len,
+            ..
         } => (Some(*input_len), Some(*prefix_len)),
         Dataset::File { .. } => (None, None),
     };

@@ -13,6 +13,18 @@ use serde::Deserialize;
 /// least 30 000 entries, so every target gets the same prompts.
 pub const PROMPT_IDS: std::ops::Range<u32> = 100..30_000;
 
+/// The ids random prompts draw from for a model of `vocab_size` ids: [`PROMPT_IDS`], or
+/// for a smaller vocabulary (tiny test models) the ids above its first quarter (at most
+/// the first 100, where special tokens live).
+pub fn prompt_ids(vocab_size: usize) -> std::ops::Range<u32> {
+    let vocab = u32::try_from(vocab_size).unwrap_or(u32::MAX);
+    if vocab >= PROMPT_IDS.end {
+        PROMPT_IDS
+    } else {
+        (vocab / 4).min(PROMPT_IDS.start)..vocab.max(1)
+    }
+}
+
 /// A prompt as sent to the target.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptInput {
@@ -58,7 +70,12 @@ pub struct DatasetEntry {
 pub enum Dataset {
     /// `input_len` random token ids per prompt, the first `prefix_len` of them shared by
     /// every prompt.
-    Random { input_len: usize, prefix_len: usize },
+    Random {
+        input_len: usize,
+        prefix_len: usize,
+        /// The token ids drawn ([`PROMPT_IDS`] unless narrowed by [`Dataset::fit_vocab`]).
+        ids: std::ops::Range<u32>,
+    },
     /// The lines of a jsonl file, in order, cycled when more requests are asked for.
     File {
         path: PathBuf,
@@ -103,7 +120,15 @@ impl Dataset {
         Ok(Dataset::Random {
             input_len,
             prefix_len,
+            ids: PROMPT_IDS,
         })
+    }
+
+    /// Random prompts draw only ids of a `vocab_size`-id vocabulary ([`prompt_ids`]).
+    pub fn fit_vocab(&mut self, vocab_size: usize) {
+        if let Dataset::Random { ids, .. } = self {
+            *ids = prompt_ids(vocab_size);
+        }
     }
 }
 
@@ -189,15 +214,16 @@ pub fn build_requests(
         Dataset::Random {
             input_len,
             prefix_len,
+            ids: range,
         } => {
             let mut rng = StdRng::seed_from_u64(seed);
             let prefix: Vec<u32> = (0..*prefix_len)
-                .map(|_| rng.gen_range(PROMPT_IDS))
+                .map(|_| rng.gen_range(range.clone()))
                 .collect();
             (0..num_prompts)
                 .map(|_| {
                     let mut ids = prefix.clone();
-                    ids.extend((*prefix_len..*input_len).map(|_| rng.gen_range(PROMPT_IDS)));
+                    ids.extend((*prefix_len..*input_len).map(|_| rng.gen_range(range.clone())));
                     BenchRequest {
                         prompt: PromptInput::TokenIds(ids),
                         output_len: default_output_len,
@@ -282,6 +308,28 @@ mod tests {
             vec![Duration::ZERO; 5]
         );
         assert!(arrival_offsets(0, 3.0, 0).is_empty());
+    }
+
+    /// A small vocabulary narrows the ids (tiny test models); a large one keeps the
+    /// shared range, so prompts for real models do not change.
+    #[test]
+    fn random_prompts_fit_the_model_vocabulary() {
+        assert_eq!(prompt_ids(49_152), PROMPT_IDS);
+        assert_eq!(prompt_ids(30_000), PROMPT_IDS);
+        assert_eq!(prompt_ids(400), 100..400);
+        assert_eq!(prompt_ids(40), 10..40);
+        assert_eq!(prompt_ids(0), 0..1);
+        let mut ds = Dataset::random(64, 8).unwrap();
+        let wide = build_requests(&ds, 4, 4, 1);
+        ds.fit_vocab(400);
+        for r in build_requests(&ds, 4, 4, 1) {
+            match r.prompt {
+                PromptInput::TokenIds(ids) => assert!(ids.iter().all(|t| (100..400).contains(t))),
+                PromptInput::Text(_) => panic!("random prompts are token ids"),
+            }
+        }
+        ds.fit_vocab(100_000);
+        assert_eq!(build_requests(&ds, 4, 4, 1), wide);
     }
 
     #[test]
