@@ -28,7 +28,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-version="${LLAMA_CPP_PYTHON_VERSION:-0.3.16}"
+version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 cache="${PAGODA_CACHE:-$HOME/.cache/pagoda}/llama.cpp"
 threads="${PAGODA_THREADS:-$(nproc)}"
 

@@ -71,8 +71,9 @@ pub struct ModelConfig {
     pub name: String,
     /// Context length to serve; 0 = the model's own (capped by the KV pool).
     pub max_model_len: usize,
-    /// How quantized matmuls treat activations on CPUs with the int8 kernel (AVX-512
-    /// VNNI): `precise` (two 8-bit planes, matches f32 activations) or `fast` (one
+    /// How quantized matmuls treat activations where an int8 kernel runs (AVX2, AVX-VNNI
+    /// or AVX-512 VNNI; `PAGODA_KERNELS_INT8`): `precise` (two 8-bit planes, matches f32
+    /// activations) or `fast` (one
     /// 8-bit plane as in llama.cpp: faster at large batches, slightly different logits).
     pub activations: Activations,
 }

@@ -57,6 +57,8 @@ pub enum EngineError {
     VocabMismatch { model: usize, tokenizer: usize },
     #[error("compute backend: {0}")]
     Backend(#[from] crate::executor::backend::ForwardError),
+    #[error("kernels: {0}")]
+    Kernels(String),
     #[error("engine: {0}")]
     Other(String),
 }
@@ -160,7 +162,14 @@ impl EngineCore {
         // The compute backend: pagoda's CPU kernels (the one implementation of the seam
         // today; see executor::backend).
         let backend = Cpu::new(cfg.model.activations.precision());
-        tracing::debug!(family = family.name, backend = backend.name(), "loading");
+        // A forced int8 level this CPU lacks is refused here, not silently replaced.
+        let int8 = pagoda_kernels::int8::setting().map_err(EngineError::Kernels)?;
+        tracing::info!(
+            family = family.name,
+            backend = backend.name(),
+            int8_kernel = %int8,
+            "loading"
+        );
         let model = models::load(&backend, family, &mut src)?;
         drop(src);
 

@@ -7,20 +7,20 @@
 //! on x86-64 machines that support it and otherwise run portable Rust that
 //! the compiler vectorises for the target's baseline. Parallel kernels use
 //! the global rayon pool. Setting `PAGODA_KERNELS_SCALAR=1` in the environment
-//! forces the portable path (useful when chasing a numerical difference).
+//! forces the portable path (useful when chasing a numerical difference);
+//! `PAGODA_KERNELS_INT8` picks the int8 kernel of quantized products ([`int8`]).
 
 pub mod attention;
 pub mod dense;
 mod error;
 mod gemm;
+pub mod int8;
 pub mod ops;
 mod packed;
 pub mod quant;
 mod simd;
 #[cfg(test)]
 mod unit_tests;
-#[cfg(target_arch = "x86_64")]
-mod vnni;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

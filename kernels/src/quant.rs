@@ -13,6 +13,7 @@ use half::f16;
 
 use crate::error::{check_len, checked_product, KernelError};
 use crate::gemm::{self, OutWriter, ROW_TILE};
+use crate::int8::{self, Int8Level};
 use crate::packed;
 use crate::simd::{self, Level, LANES};
 
@@ -151,23 +152,15 @@ impl QMatrix {
         Self::new(first.format, rows, first.cols, data)
     }
 
-    /// Whether [`QMatrix::prepare`] packs for the int8 kernel: the CPU has it (AVX-512
-    /// VNNI), the portable path is not forced, and `PAGODA_KERNELS_INT8` is not `0`.
+    /// Whether [`QMatrix::prepare`] packs for an int8 kernel ([`crate::int8::level`] is
+    /// not `Off`: the CPU has AVX2 or better and neither `PAGODA_KERNELS_INT8=off` nor
+    /// `PAGODA_KERNELS_SCALAR=1` is set).
     pub fn int8_kernel_available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            simd::level() != Level::Scalar
-                && crate::vnni::available()
-                && std::env::var_os("PAGODA_KERNELS_INT8").is_none_or(|v| v != "0")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        crate::int8::level() != Int8Level::Off
     }
 
     /// Convert to the layout that runs fastest on this CPU: the row-interleaved int8
-    /// layout of [`crate::packed`] where the CPU has AVX-512 VNNI and the row count is a
+    /// layout of [`crate::packed`] where an int8 kernel runs and the row count is a
     /// multiple of 8, the ggml layout otherwise.
     pub fn prepare(self) -> Self {
         if Self::int8_kernel_available() {
@@ -289,6 +282,15 @@ impl QMatrix {
         self.matmul_with(simd::level(), x, n, out)
     }
 
+    /// The product of a packed matrix on one int8 level (tests compare every level).
+    #[cfg(test)]
+    pub(crate) fn int8_matmul_at(&self, level: Int8Level, x: &[f32], n: usize, out: &mut [f32]) {
+        assert!(self.packed, "int8_matmul_at needs a packed matrix");
+        assert_eq!(x.len(), n * self.cols);
+        let writer = OutWriter::new(out, self.rows, n).expect("out is n × rows");
+        self.packed_matmul(level, x, n, self.rows * self.cols * n, &writer);
+    }
+
     pub(crate) fn matmul_with(
         &self,
         level: Level,
@@ -318,7 +320,13 @@ impl QMatrix {
         })?;
         let macs = rows.saturating_mul(self.cols).saturating_mul(n);
         if self.packed {
-            self.packed_matmul(level, x, n, macs, &writer);
+            // The packed layout runs the int8 level in use; with the portable kernels
+            // forced, or none in use (a matrix packed by hand), the portable int8 one.
+            let l8 = match (level, int8::level()) {
+                (Level::Scalar, _) | (_, Int8Level::Off) => Int8Level::Portable,
+                (_, l) => l,
+            };
+            self.packed_matmul(l8, x, n, macs, &writer);
         } else if n <= FUSED_MAX_TOKENS {
             let chunk = gemm::rows_per_task(rows, 4096);
             gemm::run_tasks(rows.div_ceil(chunk), macs, |c| {
@@ -345,7 +353,14 @@ impl QMatrix {
 
     /// The int8 product of a packed matrix: activations quantized once, then groups of
     /// eight rows split across rayon tasks.
-    fn packed_matmul(&self, level: Level, x: &[f32], n: usize, macs: usize, out: &OutWriter<'_>) {
+    fn packed_matmul(
+        &self,
+        level: Int8Level,
+        x: &[f32],
+        n: usize,
+        macs: usize,
+        out: &OutWriter<'_>,
+    ) {
         ACTS.with(|cell| {
             let mut local = packed::Acts::default();
             let mut guard = cell.try_borrow_mut().ok();
@@ -358,26 +373,11 @@ impl QMatrix {
             gemm::run_tasks(groups.div_ceil(chunk), macs, |c| {
                 let g0 = c * chunk;
                 let g1 = (g0 + chunk).min(groups);
-                match level {
-                    #[cfg(target_arch = "x86_64")]
-                    Level::Avx2 if crate::vnni::available() => {
-                        // SAFETY: the kernel's CPU features were checked; the matrix is
-                        // packed with `groups` groups of `cols` columns; `acts` holds n
-                        // tokens; task `c` alone writes rows g0·8..g1·8.
-                        unsafe {
-                            crate::vnni::groups(
-                                self.format,
-                                &self.data,
-                                self.cols,
-                                g0,
-                                g1,
-                                acts,
-                                n,
-                                out,
-                            )
-                        }
-                    }
-                    _ => packed::groups_portable(
+                // SAFETY: the matrix is packed with `groups` groups of `cols` columns;
+                // `acts` holds n tokens; task `c` alone writes rows g0·8..g1·8.
+                unsafe {
+                    int8::groups(
+                        level,
                         self.format,
                         &self.data,
                         self.cols,
@@ -385,9 +385,8 @@ impl QMatrix {
                         g1,
                         acts,
                         n,
-                        // SAFETY: task `c` alone writes rows g0·8..g1·8.
-                        |t, r, v| unsafe { out.put(t, r, v) },
-                    ),
+                        out,
+                    )
                 }
             });
         });

@@ -2,6 +2,7 @@
 //! products of every level agree with each other and with a naive reference.
 
 use super::{assert_close, naive_matmul, rand_vec, rng};
+use crate::int8::{parse_setting, Int8Level};
 use crate::packed::Acts;
 use crate::quant::{Precision, QMatrix, QuantFormat};
 use crate::simd::available_levels;
@@ -67,6 +68,14 @@ fn check(format: QuantFormat, rows: usize, cols: usize, n: usize, seed: u64) {
             let mut out = vec![f32::NAN; n * rows];
             p.matmul_with(level, &x, n, &mut out).unwrap();
             let ctx = format!("{format:?} {rows}x{cols} n={n} {level:?} {precision:?}");
+            assert_close(&out, &want, &mag, 2e-5, &ctx);
+            results.push(out);
+        }
+        // Every int8 kernel this CPU runs, the portable one included.
+        for level in Int8Level::available() {
+            let mut out = vec![f32::NAN; n * rows];
+            p.int8_matmul_at(level, &x, n, &mut out);
+            let ctx = format!("{format:?} {rows}x{cols} n={n} int8 {level} {precision:?}");
             assert_close(&out, &want, &mag, 2e-5, &ctx);
             results.push(out);
         }
@@ -248,6 +257,70 @@ fn simd_and_parallel_quantization_match_the_portable_one() {
         assert_eq!(acts.sq, sq, "precise={precise}");
         for (a, b) in acts.xs.iter().zip(&xs) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}
+
+/// Every level this CPU runs is tested (the portable one on every CPU), and the names
+/// `PAGODA_KERNELS_INT8` takes parse; a level the CPU lacks is an error naming it.
+#[test]
+fn int8_levels_are_detected_and_forced() {
+    let have = Int8Level::available();
+    assert_eq!(have[0], Int8Level::Portable);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cpu = |f: &str| match f {
+            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+            "avxvnni" => std::arch::is_x86_feature_detected!("avxvnni"),
+            "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+            _ => unreachable!(),
+        };
+        assert_eq!(have.contains(&Int8Level::Avx2), cpu("avx2"));
+        assert_eq!(have.contains(&Int8Level::AvxVnni), cpu("avxvnni"));
+        assert_eq!(have.contains(&Int8Level::Avx512Vnni), cpu("avx512vnni"));
+        eprintln!("int8 levels on this CPU: {have:?}");
+    }
+    for level in Int8Level::ALL {
+        let got = parse_setting(Some(level.name()));
+        if level.supported() {
+            assert_eq!(got, Ok(level));
+        } else {
+            let e = got.unwrap_err();
+            assert!(e.contains(level.name()) && e.contains("cannot run"), "{e}");
+        }
+    }
+    assert_eq!(parse_setting(Some("0")), Ok(Int8Level::Off));
+    assert_eq!(parse_setting(Some("OFF")), Ok(Int8Level::Off));
+    assert_eq!(parse_setting(None), Ok(Int8Level::best()));
+    assert_eq!(parse_setting(Some("auto")), Ok(Int8Level::best()));
+    let e = parse_setting(Some("avx9")).unwrap_err();
+    assert!(e.contains("avx9") && e.contains("avx512_vnni"), "{e}");
+    assert!(Int8Level::best() == Int8Level::Off || have.contains(&Int8Level::best()));
+}
+
+/// Q8_0 codes at the extremes (±127 weights against ±127 activations): the AVX2 kernel's
+/// signed path cannot saturate where an unsigned one would.
+#[test]
+fn q8_extremes_do_not_saturate() {
+    let (rows, cols, n) = (8, 64, 3);
+    let mut v = vec![0f32; rows * cols];
+    for (i, w) in v.iter_mut().enumerate() {
+        *w = if (i / 3) % 2 == 0 { 1.0 } else { -1.0 };
+    }
+    let m = QMatrix::from_f32(QuantFormat::Q8_0, rows, cols, &v).unwrap();
+    let w = rows_of(&m);
+    let p = m.into_packed();
+    let mut x = vec![0f32; n * cols];
+    for (i, xv) in x.iter_mut().enumerate() {
+        *xv = if (i / 2) % 3 == 0 { -1.0 } else { 1.0 };
+    }
+    let (want, mag) = naive_matmul(&w, rows, cols, &x, n);
+    for precision in [Precision::Precise, Precision::Fast] {
+        let p = p.clone().with_precision(precision);
+        for level in Int8Level::available() {
+            let mut out = vec![f32::NAN; n * rows];
+            p.int8_matmul_at(level, &x, n, &mut out);
+            assert_close(&out, &want, &mag, 1e-5, &format!("{level} {precision:?}"));
         }
     }
 }

@@ -554,7 +554,7 @@ impl<B: Backend, F: FeedForward<B>> LlamaModel<B, F> {
             vocab = config.vocab_size,
             sliding_window = ?config.sliding_window,
             weights = %layers.first().map(|l| l.attn.format.clone()).unwrap_or_default(),
-            int8_kernel = pagoda_kernels::quant::QMatrix::int8_kernel_available(),
+            int8_kernel = %pagoda_kernels::int8::level(),
             tied_embeddings = lm_head.is_none(),
             "model loaded"
         );
