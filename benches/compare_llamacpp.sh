@@ -4,7 +4,7 @@
 #
 #   benches/compare_llamacpp.sh [--sweep 1,8,32] [--input-len 128] [--output-len 128]
 #                               [--num-prompts N] [--out DIR] [--no-nats] [--build-only]
-#                               [--wait-idle SECONDS]
+#                               [--wait-idle SECONDS] [--cpu native|avx2]
 #
 # 1. Builds llama-server (CPU only, -DGGML_NATIVE=ON, only the server target) from the
 #    llama.cpp that the PyPI sdist of llama-cpp-python vendors, into
@@ -17,6 +17,10 @@
 #    scripts/nats-server.sh via --compare-nats-url) with the same arguments, passing the
 #    llama-server results as --baseline so that one report shows every row, the ratios
 #    pagoda / llama.cpp, and one plot. The two engines never run at the same time.
+#
+# --cpu avx2 measures both engines as on an AVX2-only machine, on any newer x86 CPU:
+# llama-server is built with GGML_NATIVE=OFF and only AVX/AVX2/FMA/F16C (no AVX-512, no
+# VNNI; a separate build directory) and pagoda runs with PAGODA_KERNELS_INT8=avx2.
 #
 # Environment: PAGODA_CACHE (cache root), LLAMA_CPP_PYTHON_VERSION (default below),
 # PAGODA_THREADS (llama-server -t, default: nproc), PAGODA_MODEL (default: the model that
@@ -40,6 +44,7 @@ out="$root/target/bench-compare"
 nats=1
 build_only=0
 wait_idle=0
+cpu=native
 while [ $# -gt 0 ]; do
   case "$1" in
     --sweep) sweep="$2"; shift 2 ;;
@@ -50,12 +55,24 @@ while [ $# -gt 0 ]; do
     --no-nats) nats=0; shift ;;
     --build-only) build_only=1; shift ;;
     --wait-idle) wait_idle="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    --cpu) cpu="$2"; shift 2 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 say() { echo "compare_llamacpp: $*" >&2; }
+
+case "$cpu" in
+  native) isa_flags=(-DGGML_NATIVE=ON) ;;
+  avx2)
+    isa_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+      -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF
+      -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF)
+    export PAGODA_KERNELS_INT8=avx2
+    ;;
+  *) say "error: --cpu takes native or avx2, got $cpu"; exit 2 ;;
+esac
 
 py=""
 for cand in python3 python; do
@@ -66,6 +83,7 @@ done
 # 1. llama-server
 src="$cache/llama_cpp_python-$version/vendor/llama.cpp"
 build="$cache/build-$version"
+[ "$cpu" = native ] || build="$build-$cpu"
 server="$build/bin/llama-server"
 
 find_cmake() {
@@ -96,7 +114,7 @@ build_server() {
   local cmake
   cmake=$(find_cmake)
   say "building llama-server from $src with $cmake (this takes a while)"
-  "$cmake" -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  "$cmake" -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release "${isa_flags[@]}" \
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DBUILD_SHARED_LIBS=OFF >&2
