@@ -367,6 +367,14 @@ impl QMatrix {
             let acts = guard.as_deref_mut().unwrap_or(&mut local);
             acts.quantize(x, n, self.cols, self.precision == Precision::Precise);
             let acts: &packed::Acts = acts;
+            let product = int8::Product {
+                format: self.format,
+                data: &self.data,
+                cols: self.cols,
+                acts,
+                n,
+                out,
+            };
             let groups = self.rows / packed::GROUP;
             let tasks = (rayon::current_num_threads() * 4).clamp(1, groups);
             let chunk = groups.div_ceil(tasks);
@@ -375,19 +383,7 @@ impl QMatrix {
                 let g1 = (g0 + chunk).min(groups);
                 // SAFETY: the matrix is packed with `groups` groups of `cols` columns;
                 // `acts` holds n tokens; task `c` alone writes rows g0·8..g1·8.
-                unsafe {
-                    int8::groups(
-                        level,
-                        self.format,
-                        &self.data,
-                        self.cols,
-                        g0,
-                        g1,
-                        acts,
-                        n,
-                        out,
-                    )
-                }
+                unsafe { int8::groups(level, &product, g0, g1) }
             });
         });
     }

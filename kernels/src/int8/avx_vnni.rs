@@ -4,9 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::tile::{self, Dot};
-use crate::gemm::OutWriter;
-use crate::packed::Acts;
-use crate::quant::QuantFormat;
+use super::Product;
 
 pub(super) fn available() -> bool {
     use std::sync::OnceLock;
@@ -38,17 +36,7 @@ impl Dot for AvxVnni {
 /// # Safety
 /// [`available`] must be true; the rest as [`super::groups`].
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn groups(
-    format: QuantFormat,
-    data: &[u8],
-    cols: usize,
-    g0: usize,
-    g1: usize,
-    acts: &Acts,
-    n: usize,
-    out: &OutWriter<'_>,
-) {
+pub(super) unsafe fn groups(p: &Product<'_, '_>, g0: usize, g1: usize) {
     // SAFETY: features enabled on this function; the rest is forwarded.
-    unsafe { tile::groups::<AvxVnni>(format, data, cols, g0, g1, acts, n, out) }
+    unsafe { tile::groups::<AvxVnni>(p, g0, g1) }
 }

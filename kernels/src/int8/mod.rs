@@ -156,44 +156,40 @@ pub fn level() -> Int8Level {
     *LEVEL.get_or_init(|| setting().unwrap_or_else(|_| Int8Level::best()))
 }
 
-/// Groups `g0..g1` of a packed matrix against the `n` tokens of `acts`, on `level`
-/// (the portable kernel for `Off`, `Portable`, or a level this CPU lacks).
+/// One product of a packed matrix: its bytes, the step's quantized activations, and
+/// where the `n × rows` results go.
+pub(crate) struct Product<'a, 'o> {
+    pub format: QuantFormat,
+    /// The packed matrix (`rows / 8` groups of `cols / 32` records).
+    pub data: &'a [u8],
+    pub cols: usize,
+    /// `n` tokens of `cols` quantized activations.
+    pub acts: &'a Acts,
+    pub n: usize,
+    pub out: &'a OutWriter<'o>,
+}
+
+/// Groups `g0..g1` of `p` (rows `g0·8..g1·8` for every token) on `level` (the portable
+/// kernel for `Off`, `Portable`, or a level this CPU lacks).
 ///
 /// # Safety
-/// The caller must be the only writer of rows `g0·8..g1·8` of `out`; `data` must be a
-/// packed matrix of `cols` columns with at least `g1` groups, `acts` hold `n` tokens.
-#[allow(clippy::too_many_arguments)]
+/// The caller must be the only writer of rows `g0·8..g1·8` of `p.out`; `p.data` must hold
+/// at least `g1` groups of `p.cols` columns and `p.acts` `p.n` tokens.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-pub(crate) unsafe fn groups(
-    level: Int8Level,
-    format: QuantFormat,
-    data: &[u8],
-    cols: usize,
-    g0: usize,
-    g1: usize,
-    acts: &Acts,
-    n: usize,
-    out: &OutWriter<'_>,
-) {
+pub(crate) unsafe fn groups(level: Int8Level, p: &Product<'_, '_>, g0: usize, g1: usize) {
     // SAFETY (every arm): the level's CPU features were checked just above; the rest is
     // this function's contract, forwarded.
     #[cfg(target_arch = "x86_64")]
     if level.supported() {
         match level {
-            Int8Level::Avx512Vnni => {
-                return unsafe { avx512_vnni::groups(format, data, cols, g0, g1, acts, n, out) }
-            }
-            Int8Level::AvxVnni => {
-                return unsafe { avx_vnni::groups(format, data, cols, g0, g1, acts, n, out) }
-            }
-            Int8Level::Avx2 => {
-                return unsafe { avx2::groups(format, data, cols, g0, g1, acts, n, out) }
-            }
+            Int8Level::Avx512Vnni => return unsafe { avx512_vnni::groups(p, g0, g1) },
+            Int8Level::AvxVnni => return unsafe { avx_vnni::groups(p, g0, g1) },
+            Int8Level::Avx2 => return unsafe { avx2::groups(p, g0, g1) },
             Int8Level::Off | Int8Level::Portable => {}
         }
     }
-    packed::groups_portable(format, data, cols, g0, g1, acts, n, |t, r, v| {
+    packed::groups_portable(p.format, p.data, p.cols, g0, g1, p.acts, p.n, |t, r, v| {
         // SAFETY: row ownership is the caller's contract.
-        unsafe { out.put(t, r, v) }
+        unsafe { p.out.put(t, r, v) }
     });
 }

@@ -5,6 +5,7 @@
 
 use std::arch::x86_64::*;
 
+use super::Product;
 use crate::gemm::OutWriter;
 use crate::packed::{self, Acts, GROUP};
 use crate::quant::{QuantFormat, BLOCK_WEIGHTS};
@@ -75,53 +76,37 @@ impl Fmt for Q80 {
     const HAS_MIN: bool = false;
 }
 
-/// Groups `g0..g1` of a packed matrix against all `n` tokens of `acts`.
+/// Groups `g0..g1` of `p` (see [`super::groups`]).
 ///
 /// # Safety
-/// `D`'s CPU features must be enabled in the (inlining) caller and present; `data` must be
-/// a packed matrix of `cols` columns holding at least `g1` groups; `acts` must hold `n`
-/// tokens of `cols` columns; the caller must be the only writer of rows `g0·8..g1·8`.
+/// `D`'s CPU features must be enabled in the (inlining) caller and present; the rest as
+/// [`super::groups`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn groups<D: Dot>(
-    format: QuantFormat,
-    data: &[u8],
-    cols: usize,
-    g0: usize,
-    g1: usize,
-    acts: &Acts,
-    n: usize,
-    out: &OutWriter<'_>,
-) {
+pub(super) unsafe fn groups<D: Dot>(p: &Product<'_, '_>, g0: usize, g1: usize) {
+    let precise = p.acts.precise;
     // SAFETY: forwarded.
     unsafe {
-        match format {
-            QuantFormat::Q4_0 if acts.precise => {
-                groups_fmt::<D, Q40, true>(data, cols, g0, g1, acts, n, out)
-            }
-            QuantFormat::Q4_1 if acts.precise => {
-                groups_fmt::<D, Q41, true>(data, cols, g0, g1, acts, n, out)
-            }
-            QuantFormat::Q8_0 if acts.precise => {
-                groups_fmt::<D, Q80, true>(data, cols, g0, g1, acts, n, out)
-            }
-            QuantFormat::Q4_0 => groups_fmt::<D, Q40, false>(data, cols, g0, g1, acts, n, out),
-            QuantFormat::Q4_1 => groups_fmt::<D, Q41, false>(data, cols, g0, g1, acts, n, out),
-            QuantFormat::Q8_0 => groups_fmt::<D, Q80, false>(data, cols, g0, g1, acts, n, out),
+        match p.format {
+            QuantFormat::Q4_0 if precise => groups_fmt::<D, Q40, true>(p, g0, g1),
+            QuantFormat::Q4_1 if precise => groups_fmt::<D, Q41, true>(p, g0, g1),
+            QuantFormat::Q8_0 if precise => groups_fmt::<D, Q80, true>(p, g0, g1),
+            QuantFormat::Q4_0 => groups_fmt::<D, Q40, false>(p, g0, g1),
+            QuantFormat::Q4_1 => groups_fmt::<D, Q41, false>(p, g0, g1),
+            QuantFormat::Q8_0 => groups_fmt::<D, Q80, false>(p, g0, g1),
         }
     }
 }
 
 #[inline(always)]
-unsafe fn groups_fmt<D: Dot, F: Fmt, const P: bool>(
-    data: &[u8],
-    cols: usize,
-    g0: usize,
-    g1: usize,
-    acts: &Acts,
-    n: usize,
-    out: &OutWriter<'_>,
-) {
+unsafe fn groups_fmt<D: Dot, F: Fmt, const P: bool>(p: &Product<'_, '_>, g0: usize, g1: usize) {
+    let Product {
+        data,
+        cols,
+        acts,
+        n,
+        out,
+        ..
+    } = *p;
     let nb = cols / BLOCK_WEIGHTS;
     let rec = packed::record_bytes(F::FORMAT);
     assert!(data.len() >= g1 * nb * rec, "packed data too short");
