@@ -405,11 +405,12 @@ fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             config.engine.cache.enable_prefix_caching = args.prefix_caching;
             let engine = Engine::start(&config.engine).context("starting the engine")?;
             eprintln!(
-                "model {} (prefix caching {}, int8 kernel {}, activations {:?})",
+                "model {} (prefix caching {}, int8 kernel {}, activations {:?}; cpu features {})",
                 engine.info.model_path,
                 if args.prefix_caching { "on" } else { "off" },
                 pagoda_kernels::int8::level(),
                 config.engine.model.activations,
+                bench::cpu_features(),
             );
             dataset.fit_vocab(engine.info.vocab_size);
             targets.push(Target::InProcess(engine.clone()));

@@ -151,6 +151,39 @@ pub struct BenchReport {
     pub tpot_ms: Stats,
     pub itl_ms: Stats,
     pub e2e_ms: Stats,
+    /// The x86 features that decide the kernels (`avx2`, `avx_vnni`, `avx512_vnni`) of the
+    /// machine that ran the bench (and, for `in-process`, the engine).
+    #[serde(default)]
+    pub cpu_features: String,
+    /// The int8 kernel of an in-process engine (empty for other targets).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub int8_kernel: String,
+}
+
+/// The CPU features that decide which kernels run, as `/proc/cpuinfo` spells them.
+pub fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut have = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx2") {
+            have.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("avx512vnni") {
+            have.push("avx512_vnni");
+        }
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            have.push("avx_vnni");
+        }
+        if have.is_empty() {
+            "none of avx2, avx_vnni, avx512_vnni".into()
+        } else {
+            have.join(" ")
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.into()
+    }
 }
 
 impl BenchReport {
@@ -163,6 +196,14 @@ impl BenchReport {
             "---------- {} | concurrency {} | request rate {} ----------",
             self.target, self.max_concurrency, rate
         );
+        if !self.cpu_features.is_empty() {
+            let kernel = if self.int8_kernel.is_empty() {
+                String::new()
+            } else {
+                format!(", int8 kernel {}", self.int8_kernel)
+            };
+            println!("cpu features:               {}{kernel}", self.cpu_features);
+        }
         println!("successful requests:        {}", self.successful);
         println!("failed requests:            {}", self.failed);
         if let Some(e) = &self.first_error {
@@ -383,7 +424,11 @@ pub async fn run(target: &Target, spec: &BenchSpec) -> BenchReport {
     }
     let duration = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    summarize(target.name(), spec, &traces, duration)
+    let mut report = summarize(target.name(), spec, &traces, duration);
+    if matches!(target, Target::InProcess(_)) {
+        report.int8_kernel = pagoda_kernels::int8::level().to_string();
+    }
+    report
 }
 
 fn summarize(
@@ -435,6 +480,8 @@ fn summarize(
         } else {
             0.0
         },
+        cpu_features: cpu_features(),
+        int8_kernel: String::new(),
         ttft_ms: Stats::of(ok.iter().map(|t| ms(t.ttft)).collect()),
         tpot_ms: tpot_stats,
         itl_ms: Stats::of(
@@ -621,6 +668,17 @@ mod tests {
         assert!(json.contains("\"request_rate\":null"), "{json}");
         let back: BenchReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back.ttft_ms, r.ttft_ms);
+        // Every report says which CPU features ran it; reports saved before that field
+        // existed still load.
+        assert!(!r.cpu_features.is_empty());
+        assert_eq!(back.cpu_features, r.cpu_features);
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("cpu_features");
+        let old: BenchReport = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            (old.cpu_features.as_str(), old.int8_kernel.as_str()),
+            ("", "")
+        );
     }
 
     fn report(target: &str, c: usize, tok_s: f64, ttft: f64) -> BenchReport {
