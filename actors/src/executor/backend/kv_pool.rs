@@ -163,6 +163,28 @@ impl KvPool {
 mod tests {
     use super::*;
 
+    /// Deterministic values in [-1, 1): `(i·mul mod m) / div − 1`.
+    fn pattern(len: usize, mul: usize, m: usize, div: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * mul) % m) as f32 / div - 1.0)
+            .collect()
+    }
+
+    /// The slots of positions `0..n` through `table` (blocks of 4).
+    fn slots(table: &[u32], n: usize) -> Vec<usize> {
+        (0..n).map(|p| table[p / 4] as usize * 4 + p % 4).collect()
+    }
+
+    /// One sequence of `n` tokens, all queries, over `table`.
+    fn one_seq(table: &[u32], n: usize) -> [AttnSeq<'_>; 1] {
+        [AttnSeq {
+            query_start: 0,
+            query_len: n,
+            context_len: n,
+            block_table: table,
+        }]
+    }
+
     /// The f16 and f32 pools attend alike (up to f16 rounding); a bad layer is an error.
     #[test]
     fn f16_and_f32_pools_agree_and_check_layers() {
@@ -173,23 +195,12 @@ mod tests {
             head_dim: 8,
         };
         let n = 6;
-        let k: Vec<f32> = (0..n * 16)
-            .map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0)
-            .collect();
-        let v: Vec<f32> = (0..n * 16)
-            .map(|i| ((i * 17) % 19) as f32 / 9.0 - 1.0)
-            .collect();
-        let q: Vec<f32> = (0..n * 4 * 8)
-            .map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0)
-            .collect();
+        let k = pattern(n * 16, 37, 23, 11.0);
+        let v = pattern(n * 16, 17, 19, 9.0);
+        let q = pattern(n * 4 * 8, 7, 13, 6.0);
         let table = [2u32, 0];
-        let slots: Vec<usize> = (0..n).map(|p| table[p / 4] as usize * 4 + p % 4).collect();
-        let seqs = [AttnSeq {
-            query_start: 0,
-            query_len: n,
-            context_len: n,
-            block_table: &table,
-        }];
+        let slots = slots(&table, n);
+        let seqs = one_seq(&table, n);
         let mut outs = Vec::new();
         for dtype in [KvCacheDtype::F16, KvCacheDtype::F32] {
             let mut pool = KvPool::new(2, shape, dtype, false);
@@ -230,20 +241,11 @@ mod tests {
             head_dim: 12,
         };
         let n = 7;
-        let rows: Vec<f32> = (0..n * 12)
-            .map(|i| ((i * 29) % 31) as f32 / 15.0 - 1.0)
-            .collect();
-        let q: Vec<f32> = (0..n * 3 * 12)
-            .map(|i| ((i * 11) % 17) as f32 / 8.0 - 1.0)
-            .collect();
+        let rows = pattern(n * 12, 29, 31, 15.0);
+        let q = pattern(n * 3 * 12, 11, 17, 8.0);
         let table = [1u32, 2];
-        let slots: Vec<usize> = (0..n).map(|p| table[p / 4] as usize * 4 + p % 4).collect();
-        let seqs = [AttnSeq {
-            query_start: 0,
-            query_len: n,
-            context_len: n,
-            block_table: &table,
-        }];
+        let slots = slots(&table, n);
+        let seqs = one_seq(&table, n);
         let mut two = KvPool::new(1, shape, KvCacheDtype::F32, false);
         two.write(0, &rows, Some(&rows), &slots).unwrap();
         let mut one = KvPool::new(1, shape, KvCacheDtype::F32, true);

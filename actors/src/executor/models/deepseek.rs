@@ -304,6 +304,32 @@ fn matrix(
     Ok(l)
 }
 
+/// The SwiGLU MLP of layer `i` (`ff` wide): GGUF `blk.{i}.ffn_{gate,up,down}{suffix}`,
+/// Hugging Face `{prefix}.{gate,up,down}_proj` — the dense layers and the shared experts.
+fn dense_mlp<B: Backend>(
+    b: &B,
+    src: &mut WeightSource,
+    i: usize,
+    suffix: &str,
+    prefix: &str,
+    ff: usize,
+    h: usize,
+) -> Result<Mlp<B>, LoadError> {
+    let mut part = |g: &str, rows: usize, cols: usize| {
+        matrix(
+            src,
+            &format!("blk.{i}.ffn_{g}{suffix}.weight"),
+            &hf(i, &format!("{prefix}.{g}_proj.weight")),
+            rows,
+            cols,
+        )
+    };
+    let gate = part("gate", ff, h)?;
+    let up = part("up", ff, h)?;
+    let down = part("down", h, ff)?;
+    Mlp::from_parts(b, gate, up, down)
+}
+
 fn vector<B: Backend>(
     b: &B,
     src: &mut WeightSource,
@@ -590,19 +616,15 @@ impl<B: Backend> DeepseekMoe<B> {
         }
         let shared = if cfg.n_shared_experts > 0 {
             let sff = ff * cfg.n_shared_experts;
-            let mut part = |g: &str, w: &str, rows: usize, cols: usize| {
-                matrix(
-                    src,
-                    &format!("blk.{i}.{g}.weight"),
-                    &hf(i, &format!("mlp.shared_experts.{w}.weight")),
-                    rows,
-                    cols,
-                )
-            };
-            let gate = part("ffn_gate_shexp", "gate_proj", sff, h)?;
-            let up = part("ffn_up_shexp", "up_proj", sff, h)?;
-            let down = part("ffn_down_shexp", "down_proj", h, sff)?;
-            Some(Mlp::from_parts(b, gate, up, down)?)
+            Some(dense_mlp(
+                b,
+                src,
+                i,
+                "_shexp",
+                "mlp.shared_experts",
+                sff,
+                h,
+            )?)
         } else {
             None
         };
@@ -711,19 +733,7 @@ impl<B: Backend> Deepseek<B> {
         for i in 0..config.num_layers {
             let ffn = if i < config.first_k_dense_replace {
                 let ff = config.intermediate_size;
-                let mut part = |g: &str, w: &str, rows: usize, cols: usize| {
-                    matrix(
-                        src,
-                        &format!("blk.{i}.{g}.weight"),
-                        &hf(i, &format!("mlp.{w}.weight")),
-                        rows,
-                        cols,
-                    )
-                };
-                let gate = part("ffn_gate", "gate_proj", ff, h)?;
-                let up = part("ffn_up", "up_proj", ff, h)?;
-                let down = part("ffn_down", "down_proj", h, ff)?;
-                Ffn::Dense(Mlp::from_parts(b, gate, up, down)?)
+                Ffn::Dense(dense_mlp(b, src, i, "", "mlp", ff, h)?)
             } else {
                 Ffn::Moe(DeepseekMoe::load(b, src, i, &config)?)
             };
