@@ -151,7 +151,7 @@ fi
 pagoda="${PAGODA_BIN:-}"
 if [ -z "$pagoda" ]; then
   (cd "$root" && cargo build --release --bin pagoda >&2)
-  pagoda="$root/target/release/pagoda"
+  pagoda="${CARGO_TARGET_DIR:-$root/target}/release/pagoda"
 fi
 
 mkdir -p "$out"

@@ -37,7 +37,7 @@ cd "$root"
 ./scripts/fetch-model.sh >/dev/null
 nats_bin=$(./scripts/nats-server.sh)
 cargo build --release --quiet
-bin="$root/target/release/pagoda"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/pagoda"
 mkdir -p "$out"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url="nats://127.0.0.1:$port"

@@ -116,7 +116,7 @@ esac
 
 # --- build and run -------------------------------------------------------------------
 cargo build --release
-./target/release/pagoda serve "$@" &
+"${CARGO_TARGET_DIR:-target}/release/pagoda" serve "$@" &
 pagoda_pid=$!
 # pagoda drains on SIGINT and SIGTERM alike; pass both on as SIGTERM (a background job of
 # a script starts with SIGINT ignored).
