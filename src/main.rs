@@ -277,6 +277,8 @@ fn main() -> std::process::ExitCode {
                 )
             });
             if engine_failed {
+                // The dead actor's backtrace is printed off its thread: let it finish.
+                pagoda_actors::supervisor::flush_panic_reports(std::time::Duration::from_secs(10));
                 std::process::ExitCode::from(EXIT_ENGINE_FAILED)
             } else {
                 std::process::ExitCode::FAILURE

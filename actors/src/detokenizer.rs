@@ -808,7 +808,7 @@ mod actor {
         live: HashMap<SeqId, Stream>,
         requests: RequestIndex,
         metrics: Option<RequestMetrics>,
-        _guard: LifeGuard,
+        guard: LifeGuard,
     }
 
     impl DetokenizerActor {
@@ -825,7 +825,7 @@ mod actor {
                 live: HashMap::new(),
                 requests: RequestIndex::default(),
                 metrics: None,
-                _guard: guard,
+                guard,
             }
         }
 
@@ -968,6 +968,10 @@ mod actor {
 
     impl Actor for DetokenizerActor {
         type Context = Context<Self>;
+
+        fn started(&mut self, _: &mut Context<Self>) {
+            self.guard.watch_this_thread();
+        }
     }
 
     impl Handler<RegisterStream> for DetokenizerActor {

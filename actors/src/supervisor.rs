@@ -12,13 +12,21 @@
 //!    non-zero status once the error replies are out, for its supervisor (compose
 //!    `restart:`, systemd) to start a fresh process.
 //!
+//! The report comes first, the backtrace after: on an actor's thread (marked by
+//! [`LifeGuard::watch_this_thread`] when the actor starts) the panic hook prints the panic's
+//! message at once and resolves the backtrace (when `RUST_BACKTRACE` asks for one) on a
+//! thread of its own, since reading the binary's debug info can take seconds on a cold
+//! page cache, seconds during which the dying thread would otherwise hold up the error
+//! replies. [`flush_panic_reports`] waits for those backtraces before the process exits.
+//!
 //! Rebuilding the one actor in place is not attempted: the engine's state is spread over
 //! the actors (block tables in the block manager, K/V contents and samplers in the
 //! executor, queues in the scheduler, text state in the detokenizer) and a new actor could
 //! not rebuild its share consistently with the others.
 
-use std::cell::RefCell;
-use std::sync::{Arc, Once};
+use std::cell::{Cell, RefCell};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -163,6 +171,15 @@ pub struct LifeGuard {
     supervisor: Supervisor,
 }
 
+impl LifeGuard {
+    /// Marks the calling thread as one that runs actors: a panic there is reported to the
+    /// supervisor before its backtrace is resolved (see the module docs). Call it from the
+    /// actor's `started`, which runs on the actor's own thread.
+    pub fn watch_this_thread(&self) {
+        ACTOR_THREAD.with(|a| a.set(true));
+    }
+}
+
 impl Drop for LifeGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -177,6 +194,52 @@ impl Drop for LifeGuard {
 thread_local! {
     /// The message of the panic unwinding on this thread, for the guard to report.
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether actors run on this thread ([`LifeGuard::watch_this_thread`]).
+    static ACTOR_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Threads still printing the backtrace of an actor's panic.
+static PENDING_REPORTS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits (at most `limit`) for the backtraces of actors' panics to be printed; call it
+/// before the process exits after an actor died.
+pub fn flush_panic_reports(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let pending = std::mem::take(&mut *PENDING_REPORTS.lock().unwrap_or_else(|e| e.into_inner()));
+    for h in pending {
+        while !h.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if h.is_finished() {
+            // The printing thread cannot fail in a way worth reporting twice.
+            if h.join().is_err() {
+                eprintln!("(the thread printing a panic's backtrace panicked itself)");
+            }
+        }
+    }
+}
+
+/// What the default hook prints, with the backtrace (if `RUST_BACKTRACE` asks for one)
+/// captured here, cheaply, and resolved and printed on another thread.
+fn report_off_thread(msg: &str) {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("<unnamed>").to_owned();
+    eprintln!("thread '{name}' {msg}");
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() != std::backtrace::BacktraceStatus::Captured {
+        eprintln!("note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace");
+        return;
+    }
+    let printer = std::thread::Builder::new()
+        .name("panic-report".into())
+        .spawn(move || eprintln!("stack backtrace of the panic in thread '{name}':\n{backtrace}"));
+    match printer {
+        Ok(h) => PENDING_REPORTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(h),
+        Err(e) => eprintln!("(cannot start a thread to print the backtrace: {e})"),
+    }
 }
 
 /// Chains a hook in front of the current panic hook that remembers the panic's message
@@ -196,8 +259,12 @@ fn install_panic_hook() {
                 Some(l) => format!("panicked at {}:{}: {msg}", l.file(), l.line()),
                 None => format!("panicked: {msg}"),
             };
+            if ACTOR_THREAD.with(Cell::get) {
+                report_off_thread(&msg);
+            } else {
+                previous(info);
+            }
             LAST_PANIC.with(|p| *p.borrow_mut() = Some(msg));
-            previous(info);
         }));
     });
 }
@@ -215,6 +282,10 @@ mod tests {
 
     impl Actor for Fragile {
         type Context = Context<Self>;
+
+        fn started(&mut self, _: &mut Context<Self>) {
+            self._guard.watch_this_thread();
+        }
     }
 
     #[derive(Message)]
@@ -251,6 +322,9 @@ mod tests {
             assert!(!addr.connected());
         });
         assert!(sup.is_failed());
+        // The backtrace (if RUST_BACKTRACE asks for one) is printed off the actor's thread.
+        flush_panic_reports(std::time::Duration::from_secs(30));
+        assert!(PENDING_REPORTS.lock().unwrap().is_empty());
         match rx.try_recv() {
             Ok(StreamEvent::Error(e)) => {
                 assert_eq!(e.code, ErrorCode::Internal);

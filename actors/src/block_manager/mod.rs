@@ -614,20 +614,21 @@ mod tests;
 /// it one [`StepRequest`] per engine step.
 pub struct BlockManagerActor {
     manager: BlockManager,
-    _guard: crate::supervisor::LifeGuard,
+    guard: crate::supervisor::LifeGuard,
 }
 
 impl BlockManagerActor {
     pub fn new(manager: BlockManager, guard: crate::supervisor::LifeGuard) -> Self {
-        Self {
-            manager,
-            _guard: guard,
-        }
+        Self { manager, guard }
     }
 }
 
 impl actix::Actor for BlockManagerActor {
     type Context = actix::Context<Self>;
+
+    fn started(&mut self, _: &mut Self::Context) {
+        self.guard.watch_this_thread();
+    }
 }
 
 impl actix::Handler<StepRequest> for BlockManagerActor {

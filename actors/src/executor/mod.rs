@@ -280,7 +280,7 @@ pub struct ExecutorActor {
     /// a pool of `cores` threads while this one sleeps. None until started (or if the
     /// pool cannot be built: the global pool is used then).
     pool: Option<rayon::ThreadPool>,
-    _guard: LifeGuard,
+    guard: LifeGuard,
 }
 
 impl ExecutorActor {
@@ -288,7 +288,7 @@ impl ExecutorActor {
         Self {
             executor,
             pool: None,
-            _guard: guard,
+            guard,
         }
     }
 }
@@ -297,6 +297,7 @@ impl Actor for ExecutorActor {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Context<Self>) {
+        self.guard.watch_this_thread();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         match rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -57,7 +57,7 @@ pub struct SchedulerActor {
     load: Arc<EngineLoad>,
     /// When the step in flight was planned.
     step_started: Option<Instant>,
-    _guard: LifeGuard,
+    guard: LifeGuard,
 }
 
 impl SchedulerActor {
@@ -78,7 +78,7 @@ impl SchedulerActor {
             max_waiting: 0,
             load,
             step_started: None,
-            _guard: guard,
+            guard,
         }
     }
 
@@ -306,6 +306,10 @@ impl SchedulerActor {
 
 impl Actor for SchedulerActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        self.guard.watch_this_thread();
+    }
 }
 
 impl Handler<AddSequence> for SchedulerActor {

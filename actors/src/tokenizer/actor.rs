@@ -53,7 +53,7 @@ pub struct TokenizerActor {
     /// The scheduler's load and `scheduler.max_waiting` (0 = no bound): a full waiting
     /// queue refuses new requests here, before they cost an encoding.
     overload_gate: Option<(Arc<EngineLoad>, usize)>,
-    _guard: LifeGuard,
+    guard: LifeGuard,
 }
 
 impl TokenizerActor {
@@ -83,7 +83,7 @@ impl TokenizerActor {
             links,
             streams,
             overload_gate: None,
-            _guard: guard,
+            guard,
         }
     }
 
@@ -175,6 +175,10 @@ impl TokenizerActor {
 
 impl Actor for TokenizerActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        self.guard.watch_this_thread();
+    }
 }
 
 impl Handler<Submit> for TokenizerActor {
