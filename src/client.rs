@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use futures_util::{Stream, StreamExt};
-use pagoda_actors::messages::{FinishReason, TokenId};
+use pagoda_actors::messages::{FinishReason, TokenId, TokenLogprobs};
 use pagoda_actors::protocol::{
     decode_reply, new_request_id, CancelRequest, Chunk, ErrorCode, Reply, Timings, Usage,
     WireError, WireFormat, WireRequest,
@@ -234,6 +234,12 @@ pub struct Completion {
     pub num_chunks: u64,
     /// The delivery attempt that produced it (1 unless a durable job was redelivered).
     pub attempt: u32,
+    /// One entry per id in `token_ids` (the request set `logprobs`).
+    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// One entry per prompt token, the first `None` (the request set `prompt_logprobs`).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// Sum of the generated tokens' log-probabilities (the request set `logprobs`).
+    pub cumulative_logprob: Option<f64>,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, ClientError>> + Send>>;
@@ -361,6 +367,8 @@ impl Generation {
     pub async fn collect_text(mut self) -> Result<Completion, ClientError> {
         let mut text = String::new();
         let mut token_ids = Vec::new();
+        let mut logprobs: Option<Vec<TokenLogprobs>> = None;
+        let mut prompt_logprobs = None;
         let mut num_chunks = 0;
         let mut attempt = 0;
         while let Some(chunk) = self.next().await {
@@ -370,11 +378,19 @@ impl Generation {
                 attempt = chunk.attempt;
                 text.clear();
                 token_ids.clear();
+                logprobs = None;
+                prompt_logprobs = None;
                 num_chunks = 0;
             }
             num_chunks += 1;
             text.push_str(&chunk.text);
             token_ids.extend_from_slice(&chunk.token_ids);
+            if let Some(lps) = chunk.logprobs {
+                logprobs.get_or_insert_with(Vec::new).extend(lps);
+            }
+            if chunk.prompt_logprobs.is_some() {
+                prompt_logprobs = chunk.prompt_logprobs;
+            }
             if let Some(finish_reason) = chunk.finish_reason {
                 return Ok(Completion {
                     id: chunk.id,
@@ -385,6 +401,9 @@ impl Generation {
                     timings: chunk.timings.unwrap_or_default(),
                     num_chunks,
                     attempt,
+                    logprobs,
+                    prompt_logprobs,
+                    cumulative_logprob: chunk.cumulative_logprob,
                 });
             }
         }

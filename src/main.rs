@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pagoda::config::Config;
 use pagoda_actors::engine::Engine;
-use pagoda_actors::messages::SamplingParams;
+use pagoda_actors::messages::{SamplingParams, TokenId, TokenLogprobs};
 use pagoda_actors::protocol::{ChatMessage, GenerateRequest, Prompt, StreamEvent};
 
 #[derive(Parser)]
@@ -223,6 +223,13 @@ struct SamplingArgs {
     presence_penalty: f32,
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
+    /// Log-probability of each generated token and its K most likely alternatives (0..=20),
+    /// printed on stderr.
+    #[arg(long, value_name = "K")]
+    logprobs: Option<u32>,
+    /// The same for every prompt token after the first, printed on stderr.
+    #[arg(long, value_name = "K")]
+    prompt_logprobs: Option<u32>,
 }
 
 impl SamplingArgs {
@@ -241,7 +248,54 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             stop_token_ids: self.stop_token_id.clone(),
             ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
         }
+    }
+}
+
+/// Prints log-probabilities on stderr, one token per line: `<what> <id> <logprob>` and the
+/// alternatives as `id:logprob`.
+fn print_logprobs<'a>(
+    what: &str,
+    ids: impl IntoIterator<Item = TokenId>,
+    entries: impl IntoIterator<Item = Option<&'a TokenLogprobs>>,
+) {
+    for (id, lp) in ids.into_iter().zip(entries) {
+        match lp {
+            Some(lp) => {
+                let top: Vec<String> = lp
+                    .top_logprobs
+                    .iter()
+                    .map(|(t, l)| format!("{t}:{l:.4}"))
+                    .collect();
+                eprintln!("{what} {id} {:.4} [{}]", lp.logprob, top.join(" "));
+            }
+            None => eprintln!("{what} {id} -"),
+        }
+    }
+}
+
+/// The log-probabilities of a stream event or chunk, on stderr (see [`print_logprobs`]);
+/// prompt tokens are shown by position (`prompt_position 3 …`).
+fn print_event_logprobs(
+    token_ids: &[TokenId],
+    tokens: Option<&Vec<TokenLogprobs>>,
+    prompt: Option<&Vec<Option<TokenLogprobs>>>,
+    cumulative: Option<f64>,
+) {
+    if let Some(entries) = prompt {
+        print_logprobs(
+            "prompt_position",
+            0..entries.len() as TokenId,
+            entries.iter().map(Option::as_ref),
+        );
+    }
+    if let Some(lps) = tokens {
+        print_logprobs("token", token_ids.iter().copied(), lps.iter().map(Some));
+    }
+    if let Some(c) = cumulative {
+        eprintln!("cumulative_logprob {c:.4}");
     }
 }
 
@@ -539,20 +593,37 @@ fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout().lock();
         while let Some(ev) = rx.recv().await {
             match ev {
-                StreamEvent::Delta { text, .. } => {
+                StreamEvent::Delta {
+                    text,
+                    token_ids,
+                    logprobs,
+                } => {
                     stdout.write_all(text.as_bytes())?;
                     stdout.flush()?;
+                    print_event_logprobs(
+                        &token_ids,
+                        logprobs.tokens.as_ref(),
+                        logprobs.prompt.as_ref(),
+                        None,
+                    );
                 }
                 StreamEvent::Finished {
                     text,
+                    token_ids,
                     finish_reason,
                     usage,
                     timings,
-                    ..
+                    logprobs,
                 } => {
                     stdout.write_all(text.as_bytes())?;
                     writeln!(stdout)?;
                     stdout.flush()?;
+                    print_event_logprobs(
+                        &token_ids,
+                        logprobs.tokens.as_ref(),
+                        logprobs.prompt.as_ref(),
+                        logprobs.cumulative,
+                    );
                     log_done("cli", finish_reason, &usage, &timings);
                     return Ok(());
                 }
@@ -758,6 +829,12 @@ fn request(config: Config, args: RequestArgs) -> anyhow::Result<()> {
             let chunk = chunk?;
             stdout.write_all(chunk.text.as_bytes())?;
             stdout.flush()?;
+            print_event_logprobs(
+                &chunk.token_ids,
+                chunk.logprobs.as_ref(),
+                chunk.prompt_logprobs.as_ref(),
+                chunk.cumulative_logprob,
+            );
             if let Some(reason) = chunk.finish_reason {
                 writeln!(stdout)?;
                 stdout.flush()?;

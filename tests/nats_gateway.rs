@@ -152,6 +152,9 @@ async fn read_all(
         timings: last.timings.expect("timings on the final chunk"),
         num_chunks: chunks.len() as u64,
         attempt: last.attempt,
+        logprobs: None,
+        prompt_logprobs: None,
+        cumulative_logprob: None,
     };
     Ok((chunks, completion))
 }

@@ -773,9 +773,9 @@ mod actor {
     use super::{DetokOutput, IncrementalDetokenizer, RequestIndex};
     use crate::fault;
     use crate::messages::{
-        now_us, post, CancelStreams, ErrorBody, ErrorCode, FinishReason, FinishSequence,
-        RegisterStream, SeqId, SeqOutput, StepTokens, StreamEnd, StreamEvent, Timings, TokenId,
-        Usage,
+        now_us, post, CancelStreams, ErrorBody, ErrorCode, EventLogprobs, FinishReason,
+        FinishSequence, RegisterStream, SeqId, SeqOutput, StepTokens, StreamEnd, StreamEvent,
+        Timings, TokenId, TokenLogprobs, Usage,
     };
     use crate::metrics::{FinishedSample, RequestMetrics};
     use crate::streams::Streams;
@@ -795,6 +795,12 @@ mod actor {
         scheduled_us: Option<u64>,
         /// Token ids not yet sent with a text delta.
         unsent_ids: Vec<TokenId>,
+        /// Their log-probabilities, one per id (`Some` once a token came with them).
+        unsent_logprobs: Option<Vec<TokenLogprobs>>,
+        /// The prompt's, until the first event carries them.
+        prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+        /// Sum of the generated tokens' log-probabilities.
+        cumulative_logprob: Option<f64>,
         /// A cancel was already passed on (repeated cancels send nothing more).
         cancelling: bool,
     }
@@ -854,7 +860,7 @@ mod actor {
             }
         }
 
-        fn on_token(&mut self, o: &SeqOutput) {
+        fn on_token(&mut self, o: SeqOutput) {
             let Some(st) = self.live.get_mut(&o.seq_id) else {
                 return; // already ended (stop string, cancel)
             };
@@ -869,6 +875,13 @@ mod actor {
             st.last_token_us = now;
             st.num_output_tokens += 1;
             st.unsent_ids.push(o.token_id);
+            if let Some(lp) = o.logprobs {
+                *st.cumulative_logprob.get_or_insert(0.0) += f64::from(lp.logprob);
+                st.unsent_logprobs.get_or_insert_with(Vec::new).push(lp);
+            }
+            if o.prompt_logprobs.is_some() {
+                st.prompt_logprobs = o.prompt_logprobs;
+            }
             let tok: &tokenizers::Tokenizer = &self.tokenizer;
             let res = match o.finish_reason {
                 // The EOS / stop token that ended the sequence is not part of the text.
@@ -899,11 +912,17 @@ mod actor {
             };
             let Some(reason) = out.finished else {
                 if !out.text_delta.is_empty() {
+                    let logprobs = EventLogprobs {
+                        tokens: st.unsent_logprobs.as_mut().map(std::mem::take),
+                        prompt: st.prompt_logprobs.take(),
+                        cumulative: None,
+                    };
                     self.streams.send(
                         seq_id,
                         StreamEvent::Delta {
                             text: out.text_delta,
                             token_ids: std::mem::take(&mut st.unsent_ids),
+                            logprobs,
                         },
                     );
                 }
@@ -950,6 +969,11 @@ mod actor {
                         cached_tokens: st.cached_tokens,
                     },
                     timings,
+                    logprobs: EventLogprobs {
+                        tokens: st.unsent_logprobs,
+                        prompt: st.prompt_logprobs,
+                        cumulative: st.cumulative_logprob,
+                    },
                 },
             );
         }
@@ -993,6 +1017,9 @@ mod actor {
                     last_token_us: 0,
                     scheduled_us: None,
                     unsent_ids: Vec::new(),
+                    unsent_logprobs: None,
+                    prompt_logprobs: None,
+                    cumulative_logprob: None,
                     cancelling: false,
                 },
             );
@@ -1012,7 +1039,7 @@ mod actor {
             if let Some(m) = &self.metrics {
                 m.generated(msg.outputs.len() as u64);
             }
-            for o in &msg.outputs {
+            for o in msg.outputs {
                 self.on_token(o);
             }
         }

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::messages::{FinishReason, SamplingParams, TokenId};
 
 pub use crate::messages::{
-    ChatMessage, ErrorBody, ErrorCode, GenerateRequest, Prompt, StreamEvent, Timings, Usage,
+    ChatMessage, ErrorBody, ErrorCode, EventLogprobs, GenerateRequest, Prompt, StreamEvent,
+    Timings, TokenLogprobs, Usage, MAX_LOGPROBS,
 };
 
 // --- wire protocol v1 ------------------------------------------------------------------------
@@ -390,6 +391,16 @@ pub struct Chunk {
     pub usage: Option<Usage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<Timings>,
+    /// With `logprobs` set: one entry per id in `token_ids`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// With `prompt_logprobs` set, on the first chunk: one entry per prompt token (the
+    /// first null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// With `logprobs` set, on the final chunk: the sum over every generated token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cumulative_logprob: Option<f64>,
 }
 
 impl Chunk {
@@ -527,6 +538,8 @@ mod tests {
                 min_tokens: 2,
                 stop: vec!["\n\n".into(), "END".into()],
                 stop_token_ids: vec![2, 3],
+                logprobs: Some(3),
+                prompt_logprobs: Some(0),
                 ignore_eos: true,
             },
             stream: false,
@@ -748,6 +761,18 @@ mod tests {
                 ttft_ms: 12.25,
                 total_ms: 40.0,
             }),
+            logprobs: Some(vec![TokenLogprobs {
+                logprob: -0.75,
+                top_logprobs: vec![(3, -0.75), (8, -1.5)],
+            }]),
+            prompt_logprobs: Some(vec![
+                None,
+                Some(TokenLogprobs {
+                    logprob: -4.0,
+                    top_logprobs: vec![],
+                }),
+            ]),
+            cumulative_logprob: Some(-2.25),
         };
         let err = ErrorReply {
             id: Some("r".into()),

@@ -139,6 +139,7 @@ mod tests {
             finish_reason: FinishReason::Stop,
             usage: Usage::default(),
             timings: Timings::default(),
+            logprobs: Default::default(),
         }
     }
 
@@ -146,6 +147,7 @@ mod tests {
         StreamEvent::Delta {
             text: t.into(),
             token_ids: vec![],
+            logprobs: Default::default(),
         }
     }
 

@@ -16,6 +16,11 @@ A request is one message on `pagoda.v1.generate` whose reply subject is an inbox
 the engine streams chunks there: maps with `id`, `seq` (0, 1, 2, ...), `attempt`, `text`
 (the new text) and `token_ids`; the last one adds `finish_reason`, `usage` and `timings`.
 A failure is a message with `error: {code, message}` instead, which also ends the stream.
+With `logprobs=k` each chunk also carries `logprobs`, one `{logprob, top_logprobs}` per id
+in its `token_ids` (`top_logprobs` a list of `[token_id, logprob]` pairs, most likely
+first), and the last one `cumulative_logprob`; with `prompt_logprobs=k` the first chunk
+carries `prompt_logprobs`, one entry per prompt token (the first None). `collect()` joins
+all of it into one answer.
 Bodies are MessagePack maps, or JSON when the header `Content-Type: application/json` is
 set (`use_json=True`).
 
@@ -130,7 +135,8 @@ async def generate(
     Exactly one of `prompt`, `messages` ([{role, content}]) or `prompt_token_ids`.
     `sampling` goes into the request as top-level fields: max_tokens, temperature, top_p,
     top_k, min_p, seed, stop, stop_token_ids, ignore_eos, min_tokens, repetition_penalty,
-    presence_penalty, frequency_penalty, and also stream (default true) and timeout_ms.
+    presence_penalty, frequency_penalty, logprobs, prompt_logprobs, and also stream
+    (default true) and timeout_ms.
     None values are left out. `idle_timeout` (seconds) bounds the wait for each chunk.
 
     If the caller stops iterating early and closes the generator (`async with
@@ -314,6 +320,29 @@ async def complete(
     return "".join(parts), last
 
 
+async def collect(
+    nc: NATS, prompt: Optional[str] = None, messages=None, *, durable: bool = False, **kwargs
+) -> Dict[str, Any]:
+    """Runs one request to the end and joins its chunks: a dict with `id`, `text`,
+    `token_ids`, `finish_reason`, `usage`, `timings`, `attempt`, and when asked for,
+    `logprobs` (one entry per token id), `prompt_logprobs` and `cumulative_logprob`."""
+    answer: Dict[str, Any] = {}
+    stream = generate_durable if durable else generate
+    async for chunk in stream(nc, prompt, messages, **kwargs):
+        if chunk.get("attempt", 1) != answer.get("attempt", 1):
+            answer = {}  # a redelivered job starts over
+        answer["id"] = chunk["id"]
+        answer["attempt"] = chunk.get("attempt", 1)
+        answer["text"] = answer.get("text", "") + chunk.get("text", "")
+        answer.setdefault("token_ids", []).extend(chunk.get("token_ids", []))
+        if chunk.get("logprobs") is not None:
+            answer.setdefault("logprobs", []).extend(chunk["logprobs"])
+        for key in ("prompt_logprobs", "finish_reason", "usage", "timings", "cumulative_logprob"):
+            if chunk.get(key) is not None:
+                answer[key] = chunk[key]
+    return answer
+
+
 async def cancel(nc: NATS, request_id: str, subject: str = CANCEL_SUBJECT) -> None:
     """Asks every engine to cancel `request_id` (the one running it stops within a step and
     ends the stream with finish_reason "abort")."""
@@ -334,6 +363,8 @@ async def _main() -> int:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--logprobs", type=int, metavar="K",
+                   help="print each token's logprob and its K most likely alternatives")
     p.add_argument("--json", action="store_true", help="JSON bodies instead of MessagePack")
     p.add_argument("--inbox-prefix", default=os.environ.get("PAGODA_NATS_INBOX_PREFIX", "_INBOX"),
                    help="prefix of the reply inboxes, e.g. _INBOX.client on a server with "
@@ -344,7 +375,8 @@ async def _main() -> int:
                             inbox_prefix=args.inbox_prefix)
     try:
         kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, use_json=args.json)
+                      top_p=args.top_p, seed=args.seed, logprobs=args.logprobs,
+                      use_json=args.json)
         if args.durable:
             send, kwargs["subject"] = generate_durable, args.subject or JOBS_SUBJECT
         else:
@@ -359,6 +391,9 @@ async def _main() -> int:
             async for chunk in stream:
                 sys.stdout.write(chunk.get("text", ""))
                 sys.stdout.flush()
+                for tid, lp in zip(chunk.get("token_ids", []), chunk.get("logprobs") or []):
+                    top = " ".join(f"{t}:{v:.4f}" for t, v in lp["top_logprobs"])
+                    print(f"token {tid} {lp['logprob']:.4f} [{top}]", file=sys.stderr)
                 if chunk.get("finish_reason") is not None:
                     print()
                     print(f"[finish_reason={chunk['finish_reason']} attempt={chunk.get('attempt')} "

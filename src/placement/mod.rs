@@ -205,6 +205,11 @@ mod tests {
                     token_id: 9,
                     num_output_tokens: 1,
                     finish_reason: None,
+                    logprobs: Some(pagoda_actors::messages::TokenLogprobs {
+                        logprob: -0.25,
+                        top_logprobs: vec![(9, -0.25)],
+                    }),
+                    prompt_logprobs: None,
                 }],
                 first_scheduled: vec![FirstScheduled {
                     seq_id: 3,

@@ -472,6 +472,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
                             finish_reason: FinishReason::Abort,
                             usage: Default::default(),
                             timings: Default::default(),
+                            logprobs: Default::default(),
                         });
                         break;
                     }

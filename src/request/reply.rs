@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use pagoda_actors::messages::{FinishReason, TokenId};
 use pagoda_actors::protocol::{
-    Chunk, ErrorBody, ErrorReply, Reply, StreamEvent, Usage, WireFormat,
+    Chunk, ErrorBody, ErrorReply, EventLogprobs, Reply, StreamEvent, TokenLogprobs, Usage,
+    WireFormat,
 };
 use tokio::time::Instant;
 
@@ -22,6 +23,9 @@ pub struct ReplyStream {
     next_seq: u64,
     text: String,
     token_ids: Vec<TokenId>,
+    /// With `stream: false`, gathered like the text.
+    logprobs: Option<Vec<TokenLogprobs>>,
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     done: bool,
 }
 
@@ -34,6 +38,8 @@ impl ReplyStream {
             next_seq: 0,
             text: String::new(),
             token_ids: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
             done: false,
         }
     }
@@ -55,10 +61,13 @@ impl ReplyStream {
             return None;
         }
         match ev {
-            StreamEvent::Delta { text, token_ids } => {
+            StreamEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            } => {
                 if !self.stream {
-                    self.text.push_str(&text);
-                    self.token_ids.extend(token_ids);
+                    self.gather(text, token_ids, logprobs);
                     return None;
                 }
                 Some(Reply::Chunk(Chunk {
@@ -67,6 +76,8 @@ impl ReplyStream {
                     attempt: self.attempt,
                     text,
                     token_ids,
+                    logprobs: logprobs.tokens,
+                    prompt_logprobs: logprobs.prompt,
                     ..Chunk::default()
                 }))
             }
@@ -76,16 +87,24 @@ impl ReplyStream {
                 finish_reason,
                 usage,
                 timings,
+                logprobs,
             } => {
                 self.done = true;
-                let (text, token_ids) = if self.stream {
-                    (text, token_ids)
+                let cumulative_logprob = logprobs.cumulative;
+                let (text, token_ids, lps) = if self.stream {
+                    (text, token_ids, logprobs)
                 } else {
-                    let mut all = std::mem::take(&mut self.text);
-                    all.push_str(&text);
-                    let mut ids = std::mem::take(&mut self.token_ids);
-                    ids.extend(token_ids);
-                    (all, ids)
+                    self.gather(text, token_ids, logprobs);
+                    let lps = EventLogprobs {
+                        tokens: self.logprobs.take(),
+                        prompt: self.prompt_logprobs.take(),
+                        cumulative: None,
+                    };
+                    (
+                        std::mem::take(&mut self.text),
+                        std::mem::take(&mut self.token_ids),
+                        lps,
+                    )
                 };
                 Some(Reply::Chunk(Chunk {
                     id: self.id.clone(),
@@ -96,9 +115,24 @@ impl ReplyStream {
                     finish_reason: Some(finish_reason),
                     usage: Some(usage),
                     timings: Some(timings),
+                    logprobs: lps.tokens,
+                    prompt_logprobs: lps.prompt,
+                    cumulative_logprob,
                 }))
             }
             StreamEvent::Error(error) => Some(self.error(error)),
+        }
+    }
+
+    /// Adds a delta to the answer of a `stream: false` request.
+    fn gather(&mut self, text: String, token_ids: Vec<TokenId>, logprobs: EventLogprobs) {
+        self.text.push_str(&text);
+        self.token_ids.extend(token_ids);
+        if let Some(lps) = logprobs.tokens {
+            self.logprobs.get_or_insert_with(Vec::new).extend(lps);
+        }
+        if logprobs.prompt.is_some() {
+            self.prompt_logprobs = logprobs.prompt;
         }
     }
 
@@ -208,6 +242,7 @@ mod tests {
         StreamEvent::Delta {
             text: text.into(),
             token_ids: ids.to_vec(),
+            logprobs: Default::default(),
         }
     }
 
@@ -222,6 +257,7 @@ mod tests {
                 cached_tokens: 0,
             },
             timings: Timings::default(),
+            logprobs: Default::default(),
         }
     }
 
@@ -261,6 +297,75 @@ mod tests {
         assert_eq!(c.text, "Paris.");
         assert_eq!(c.token_ids, vec![1, 2, 3]);
         assert_eq!(c.finish_reason, Some(FinishReason::Length));
+    }
+
+    fn lp(v: f32) -> TokenLogprobs {
+        TokenLogprobs {
+            logprob: v,
+            top_logprobs: vec![(1, v)],
+        }
+    }
+
+    fn with_logprobs(mut ev: StreamEvent, lps: EventLogprobs) -> StreamEvent {
+        match &mut ev {
+            StreamEvent::Delta { logprobs, .. } | StreamEvent::Finished { logprobs, .. } => {
+                *logprobs = lps
+            }
+            StreamEvent::Error(_) => {}
+        }
+        ev
+    }
+
+    #[test]
+    fn logprobs_follow_their_token_ids_streamed_or_gathered() {
+        let prompt = vec![None, Some(lp(-3.0))];
+        let events = || {
+            vec![
+                with_logprobs(
+                    delta("Pa", &[1]),
+                    EventLogprobs {
+                        tokens: Some(vec![lp(-0.5)]),
+                        prompt: Some(prompt.clone()),
+                        cumulative: None,
+                    },
+                ),
+                with_logprobs(
+                    finished("ris", &[2, 3], FinishReason::Stop),
+                    EventLogprobs {
+                        tokens: Some(vec![lp(-1.0), lp(-2.0)]),
+                        prompt: None,
+                        cumulative: Some(-3.5),
+                    },
+                ),
+            ]
+        };
+        let mut s = ReplyStream::new("r".into(), 1, true);
+        let chunks: Vec<Chunk> = events().into_iter().map(|e| chunk(s.on_event(e))).collect();
+        assert_eq!(chunks[0].logprobs, Some(vec![lp(-0.5)]));
+        assert_eq!(chunks[0].prompt_logprobs, Some(prompt.clone()));
+        assert_eq!(chunks[0].cumulative_logprob, None);
+        assert_eq!(chunks[1].logprobs, Some(vec![lp(-1.0), lp(-2.0)]));
+        assert_eq!(chunks[1].prompt_logprobs, None);
+        assert_eq!(chunks[1].cumulative_logprob, Some(-3.5));
+
+        let mut s = ReplyStream::new("r".into(), 1, false);
+        let mut replies: Vec<Reply> = events().into_iter().filter_map(|e| s.on_event(e)).collect();
+        assert_eq!(replies.len(), 1);
+        let Some(Reply::Chunk(c)) = replies.pop() else {
+            panic!("one chunk");
+        };
+        assert_eq!(c.token_ids, vec![1, 2, 3]);
+        assert_eq!(c.logprobs, Some(vec![lp(-0.5), lp(-1.0), lp(-2.0)]));
+        assert_eq!(c.prompt_logprobs, Some(prompt));
+        assert_eq!(c.cumulative_logprob, Some(-3.5));
+        // Without logprobs, nothing is added.
+        let mut s = ReplyStream::new("r".into(), 1, false);
+        s.on_event(delta("a", &[1]));
+        let c = chunk(s.on_event(finished("b", &[2], FinishReason::Length)));
+        assert_eq!(
+            (c.logprobs, c.prompt_logprobs, c.cumulative_logprob),
+            (None, None, None)
+        );
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub async fn collect(mut rx: UnboundedReceiver<StreamEvent>) -> Outcome {
             StreamEvent::Delta {
                 text: t,
                 token_ids: ids,
+                ..
             } => {
                 assert!(!t.is_empty(), "empty delta (ids {ids:?})");
                 text.push_str(&t);
@@ -147,6 +148,7 @@ pub async fn collect(mut rx: UnboundedReceiver<StreamEvent>) -> Outcome {
                 finish_reason,
                 usage,
                 timings,
+                ..
             } => {
                 text.push_str(&t);
                 token_ids.extend_from_slice(&ids);

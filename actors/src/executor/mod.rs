@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod linear;
+pub mod logprobs;
 pub mod models;
 pub mod sampler;
 pub mod weights;
@@ -19,8 +20,8 @@ use pagoda_kernels::attention::AttnSeq;
 use crate::config::{EngineConfig, KvCacheDtype};
 use crate::fault;
 use crate::messages::{
-    ErrorBody, ErrorCode, RunBatch, SampledToken, SamplingParams, ScheduledSeq, SeqFailure, SeqId,
-    StepOutput, TokenId,
+    ErrorBody, ErrorCode, NewSeqData, RunBatch, SampledToken, SamplingParams, ScheduledSeq,
+    SeqFailure, SeqId, StepOutput, TokenId, TokenLogprobs,
 };
 use crate::supervisor::LifeGuard;
 use backend::{Backend, ForwardError};
@@ -57,6 +58,44 @@ struct SeqState {
     params: SamplingParams,
     num_output: usize,
     sampler: Sampler,
+    /// Set while a sequence that asked for `prompt_logprobs` computes its prompt.
+    prompt_logprobs: Option<PromptLogprobs>,
+}
+
+/// The prompt log-probabilities of a sequence in its prefill, gathered chunk by chunk and
+/// handed on with its first token.
+struct PromptLogprobs {
+    k: usize,
+    prompt: Vec<TokenId>,
+    /// One entry per prompt position computed so far (the first token's is `None`).
+    entries: Vec<Option<TokenLogprobs>>,
+}
+
+impl PromptLogprobs {
+    /// For a sequence (re)starting its prompt; `None` when it did not ask, or when it
+    /// already produced tokens (its prompt log-probabilities went out with the first).
+    fn start(new: &NewSeqData) -> Option<Self> {
+        let k = new.params.prompt_logprobs?;
+        new.output_token_ids.is_empty().then(|| Self {
+            k: k as usize,
+            prompt: new.prompt_token_ids.clone(),
+            entries: vec![None],
+        })
+    }
+
+    /// The position the next computed token must have.
+    fn next_pos(&self) -> usize {
+        self.entries.len() - 1
+    }
+}
+
+/// What a row of logits is for.
+#[derive(Debug, Clone, Copy)]
+enum RowUse {
+    /// The log-probabilities of prompt token `pos + 1`.
+    Prompt { seq_id: SeqId, pos: usize },
+    /// Sampling the sequence's next token.
+    Sample { seq_id: SeqId },
 }
 
 /// A model on its backend, with the KV pool it runs on: the executor's view, whatever the
@@ -145,18 +184,23 @@ impl Executor {
         let vocab = self.device.spec().vocab_size;
         for s in &batch.seqs {
             if let Some(new) = &s.new_seq {
-                // A preempted sequence keeps its sampler (its RNG state is part of it).
-                self.seqs.entry(s.seq_id).or_insert_with(|| {
-                    let mut sampler = Sampler::new(&new.params, vocab, &new.prompt_token_ids);
-                    for &t in &new.output_token_ids {
-                        sampler.record(t);
-                    }
-                    SeqState {
-                        params: new.params.clone(),
-                        num_output: new.output_token_ids.len(),
-                        sampler,
-                    }
-                });
+                // A preempted sequence keeps its sampler (its RNG state is part of it);
+                // its prompt is computed again from the start.
+                self.seqs
+                    .entry(s.seq_id)
+                    .and_modify(|st| st.prompt_logprobs = PromptLogprobs::start(new))
+                    .or_insert_with(|| {
+                        let mut sampler = Sampler::new(&new.params, vocab, &new.prompt_token_ids);
+                        for &t in &new.output_token_ids {
+                            sampler.record(t);
+                        }
+                        SeqState {
+                            params: new.params.clone(),
+                            num_output: new.output_token_ids.len(),
+                            sampler,
+                            prompt_logprobs: PromptLogprobs::start(new),
+                        }
+                    });
             }
         }
         self.run(&batch.seqs).map_err(|e| e.to_string())
@@ -175,9 +219,30 @@ impl Executor {
         let mut slots = Vec::with_capacity(total);
         let mut attn = Vec::with_capacity(seqs.len());
         let mut logit_rows = Vec::new();
-        let mut samplers = Vec::new();
+        let mut uses = Vec::new();
+        let mut out = StepOutput::default();
         for s in seqs {
             let start = tokens.len();
+            // A sequence gathering prompt log-probabilities needs a row per prompt token.
+            let prompt_len = match self.seqs.get(&s.seq_id) {
+                Some(SeqState {
+                    prompt_logprobs: Some(pl),
+                    ..
+                }) => {
+                    if s.start_pos != pl.next_pos() {
+                        out.failed.push(SeqFailure {
+                            seq_id: s.seq_id,
+                            error: ErrorBody::internal(format!(
+                                "prompt_logprobs: the step computes positions from {}, but {} were computed before",
+                                s.start_pos,
+                                pl.next_pos()
+                            )),
+                        });
+                    }
+                    Some(pl.prompt.len())
+                }
+                _ => None,
+            };
             for (i, &t) in s.token_ids.iter().enumerate() {
                 let pos = s.start_pos + i;
                 let block = *s.block_table.get(pos / bs).ok_or_else(|| {
@@ -194,6 +259,13 @@ impl Executor {
                 tokens.push(t);
                 positions.push(pos);
                 slots.push(block * bs + pos % bs);
+                if prompt_len.is_some_and(|n| pos + 1 < n) {
+                    logit_rows.push(tokens.len() - 1);
+                    uses.push(RowUse::Prompt {
+                        seq_id: s.seq_id,
+                        pos,
+                    });
+                }
             }
             attn.push(AttnSeq {
                 query_start: start,
@@ -203,7 +275,7 @@ impl Executor {
             });
             if s.sample {
                 logit_rows.push(tokens.len() - 1);
-                samplers.push(s.seq_id);
+                uses.push(RowUse::Sample { seq_id: s.seq_id });
             }
         }
         let input = BatchInput {
@@ -215,14 +287,34 @@ impl Executor {
         };
         let mut logits = self.device.forward(&input)?;
         let vocab = self.device.spec().vocab_size;
-        let mut out = StepOutput::default();
         let mut suppress: Vec<TokenId> = Vec::new();
-        for (row, seq_id) in logits.chunks_exact_mut(vocab).zip(samplers) {
+        for (row, row_use) in logits.chunks_exact_mut(vocab).zip(uses) {
+            let seq_id = match row_use {
+                RowUse::Prompt { seq_id, .. } | RowUse::Sample { seq_id } => seq_id,
+            };
+            // A sequence fails once, alone; the rest of the batch goes on.
+            if out.failed.iter().any(|f| f.seq_id == seq_id) {
+                continue;
+            }
             let st = self.seqs.get_mut(&seq_id).ok_or_else(|| {
                 ForwardError::Shape(format!("sequence {seq_id} has no sampler state"))
             })?;
             if fault::nan_logits(seq_id) {
                 row.fill(f32::NAN);
+            }
+            if let RowUse::Prompt { pos, .. } = row_use {
+                if let Some(pl) = st.prompt_logprobs.as_mut() {
+                    match logprobs::token_logprobs(row, pl.prompt[pos + 1], pl.k) {
+                        Some(lp) => pl.entries.push(Some(lp)),
+                        None => out.failed.push(SeqFailure {
+                            seq_id,
+                            error: ErrorBody::internal(format!(
+                                "the model produced no usable logits at prompt position {pos}"
+                            )),
+                        }),
+                    }
+                }
+                continue;
             }
             suppress.clear();
             if (st.num_output as u32) < st.params.min_tokens {
@@ -231,11 +323,26 @@ impl Executor {
                 }
                 suppress.extend_from_slice(&st.params.stop_token_ids);
             }
-            // A sequence that cannot be sampled fails alone; the rest of the batch goes on.
+            // The sampler works in place: keep the raw row for the log-probabilities.
+            let raw = st.params.logprobs.map(|k| (k as usize, row.to_vec()));
             match st.sampler.sample(row, &suppress) {
                 Ok(token_id) => {
                     st.num_output += 1;
-                    out.sampled.push(SampledToken { seq_id, token_id });
+                    let mut sampled = SampledToken::new(seq_id, token_id);
+                    if let Some((k, raw)) = raw {
+                        let Some(lp) = logprobs::token_logprobs(&raw, token_id, k) else {
+                            out.failed.push(SeqFailure {
+                                seq_id,
+                                error: ErrorBody::internal(
+                                    "the model produced logits with NaN: no log-probabilities",
+                                ),
+                            });
+                            continue;
+                        };
+                        sampled.logprobs = Some(lp);
+                    }
+                    sampled.prompt_logprobs = st.prompt_logprobs.take().map(|pl| pl.entries);
+                    out.sampled.push(sampled);
                 }
                 Err(e) => out.failed.push(SeqFailure {
                     seq_id,

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::blocks::BlockId;
-use super::{ErrorBody, SamplingParams, SeqId, TokenId};
+use super::{ErrorBody, SamplingParams, SeqId, TokenId, TokenLogprobs};
 
 /// Sent with a sequence the first time it is scheduled after (re-)admission, so the
 /// executor can set up per-sequence state (sampler, penalties) even when the prefix cache
@@ -59,10 +59,29 @@ impl ScheduledBatch {
 }
 
 /// A token the executor sampled for a sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampledToken {
     pub seq_id: SeqId,
     pub token_id: TokenId,
+    /// The token's log-probabilities (the request set `logprobs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<TokenLogprobs>,
+    /// With a sequence's first token (the request set `prompt_logprobs`): one entry per
+    /// prompt token, the first `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+}
+
+impl SampledToken {
+    /// A token without log-probabilities.
+    pub fn new(seq_id: SeqId, token_id: TokenId) -> Self {
+        Self {
+            seq_id,
+            token_id,
+            logprobs: None,
+            prompt_logprobs: None,
+        }
+    }
 }
 
 /// A sequence the executor could not sample for: the failure is its own (every token

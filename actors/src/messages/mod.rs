@@ -37,9 +37,9 @@ pub use blocks::{
     FreeRequest, GrowRequest, Grown, InspectPool, StepRequest, StepResponse,
 };
 pub use request::{
-    now_us, overloaded, validate_params, ChatMessage, ErrorBody, ErrorCode, FinishReason,
-    GenerateRequest, Prompt, SamplingError, SamplingParams, SeqId, StreamEvent, Timings, TokenId,
-    Usage,
+    now_us, overloaded, validate_params, ChatMessage, ErrorBody, ErrorCode, EventLogprobs,
+    FinishReason, GenerateRequest, Prompt, SamplingError, SamplingParams, SeqId, StreamEvent,
+    Timings, TokenId, TokenLogprobs, Usage, MAX_LOGPROBS,
 };
 pub use sequence::{
     AddSequence, Cancel, CancelStreams, FinishSequence, FirstScheduled, GetSchedulerStats,
@@ -108,6 +108,8 @@ mod tests {
             stop: vec!["\n\n".into(), "END".into()],
             stop_token_ids: vec![2, 3],
             ignore_eos: true,
+            logprobs: Some(5),
+            prompt_logprobs: Some(0),
         }
     }
 
@@ -166,6 +168,20 @@ mod tests {
         round_trip(&StreamEvent::Delta {
             text: "é".into(),
             token_ids: vec![1, 2],
+            logprobs: EventLogprobs::default(),
+        });
+        let lp = TokenLogprobs {
+            logprob: -0.125,
+            top_logprobs: vec![(1, -0.125), (7, -3.5)],
+        };
+        round_trip(&StreamEvent::Delta {
+            text: "é".into(),
+            token_ids: vec![1],
+            logprobs: EventLogprobs {
+                tokens: Some(vec![lp.clone()]),
+                prompt: Some(vec![None, Some(lp.clone())]),
+                cumulative: None,
+            },
         });
         round_trip(&StreamEvent::Finished {
             text: String::new(),
@@ -180,6 +196,11 @@ mod tests {
                 queue_ms: 0.5,
                 ttft_ms: 12.25,
                 total_ms: 40.0,
+            },
+            logprobs: EventLogprobs {
+                tokens: Some(vec![]),
+                prompt: None,
+                cumulative: Some(-7.75),
             },
         });
         round_trip(&StreamEvent::Error(ErrorBody::new(
@@ -225,12 +246,25 @@ mod tests {
                     token_id: 9,
                     num_output_tokens: 1,
                     finish_reason: None,
+                    logprobs: Some(TokenLogprobs {
+                        logprob: -0.5,
+                        top_logprobs: vec![(9, -0.5), (3, -1.25)],
+                    }),
+                    prompt_logprobs: Some(vec![
+                        None,
+                        Some(TokenLogprobs {
+                            logprob: -2.0,
+                            top_logprobs: vec![],
+                        }),
+                    ]),
                 },
                 SeqOutput {
                     seq_id: 5,
                     token_id: 2,
                     num_output_tokens: 7,
                     finish_reason: Some(FinishReason::Stop),
+                    logprobs: None,
+                    prompt_logprobs: None,
                 },
             ],
             first_scheduled: vec![FirstScheduled {
@@ -324,10 +358,7 @@ mod tests {
         };
         round_trip(&run);
         let out = StepOutput {
-            sampled: vec![SampledToken {
-                seq_id: 1,
-                token_id: 42,
-            }],
+            sampled: vec![SampledToken::new(1, 42)],
             failed: vec![SeqFailure {
                 seq_id: 2,
                 error: ErrorBody::new(ErrorCode::InvalidRequest, "no token"),

@@ -40,6 +40,27 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<TokenId>,
     /// Keep generating past the model's end-of-sequence token.
     pub ignore_eos: bool,
+    /// Per generated token, its log-probability and the `logprobs` most likely tokens
+    /// (0: the token's own only). `None`: no log-probabilities. At most [`MAX_LOGPROBS`].
+    pub logprobs: Option<u32>,
+    /// The same for every prompt token after the first, delivered with the first chunk.
+    /// Such a request computes its whole prompt (the prefix cache is not consulted).
+    pub prompt_logprobs: Option<u32>,
+}
+
+/// Most alternatives `logprobs` / `prompt_logprobs` may ask for (vLLM's default
+/// `max_logprobs`).
+pub const MAX_LOGPROBS: u32 = 20;
+
+/// The log-probability of one token (generated or in the prompt): the log-softmax of the
+/// model's raw logits at that position, before penalties, temperature and the other
+/// filters (vLLM's default, `raw_logprobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// The most likely tokens at that position, most likely first (ties to the lower id),
+    /// as `[token_id, logprob]` pairs.
+    pub top_logprobs: Vec<(TokenId, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -58,6 +79,8 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -239,6 +262,27 @@ pub fn overloaded(waiting: usize, max_waiting: usize) -> ErrorBody {
     )
 }
 
+/// Log-probabilities that travel with a stream event (all empty unless the request asked).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventLogprobs {
+    /// One entry per id in the event's `token_ids` (`logprobs` was set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<TokenLogprobs>>,
+    /// On the first event only (`prompt_logprobs` was set): one entry per prompt token,
+    /// the first `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Vec<Option<TokenLogprobs>>>,
+    /// On the final event (`logprobs` was set): the sum over every generated token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cumulative: Option<f64>,
+}
+
+impl EventLogprobs {
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_none() && self.prompt.is_none() && self.cumulative.is_none()
+    }
+}
+
 /// What a request's stream carries: text deltas, then exactly one `Finished` or `Error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -246,6 +290,8 @@ pub enum StreamEvent {
     Delta {
         text: String,
         token_ids: Vec<TokenId>,
+        #[serde(default, skip_serializing_if = "EventLogprobs::is_empty")]
+        logprobs: EventLogprobs,
     },
     Finished {
         text: String,
@@ -253,6 +299,8 @@ pub enum StreamEvent {
         finish_reason: FinishReason,
         usage: Usage,
         timings: Timings,
+        #[serde(default, skip_serializing_if = "EventLogprobs::is_empty")]
+        logprobs: EventLogprobs,
     },
     Error(ErrorBody),
 }
@@ -286,6 +334,8 @@ pub enum SamplingError {
     StopTokenId { token: TokenId, vocab_size: usize },
     #[error("stop strings must not be empty")]
     EmptyStopString,
+    #[error("{field} must be at most {MAX_LOGPROBS}, got {value}")]
+    Logprobs { field: &'static str, value: u32 },
     #[error("cannot sample from an empty logits row")]
     EmptyLogits,
     #[error("no token can be sampled: every logit is -inf or NaN after suppression")]
@@ -306,6 +356,7 @@ impl SamplingError {
             SamplingError::MinTokens { .. } => Some("min_tokens"),
             SamplingError::StopTokenId { .. } => Some("stop_token_ids"),
             SamplingError::EmptyStopString => Some("stop"),
+            SamplingError::Logprobs { field, .. } => Some(field),
             SamplingError::EmptyLogits | SamplingError::NoCandidate => None,
         }
     }
@@ -353,6 +404,14 @@ pub fn validate_params(params: &SamplingParams, vocab_size: usize) -> Result<(),
     }
     if params.stop.iter().any(String::is_empty) {
         return Err(SamplingError::EmptyStopString);
+    }
+    for (field, value) in [
+        ("logprobs", params.logprobs),
+        ("prompt_logprobs", params.prompt_logprobs),
+    ] {
+        if let Some(value) = value.filter(|&v| v > MAX_LOGPROBS) {
+            return Err(SamplingError::Logprobs { field, value });
+        }
     }
     Ok(())
 }

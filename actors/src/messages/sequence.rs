@@ -7,7 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ErrorBody, FinishReason, GenerateRequest, SamplingParams, SeqId, TokenId};
+use super::{
+    ErrorBody, FinishReason, GenerateRequest, SamplingParams, SeqId, TokenId, TokenLogprobs,
+};
 
 /// Client → tokenizer: a request, whose stream is already open under `seq_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, actix::Message)]
@@ -62,13 +64,18 @@ pub struct FinishSequence {
 }
 
 /// One sampled token of a sequence, after the scheduler decided whether it ends the sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeqOutput {
     pub seq_id: SeqId,
     pub token_id: TokenId,
     /// Generated tokens so far, this one included.
     pub num_output_tokens: usize,
     pub finish_reason: Option<FinishReason>,
+    /// As in [`super::SampledToken`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<TokenLogprobs>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
 }
 
 /// Counters for metrics.
@@ -97,7 +104,7 @@ pub struct FirstScheduled {
 }
 
 /// Scheduler → detokenizer, once per step: every sampled token of the step.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, actix::Message)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, actix::Message)]
 #[rtype(result = "()")]
 pub struct StepTokens {
     pub outputs: Vec<SeqOutput>,

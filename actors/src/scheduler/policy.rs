@@ -8,8 +8,9 @@ use crate::block_manager::BlockManager;
 use crate::messages::blocks::{extend_block_hashes, RELEASED_BLOCK};
 use crate::messages::{
     AdmitRequest, BlockError, BlockHash, BlockId, BlockManagerConfig, BlockStats, ErrorBody,
-    ErrorCode, FinishReason, FreeRequest, GrowRequest, NewSeqData, SamplingParams, ScheduledBatch,
-    ScheduledSeq, SchedulerStats, SeqId, SeqOutput, StepOutput, StepRequest, StepResponse, TokenId,
+    ErrorCode, FinishReason, FreeRequest, GrowRequest, NewSeqData, SampledToken, SamplingParams,
+    ScheduledBatch, ScheduledSeq, SchedulerStats, SeqId, SeqOutput, StepOutput, StepRequest,
+    StepResponse, TokenId,
 };
 
 /// Limits of the scheduling policy. (The engine builds this from `config::SchedulerConfig`
@@ -358,11 +359,18 @@ impl SchedulerPolicy {
             let n = s.tokens.len().min(budget);
             budget -= n;
             seats -= 1;
+            // Prompt log-probabilities need every prompt position computed: no prefix
+            // cache lookup for a sequence that still owes them.
+            let wants_whole_prompt = s.params.prompt_logprobs.is_some() && s.num_output() == 0;
             admit.push(AdmitRequest {
                 seq_id,
                 num_tokens: s.tokens.len(),
                 num_new_tokens: n,
-                block_hashes: s.block_hashes.clone(),
+                block_hashes: if wants_whole_prompt {
+                    Vec::new()
+                } else {
+                    s.block_hashes.clone()
+                },
             });
             planned_admit.push(seq_id);
         }
@@ -527,11 +535,8 @@ impl SchedulerPolicy {
         let Phase::Executing(exec) = &self.phase else {
             return Err(SchedulerError::NoBatch);
         };
-        let sampled: HashMap<SeqId, TokenId> = output
-            .sampled
-            .iter()
-            .map(|t| (t.seq_id, t.token_id))
-            .collect();
+        let sampled: HashMap<SeqId, &SampledToken> =
+            output.sampled.iter().map(|t| (t.seq_id, t)).collect();
         if let Some(e) = exec.iter().find(|e| {
             e.sample && self.seqs.contains_key(&e.seq_id) && !sampled.contains_key(&e.seq_id)
         }) {
@@ -550,9 +555,10 @@ impl SchedulerPolicy {
             if !e.sample {
                 continue;
             }
-            let Some(&token_id) = sampled.get(&e.seq_id) else {
+            let Some(&sampled) = sampled.get(&e.seq_id) else {
                 continue;
             };
+            let token_id = sampled.token_id;
             s.tokens.push(token_id);
             if self.cache.enable_prefix_caching {
                 extend_block_hashes(&mut s.block_hashes, &s.tokens, self.cache.block_size);
@@ -563,6 +569,8 @@ impl SchedulerPolicy {
                 token_id,
                 num_output_tokens: s.num_output(),
                 finish_reason,
+                logprobs: sampled.logprobs.clone(),
+                prompt_logprobs: sampled.prompt_logprobs.clone(),
             });
             if finish_reason.is_some() {
                 self.retire(e.seq_id);

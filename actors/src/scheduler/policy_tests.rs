@@ -51,10 +51,7 @@ impl Engine {
             .seqs
             .iter()
             .filter(|s| s.sample)
-            .map(|s| SampledToken {
-                seq_id: s.seq_id,
-                token_id: sample(s),
-            })
+            .map(|s| SampledToken::new(s.seq_id, sample(s)))
             .collect();
         let outs = self
             .sched
@@ -603,10 +600,7 @@ fn aborts_while_a_step_is_in_flight() {
     let outs = e
         .sched
         .update(&StepOutput {
-            sampled: vec![SampledToken {
-                seq_id: 2,
-                token_id: 5,
-            }],
+            sampled: vec![SampledToken::new(2, 5)],
             failed: Vec::new(),
         })
         .expect("update");
@@ -736,10 +730,7 @@ fn batch_round_trips_through_messagepack() {
     let back: ScheduledBatch = rmp_serde::from_slice(&bytes).expect("decode");
     assert_eq!(back, b);
     let out = StepOutput {
-        sampled: vec![SampledToken {
-            seq_id: 1,
-            token_id: 3,
-        }],
+        sampled: vec![SampledToken::new(1, 3)],
         failed: Vec::new(),
     };
     let back: StepOutput =
