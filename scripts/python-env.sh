@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Prints the path of a Python interpreter that can import the Python example's
-# dependencies (examples/python/requirements.txt: nats-py, msgpack) on stdout, and nothing
+# dependencies (examples/python/requirements.txt: nats-py, msgpack, jsonschema) on stdout, and nothing
 # else there, installing them when missing. Messages go to stderr. Idempotent; safe to
 # run concurrently. The Python example's tests (tests/python_client.rs) use it.
 #
 # Order:
-#   1. $PAGODA_PYTHON, when set (it must already import nats and msgpack).
+#   1. $PAGODA_PYTHON, when set (it must already import nats, msgpack and jsonschema).
 #   2. The project-local cache .tools/python/python: a wrapper that runs python3 with
 #      PYTHONPATH=.tools/python/lib, when the lib was installed from the current
 #      requirements.txt by the same interpreter.
@@ -21,14 +21,14 @@ wrapper="$cache_dir/python"
 stamp="$cache_dir/stamp"
 
 say() { echo "python-env.sh: $*" >&2; }
-imports_ok() { "$1" -c 'import nats, msgpack' >/dev/null 2>&1; }
+imports_ok() { "$1" -c 'import nats, msgpack, jsonschema' >/dev/null 2>&1; }
 
 # 1. explicit override
 if [ -n "${PAGODA_PYTHON:-}" ]; then
   if imports_ok "$PAGODA_PYTHON"; then
     echo "$PAGODA_PYTHON"; exit 0
   fi
-  say "error: PAGODA_PYTHON=$PAGODA_PYTHON cannot import nats and msgpack (pip install -r $req)"
+  say "error: PAGODA_PYTHON=$PAGODA_PYTHON cannot import nats, msgpack and jsonschema (pip install -r $req)"
   exit 1
 fi
 
@@ -40,7 +40,7 @@ for cand in python3 python; do
 done
 if [ -z "$py" ]; then
   say "error: python3 with pip is required for the Python example's tests; install python3-pip"
-  say "(or point PAGODA_PYTHON at an interpreter that imports nats and msgpack)"
+  say "(or point PAGODA_PYTHON at an interpreter that imports nats, msgpack and jsonschema)"
   exit 1
 fi
 want="$(sha256sum "$req" | cut -d' ' -f1) $py $("$py" --version 2>&1)"
@@ -78,7 +78,7 @@ EOF
 chmod +x "$tmp/python"
 mv -f "$tmp/python" "$wrapper"
 if ! imports_ok "$wrapper"; then
-  say "error: $wrapper cannot import nats and msgpack after the install"
+  say "error: $wrapper cannot import nats, msgpack and jsonschema after the install"
   exit 1
 fi
 echo "$want" >"$stamp"

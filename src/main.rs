@@ -27,13 +27,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate a completion in-process (through all five actors) and stream it to stdout.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Benchmark pagoda (in-process or over NATS) and llama-server with the same requests.
     Bench(BenchArgs),
     /// Serve the engine on NATS (<prefix>.generate, <prefix>.cancel, $SRV.*).
     Serve(ServeArgs),
     /// Send one request to the engines on NATS and stream the answer to stdout.
-    Request(RequestArgs),
+    Request(Box<RequestArgs>),
 }
 
 #[derive(Args)]
@@ -230,6 +230,22 @@ struct SamplingArgs {
     /// The same for every prompt token after the first, printed on stderr.
     #[arg(long, value_name = "K")]
     prompt_logprobs: Option<u32>,
+    /// Structured output: the answer is one of these (repeat the flag per choice).
+    #[arg(long, value_name = "TEXT")]
+    guided_choice: Vec<String>,
+    /// Structured output: the answer fully matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    guided_regex: Option<String>,
+    /// Structured output: the answer is JSON under this JSON schema (given inline).
+    #[arg(long, value_name = "SCHEMA", value_parser = parse_json)]
+    guided_json: Option<serde_json::Value>,
+    /// Structured output: the answer is a sentence of this Lark grammar.
+    #[arg(long, value_name = "LARK")]
+    guided_grammar: Option<String>,
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
 impl SamplingArgs {
@@ -250,6 +266,11 @@ impl SamplingArgs {
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
             prompt_logprobs: self.prompt_logprobs,
+            guided_choice: (!self.guided_choice.is_empty()).then(|| self.guided_choice.clone()),
+            guided_regex: self.guided_regex.clone(),
+            guided_json: self.guided_json.clone(),
+            guided_grammar: self.guided_grammar.clone(),
+            response_format: None,
         }
     }
 }
@@ -350,7 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.engine.model.path = m.display().to_string();
             }
             config.validate()?;
-            generate(config, args)
+            generate(config, *args)
         }
         Command::Bench(args) => {
             if let Some(m) = &args.model {
@@ -379,7 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Request(args) => {
             args.nats.apply(&mut config.nats);
             config.nats.validate()?;
-            request(config, args)
+            request(config, *args)
         }
     }
 }

@@ -53,7 +53,7 @@ pub fn install_recorder(max_model_len: usize) -> Result<PrometheusHandle, Metric
     let full = |name: &str| Matcher::Full(name.to_owned());
     let mut builder = PrometheusBuilder::new();
     // Every histogram needs buckets here, or the exporter renders it as a summary.
-    let table: [(&str, &[f64]); 13] = [
+    let table: [(&str, &[f64]); 14] = [
         (m::TIME_TO_FIRST_TOKEN, m::TTFT_BUCKETS),
         (m::INTER_TOKEN_LATENCY, m::TOKEN_LATENCY_BUCKETS),
         (m::TIME_PER_OUTPUT_TOKEN, m::TOKEN_LATENCY_BUCKETS),
@@ -66,6 +66,7 @@ pub fn install_recorder(max_model_len: usize) -> Result<PrometheusHandle, Metric
         (m::REQUEST_GENERATION_TOKENS, &token_buckets),
         (m::ITERATION_TOKENS, m::ITERATION_TOKENS_BUCKETS),
         (m::STEP_DURATION, m::STEP_DURATION_BUCKETS),
+        (m::GUIDE_MASK_DURATION, m::STEP_DURATION_BUCKETS),
         (m::BATCH_SIZE, m::BATCH_SIZE_BUCKETS),
     ];
     for (name, buckets) in table {

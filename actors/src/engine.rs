@@ -25,6 +25,7 @@ use crate::executor::backend::{Backend as _, Cpu};
 use crate::executor::models::{self, ModelSpec};
 use crate::executor::weights::LoadError;
 use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
+use crate::guide::GuideFactory;
 use crate::load::EngineLoad;
 use crate::messages::{
     now_us, post, AddSequence, BlockManagerConfig, BlockStats, Cancel, ErrorBody, FinishSequence,
@@ -221,7 +222,8 @@ impl EngineCore {
             cfg.cache.enable_prefix_caching,
             kv_dtype.name(),
         );
-        let executor = Executor::new(backend, model, num_blocks, block_size, kv_dtype, eos_ids)?;
+        let executor = Executor::new(backend, model, num_blocks, block_size, kv_dtype, eos_ids)?
+            .with_guides(guides(&files));
         // The executor's thread: forward passes block it for milliseconds at a time.
         let exec_guard = supervisor.guard("executor");
         let executor = ExecutorActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
@@ -402,6 +404,7 @@ impl Engine {
             add: backend.add.clone(),
         };
         let tok_guard = supervisor.guard("tokenizer");
+        let guides = Arc::new(guides(&files));
         let parts = Arc::new(files.tokenizer);
         let vocab_size = files.model_cfg.vocab_size;
         let max_model_len = info.max_model_len;
@@ -424,6 +427,7 @@ impl Engine {
                 tok_guard,
             )
             .with_overload_gate(load, max_waiting)
+            .with_guides(guides)
         });
         Ok(Self {
             submit: tokenizer.clone().recipient(),
@@ -513,4 +517,24 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// Structured output over this model's vocabulary (`crate::guide`), or why it cannot be.
+fn guides(files: &ModelFiles) -> Result<GuideFactory, String> {
+    let started = std::time::Instant::now();
+    let eos = *files
+        .tokenizer
+        .special
+        .eos_ids
+        .first()
+        .ok_or("the model has no end-of-sequence token")?;
+    let guides = GuideFactory::new(&files.tokenizer.tokenizer, eos, files.model_cfg.vocab_size);
+    match &guides {
+        Ok(_) => tracing::debug!(
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "structured output ready"
+        ),
+        Err(e) => tracing::warn!(error = %e, "structured output is not available for this model"),
+    }
+    guides
 }

@@ -12,6 +12,7 @@ pub mod detokenizer;
 pub mod engine;
 pub mod executor;
 pub mod fault;
+pub mod guide;
 pub mod load;
 pub mod messages;
 pub mod metrics;

@@ -41,6 +41,9 @@ pub const ITERATION_TOKENS: &str = "vllm:iteration_tokens_total";
 pub const CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
 
 pub const STEP_DURATION: &str = "pagoda_step_duration_seconds";
+/// Per step with guided sequences: the time their token masks took (computed while the
+/// forward pass runs).
+pub const GUIDE_MASK_DURATION: &str = "pagoda_guided_mask_seconds";
 pub const BATCH_SIZE: &str = "pagoda_batch_size";
 pub const KV_FREE_BLOCKS: &str = "pagoda_kv_free_blocks";
 
@@ -127,6 +130,11 @@ pub fn describe() {
     describe_counter!(
         PREFIX_CACHE_HITS_TOTAL,
         "Prefix cache hits, in terms of number of cached tokens."
+    );
+    describe_histogram!(
+        GUIDE_MASK_DURATION,
+        Unit::Seconds,
+        "Per step with guided (structured output) sequences: time spent computing their token masks, in parallel with the forward pass."
     );
     describe_histogram!(
         TIME_TO_FIRST_TOKEN,

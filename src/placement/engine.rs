@@ -211,7 +211,7 @@ impl Handler<Call> for FrontendLinks {
     type Result = ();
     fn handle(&mut self, Call(req): Call, ctx: &mut Context<Self>) {
         match decode::<EngineCall>(&req.message.payload) {
-            Ok(EngineCall::Add { frontend, add }) => self.on_add(frontend, add, req, ctx),
+            Ok(EngineCall::Add { frontend, add }) => self.on_add(frontend, *add, req, ctx),
             Ok(EngineCall::Finish { frontend, finish }) => {
                 self.on_finish(frontend, finish, req, ctx)
             }

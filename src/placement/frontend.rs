@@ -353,7 +353,7 @@ impl Handler<AddSequence> for EngineRouter {
         self.adding.insert(seq_id, Vec::new());
         let call = EngineCall::Add {
             frontend: self.id.clone(),
-            add,
+            add: Box::new(add),
         };
         Box::pin(
             self.call(&engine, &call)

@@ -85,7 +85,8 @@ pub fn new_id(role: &str) -> String {
 pub enum EngineCall {
     Add {
         frontend: String,
-        add: AddSequence,
+        /// Boxed: sampling parameters (a JSON schema among them) dwarf the other calls.
+        add: Box<AddSequence>,
     },
     Finish {
         frontend: String,
@@ -176,11 +177,11 @@ mod tests {
     fn envelopes_round_trip_as_messagepack() {
         round_trip(&EngineCall::Add {
             frontend: "frontend-1".into(),
-            add: AddSequence {
+            add: Box::new(AddSequence {
                 seq_id: 3,
                 prompt: vec![1, 2, 3],
                 params: SamplingParams::default(),
-            },
+            }),
         });
         round_trip(&EngineCall::Finish {
             frontend: "frontend-1".into(),

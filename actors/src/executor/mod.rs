@@ -19,6 +19,7 @@ use pagoda_kernels::attention::AttnSeq;
 
 use crate::config::{EngineConfig, KvCacheDtype};
 use crate::fault;
+use crate::guide::{Guide, GuideFactory, Mask};
 use crate::messages::{
     ErrorBody, ErrorCode, NewSeqData, RunBatch, SampledToken, SamplingParams, ScheduledSeq,
     SeqFailure, SeqId, StepOutput, TokenId, TokenLogprobs,
@@ -60,6 +61,8 @@ struct SeqState {
     sampler: Sampler,
     /// Set while a sequence that asked for `prompt_logprobs` computes its prompt.
     prompt_logprobs: Option<PromptLogprobs>,
+    /// Structured output: where the sequence stands in its grammar.
+    guide: Option<Guide>,
 }
 
 /// The prompt log-probabilities of a sequence in its prefill, gathered chunk by chunk and
@@ -133,6 +136,8 @@ pub struct Executor {
     seqs: HashMap<SeqId, SeqState>,
     /// Tokens that end a sequence, suppressed while it has fewer than `min_tokens` outputs.
     eos_ids: Vec<TokenId>,
+    /// Compiles guided requests' grammars (the reason when this model cannot have them).
+    guides: Result<GuideFactory, String>,
 }
 
 impl Executor {
@@ -162,7 +167,44 @@ impl Executor {
             block_size,
             seqs: HashMap::new(),
             eos_ids,
+            guides: Err("no vocabulary was given to the executor".into()),
         })
+    }
+
+    /// Enables structured output: `guides` compiles the requests' grammars (or says why
+    /// this model cannot have them).
+    pub fn with_guides(mut self, guides: Result<GuideFactory, String>) -> Self {
+        self.guides = guides;
+        self
+    }
+
+    /// A new sequence's guide, following the tokens it already produced.
+    fn new_guide(&self, new: &NewSeqData) -> Result<Option<Guide>, ErrorBody> {
+        let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidRequest, m);
+        let factory = match &self.guides {
+            Ok(f) => f,
+            Err(why) => {
+                // Only a guided request needs the factory.
+                return match GuideFactory::requested_field(&new.params) {
+                    Some(field) => Err(invalid(format!(
+                        "{field}: structured output is not available for this model: {why}"
+                    ))),
+                    None => Ok(None),
+                };
+            }
+        };
+        let Some(mut guide) = factory
+            .guide(&new.params)
+            .map_err(|e| invalid(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        for &t in &new.output_token_ids {
+            guide
+                .advance(t)
+                .map_err(|e| invalid(format!("guided decoding: {e}")))?;
+        }
+        Ok(Some(guide))
     }
 
     pub fn model_spec(&self) -> &ModelSpec {
@@ -182,31 +224,55 @@ impl Executor {
             ));
         }
         let vocab = self.device.spec().vocab_size;
+        let mut failed = Vec::new();
         for s in &batch.seqs {
             if let Some(new) = &s.new_seq {
-                // A preempted sequence keeps its sampler (its RNG state is part of it);
-                // its prompt is computed again from the start.
-                self.seqs
-                    .entry(s.seq_id)
-                    .and_modify(|st| st.prompt_logprobs = PromptLogprobs::start(new))
-                    .or_insert_with(|| {
-                        let mut sampler = Sampler::new(&new.params, vocab, &new.prompt_token_ids);
-                        for &t in &new.output_token_ids {
-                            sampler.record(t);
+                if !self.seqs.contains_key(&s.seq_id) {
+                    match self.new_guide(new) {
+                        Ok(guide) => {
+                            let mut sampler =
+                                Sampler::new(&new.params, vocab, &new.prompt_token_ids);
+                            for &t in &new.output_token_ids {
+                                sampler.record(t);
+                            }
+                            self.seqs.insert(
+                                s.seq_id,
+                                SeqState {
+                                    params: new.params.clone(),
+                                    num_output: new.output_token_ids.len(),
+                                    sampler,
+                                    prompt_logprobs: PromptLogprobs::start(new),
+                                    guide,
+                                },
+                            );
                         }
-                        SeqState {
-                            params: new.params.clone(),
-                            num_output: new.output_token_ids.len(),
-                            sampler,
-                            prompt_logprobs: PromptLogprobs::start(new),
-                        }
-                    });
+                        Err(error) => failed.push(SeqFailure {
+                            seq_id: s.seq_id,
+                            error,
+                        }),
+                    }
+                    continue;
+                }
+                // A preempted sequence keeps its sampler (its RNG state is part of it)
+                // and its guide (the same tokens come back); its prompt is computed again
+                // from the start.
+                if let Some(st) = self.seqs.get_mut(&s.seq_id) {
+                    st.prompt_logprobs = PromptLogprobs::start(new);
+                }
             }
         }
-        self.run(&batch.seqs).map_err(|e| e.to_string())
+        let mut out = self.run(&batch.seqs, &failed).map_err(|e| e.to_string())?;
+        out.failed.extend(failed);
+        Ok(out)
     }
 
-    fn run(&mut self, seqs: &[ScheduledSeq]) -> Result<StepOutput, ForwardError> {
+    /// The forward pass and sampling; sequences in `failed` already failed (they run
+    /// through the model with the rest, nothing is sampled for them).
+    fn run(
+        &mut self,
+        seqs: &[ScheduledSeq],
+        failed: &[SeqFailure],
+    ) -> Result<StepOutput, ForwardError> {
         if seqs.is_empty() {
             return Ok(StepOutput::default());
         }
@@ -285,7 +351,36 @@ impl Executor {
             seqs: &attn,
             logit_rows: &logit_rows,
         };
-        let mut logits = self.device.forward(&input)?;
+        // Guided sequences' masks are computed on another thread while the forward pass
+        // runs: they depend only on the tokens sampled so far.
+        let guided: Vec<SeqId> = seqs
+            .iter()
+            .filter(|s| s.sample)
+            .filter(|s| {
+                self.seqs
+                    .get(&s.seq_id)
+                    .is_some_and(|st| st.guide.is_some())
+            })
+            .map(|s| s.seq_id)
+            .collect();
+        let (logits, mut masks) = if guided.is_empty() {
+            (self.device.forward(&input), HashMap::new())
+        } else {
+            let device = &mut self.device;
+            let states = &mut self.seqs;
+            std::thread::scope(|scope| {
+                let masker = scope.spawn(|| guide_masks(states, &guided));
+                let logits = device.forward(&input);
+                let masks = masker.join().unwrap_or_else(|_| {
+                    guided
+                        .iter()
+                        .map(|&id| (id, Err("computing the token mask panicked".to_owned())))
+                        .collect()
+                });
+                (logits, masks)
+            })
+        };
+        let mut logits = logits?;
         let vocab = self.device.spec().vocab_size;
         let mut suppress: Vec<TokenId> = Vec::new();
         for (row, row_use) in logits.chunks_exact_mut(vocab).zip(uses) {
@@ -293,7 +388,7 @@ impl Executor {
                 RowUse::Prompt { seq_id, .. } | RowUse::Sample { seq_id } => seq_id,
             };
             // A sequence fails once, alone; the rest of the batch goes on.
-            if out.failed.iter().any(|f| f.seq_id == seq_id) {
+            if out.failed.iter().chain(failed).any(|f| f.seq_id == seq_id) {
                 continue;
             }
             let st = self.seqs.get_mut(&seq_id).ok_or_else(|| {
@@ -325,8 +420,42 @@ impl Executor {
             }
             // The sampler works in place: keep the raw row for the log-probabilities.
             let raw = st.params.logprobs.map(|k| (k as usize, row.to_vec()));
+            if st.guide.is_some() {
+                match masks.remove(&seq_id) {
+                    Some(Ok(mask)) => mask.apply(row),
+                    Some(Err(e)) => {
+                        out.failed.push(SeqFailure {
+                            seq_id,
+                            error: ErrorBody::new(
+                                ErrorCode::InvalidRequest,
+                                format!("guided decoding: {e}"),
+                            ),
+                        });
+                        continue;
+                    }
+                    None => {
+                        out.failed.push(SeqFailure {
+                            seq_id,
+                            error: ErrorBody::internal("guided decoding: no mask was computed"),
+                        });
+                        continue;
+                    }
+                }
+            }
             match st.sampler.sample(row, &suppress) {
                 Ok(token_id) => {
+                    if let Some(guide) = st.guide.as_mut() {
+                        if let Err(e) = guide.advance(token_id) {
+                            out.failed.push(SeqFailure {
+                                seq_id,
+                                error: ErrorBody::new(
+                                    ErrorCode::InvalidRequest,
+                                    format!("guided decoding: {e}"),
+                                ),
+                            });
+                            continue;
+                        }
+                    }
                     st.num_output += 1;
                     let mut sampled = SampledToken::new(seq_id, token_id);
                     if let Some((k, raw)) = raw {
@@ -358,6 +487,25 @@ impl Executor {
         );
         Ok(out)
     }
+}
+
+/// The token masks of the `guided` sequences, and how long they took (recorded as
+/// [`crate::metrics::GUIDE_MASK_DURATION`]).
+fn guide_masks(
+    states: &mut HashMap<SeqId, SeqState>,
+    guided: &[SeqId],
+) -> HashMap<SeqId, Result<Mask, String>> {
+    let started = Instant::now();
+    let masks = guided
+        .iter()
+        .filter_map(|id| {
+            let guide = states.get_mut(id)?.guide.as_mut()?;
+            Some((*id, guide.mask()))
+        })
+        .collect();
+    metrics::histogram!(crate::metrics::GUIDE_MASK_DURATION)
+        .record(started.elapsed().as_secs_f64());
+    masks
 }
 
 /// The typed error of a sequence that could not be sampled: the engine's when the model

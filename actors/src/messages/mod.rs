@@ -38,8 +38,8 @@ pub use blocks::{
 };
 pub use request::{
     now_us, overloaded, validate_params, ChatMessage, ErrorBody, ErrorCode, EventLogprobs,
-    FinishReason, GenerateRequest, Prompt, SamplingError, SamplingParams, SeqId, StreamEvent,
-    Timings, TokenId, TokenLogprobs, Usage, MAX_LOGPROBS,
+    FinishReason, GenerateRequest, JsonSchemaFormat, Prompt, ResponseFormat, SamplingError,
+    SamplingParams, SeqId, StreamEvent, Timings, TokenId, TokenLogprobs, Usage, MAX_LOGPROBS,
 };
 pub use sequence::{
     AddSequence, Cancel, CancelStreams, FinishSequence, FirstScheduled, GetSchedulerStats,
@@ -110,6 +110,17 @@ mod tests {
             ignore_eos: true,
             logprobs: Some(5),
             prompt_logprobs: Some(0),
+            guided_choice: Some(vec!["yes".into(), "no".into()]),
+            guided_regex: Some("[0-9]+".into()),
+            guided_json: Some(serde_json::json!({"type": "object", "required": ["a"]})),
+            guided_grammar: Some("start: \"x\"".into()),
+            response_format: Some(ResponseFormat::JsonSchema {
+                json_schema: JsonSchemaFormat {
+                    name: Some("s".into()),
+                    schema: serde_json::json!({"type": "array"}),
+                    strict: None,
+                },
+            }),
         }
     }
 

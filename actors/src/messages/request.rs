@@ -46,6 +46,36 @@ pub struct SamplingParams {
     /// The same for every prompt token after the first, delivered with the first chunk.
     /// Such a request computes its whole prompt (the prefix cache is not consulted).
     pub prompt_logprobs: Option<u32>,
+    /// Structured output (at most one of the five): the text is exactly one of these.
+    pub guided_choice: Option<Vec<String>>,
+    /// … fully matches this regular expression (Rust `regex` syntax).
+    pub guided_regex: Option<String>,
+    /// … is JSON valid under this JSON schema.
+    pub guided_json: Option<serde_json::Value>,
+    /// … is a sentence of this Lark grammar (llguidance's dialect).
+    pub guided_grammar: Option<String>,
+    /// OpenAI's form: `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
+    /// {"name": …, "schema": {…}}}` (`{"type": "text"}`: unconstrained).
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// The `json_schema` of a `response_format`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JsonSchemaFormat {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub schema: serde_json::Value,
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 /// Most alternatives `logprobs` / `prompt_logprobs` may ask for (vLLM's default
@@ -81,6 +111,11 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: None,
+            guided_choice: None,
+            guided_regex: None,
+            guided_json: None,
+            guided_grammar: None,
+            response_format: None,
         }
     }
 }

@@ -11,6 +11,7 @@ use super::chat::ChatEncoder;
 use super::{limits, ChatTemplate, TokenizerParts};
 use crate::config::LimitsConfig;
 use crate::fault;
+use crate::guide::GuideFactory;
 use crate::load::EngineLoad;
 use crate::messages::{
     overloaded, post, validate_params, AddSequence, Cancel, CancelStreams, ErrorBody, ErrorCode,
@@ -53,6 +54,9 @@ pub struct TokenizerActor {
     /// The scheduler's load and `scheduler.max_waiting` (0 = no bound): a full waiting
     /// queue refuses new requests here, before they cost an encoding.
     overload_gate: Option<(Arc<EngineLoad>, usize)>,
+    /// Compiles guided requests' grammars to refuse bad ones before they are queued (or
+    /// why this model cannot have structured output).
+    guides: Arc<Result<GuideFactory, String>>,
     guard: LifeGuard,
 }
 
@@ -83,8 +87,15 @@ impl TokenizerActor {
             links,
             streams,
             overload_gate: None,
+            guides: Arc::new(Err("structured output was not set up".into())),
             guard,
         }
+    }
+
+    /// Validates guided requests with `guides` (see [`crate::guide`]).
+    pub fn with_guides(mut self, guides: Arc<Result<GuideFactory, String>>) -> Self {
+        self.guides = guides;
+        self
     }
 
     /// Refuse requests as `overloaded` before encoding them while the scheduler's waiting
@@ -100,6 +111,20 @@ impl TokenizerActor {
         let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidRequest, m);
         limits::check(req, &self.limits)?;
         validate_params(&req.params, self.vocab_size).map_err(|e| invalid(e.to_string()))?;
+        if let Some(field) = GuideFactory::requested_field(&req.params) {
+            match &*self.guides {
+                Ok(guides) => {
+                    guides
+                        .guide(&req.params)
+                        .map_err(|e| invalid(e.to_string()))?;
+                }
+                Err(why) => {
+                    return Err(invalid(format!(
+                        "{field}: structured output is not available for this model: {why}"
+                    )))
+                }
+            }
+        }
         let text_bytes = match &req.prompt {
             Prompt::Text(text) => text.len(),
             Prompt::Messages(messages) => messages.iter().map(|m| m.content.len()).sum(),
