@@ -151,6 +151,11 @@ struct BenchArgs {
         value_name = "BOOL"
     )]
     ignore_eos: bool,
+    /// Every pagoda request under the JSON schema in this file (`guided_json`), to measure
+    /// structured output's cost; with --ignore-eos=false implied. Prints the time the
+    /// token masks took per step (in-process engine).
+    #[arg(long, value_name = "SCHEMA.json", conflicts_with = "llama_server_url")]
+    guided_json: Option<PathBuf>,
     /// Leave the in-process engine's prefix cache on (bench turns it off by default: every
     /// run reuses the same prompts, so a warm cache would flatter later runs). Also sets
     /// llama-server's cache_prompt.
@@ -415,7 +420,7 @@ fn runtime() -> actix::SystemRunner {
     })
 }
 
-fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
+fn bench(mut config: Config, mut args: BenchArgs) -> anyhow::Result<()> {
     use pagoda::bench::{self, workload::Dataset, Target};
 
     let sweep = match args.max_concurrency {
@@ -450,6 +455,21 @@ fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             )
         })?;
         baselines.extend(reports);
+    }
+    let guided_json: Option<serde_json::Value> = match &args.guided_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the schema {}", path.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("the schema {} is not JSON", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    if guided_json.is_some() {
+        // A guided request ends when its grammar does (ignore_eos is refused with it).
+        args.ignore_eos = false;
     }
     let in_process = args.in_process
         || args.compare_nats_url.is_some()
@@ -555,11 +575,23 @@ fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
                 cache_prompt: args.prefix_caching,
                 seed: args.seed,
                 progress: !args.no_progress,
+                guided_json: guided_json.clone(),
             };
             let mut row = Vec::new();
             for target in &targets {
+                let masks_before = pagoda_actors::guide::MaskTotals::now();
                 let report = bench::run(target, &spec).await;
                 report.print();
+                let masks = pagoda_actors::guide::MaskTotals::now().since(masks_before);
+                if masks.steps > 0 {
+                    println!(
+                        "guided masks (in-process engine): {:.3} ms per step ({} steps, {:.1} masks per step, {:.1} µs per mask), computed while the forward pass runs",
+                        masks.nanos as f64 / 1e6 / masks.steps as f64,
+                        masks.steps,
+                        masks.masks as f64 / masks.steps as f64,
+                        masks.nanos as f64 / 1e3 / masks.masks.max(1) as f64,
+                    );
+                }
                 row.push(report);
             }
             let direct = row.iter().find(|r| r.target == "in-process");

@@ -281,5 +281,27 @@ NUMBER: /[1-9][0-9]?/"#
             ));
         }
     });
+
+    // The Python examples: a probability per fraud event, recommendations that validate.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python");
+    for (script, expect, lines) in [
+        ("fraud_check.py", "P(fraud) = ", 5),
+        ("recommend.py", "  sku-", 3),
+    ] {
+        let out = std::process::Command::new(python())
+            .arg(examples.join(script))
+            .args(["--url", &nats.url()])
+            .output()
+            .expect("run the example");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{script}:\n{stdout}");
+        assert!(
+            out.status.success(),
+            "{script} failed:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let n = stdout.lines().filter(|l| l.contains(expect)).count();
+        assert!(n >= lines, "{script}: {n} lines with {expect:?}:\n{stdout}");
+    }
     drop(serve);
 }

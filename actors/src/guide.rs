@@ -10,13 +10,58 @@
 //! `guided_*` / `response_format` field becomes a [`Guide`] for its sequence, which gives
 //! the mask of the next token and follows every token sampled.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 
 use crate::messages::{ResponseFormat, SamplingParams, TokenId};
+
+/// Totals of the masks computed in this process (for `pagoda bench`; Prometheus gets
+/// `pagoda_guided_mask_seconds`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaskTotals {
+    /// Steps that computed masks.
+    pub steps: u64,
+    /// Masks computed (one per guided sequence per step).
+    pub masks: u64,
+    /// Wall time the steps' mask computations took, in ns.
+    pub nanos: u64,
+}
+
+static STEPS: AtomicU64 = AtomicU64::new(0);
+static MASKS: AtomicU64 = AtomicU64::new(0);
+static NANOS: AtomicU64 = AtomicU64::new(0);
+
+impl MaskTotals {
+    /// The totals so far.
+    pub fn now() -> Self {
+        Self {
+            steps: STEPS.load(Ordering::Relaxed),
+            masks: MASKS.load(Ordering::Relaxed),
+            nanos: NANOS.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds one step's masks.
+    pub fn record(masks: usize, took: Duration) {
+        STEPS.fetch_add(1, Ordering::Relaxed);
+        MASKS.fetch_add(masks as u64, Ordering::Relaxed);
+        NANOS.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            steps: self.steps - earlier.steps,
+            masks: self.masks - earlier.masks,
+            nanos: self.nanos - earlier.nanos,
+        }
+    }
+}
 
 /// A guided-decoding field that cannot be used, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

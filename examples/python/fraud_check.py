@@ -1,22 +1,26 @@
 """An event-driven backend on pagoda: score card transactions as they arrive.
 
 Each transaction event becomes one chat request (a system prompt for a fraud analyst, two
-worked examples, the event as JSON for the last user turn; temperature 0 and a few tokens,
-as scoring wants). All
-events are sent at once, as a stream of events would be; the engines batch them.
+worked examples, the event as JSON for the last user turn, temperature 0). The answer is
+constrained to `fraud` or `legit` (`guided_choice`), and `logprobs` gives the model's
+probability of each: the first token of the two answers differs, so P(fraud) is the
+softmax of the two first tokens' log-probabilities at the first step. (Which token starts
+each answer is learnt once at start-up, by asking for each choice alone.) All events are
+sent at once, as a stream of events would be; the engines batch them.
 
     ./scripts/serve.sh                       # in another terminal
     pip install -r examples/python/requirements.txt
     python examples/python/fraud_check.py [--url nats://127.0.0.1:4222]
 
-The default model (SmolLM2-135M-Instruct) is a toy: it answers in the format but gives every
-event the same verdict. Take the output as a demo of the plumbing, and serve a larger
-instruct model (`scripts/serve.sh --model PATH`) for verdicts worth reading.
+The default model (SmolLM2-135M-Instruct) is a toy: its probabilities barely move between
+events. Take the output as a demo of the plumbing, and serve a larger instruct model
+(`scripts/serve.sh --model PATH`) for verdicts worth reading.
 """
 
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -24,7 +28,7 @@ import time
 import nats
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from client import DEFAULT_URL, GENERATE_SUBJECT, PagodaError, complete  # noqa: E402
+from client import DEFAULT_URL, GENERATE_SUBJECT, PagodaError, collect  # noqa: E402
 
 SYSTEM = (
     "You are a fraud analyst at a card issuer. You get one card transaction as JSON. "
@@ -51,29 +55,40 @@ EVENTS = [
 ]
 
 
-def verdict_of(text: str) -> str:
-    """The first of the words fraud / legit in the answer."""
-    words = [w.strip(".,!:;\"'").lower() for w in text.split()]
-    for w in words:
-        if w in ("fraud", "legit"):
-            return w
-    return f"unclear ({text.strip()!r})"
+CHOICES = ["fraud", "legit"]
 
 
-async def check(nc, event, subject):
+def messages(event):
+    return [
+        {"role": "system", "content": SYSTEM},
+        *EXAMPLES,
+        {"role": "user", "content": json.dumps(event)},
+    ]
+
+
+async def first_tokens(nc, subject):
+    """The token each choice starts with: ask for that choice alone, one token."""
+    out = {}
+    for choice in CHOICES:
+        answer = await collect(nc, messages=messages(EVENTS[0]), subject=subject,
+                               temperature=0, max_tokens=1, guided_choice=[choice])
+        out[choice] = answer["token_ids"][0]
+    if len(set(out.values())) != len(out):
+        raise SystemExit(f"the choices start with the same token: {out}")
+    return out
+
+
+async def check(nc, event, subject, starts):
     start = time.perf_counter()
-    text, last = await complete(
-        nc,
-        messages=[
-            {"role": "system", "content": SYSTEM},
-            *EXAMPLES,
-            {"role": "user", "content": json.dumps(event)},
-        ],
-        subject=subject,
-        temperature=0,
-        max_tokens=4,
-    )
-    return verdict_of(text), last, (time.perf_counter() - start) * 1000
+    answer = await collect(nc, messages=messages(event), subject=subject, temperature=0,
+                           max_tokens=8, guided_choice=CHOICES, logprobs=20)
+    first = dict(answer["logprobs"][0]["top_logprobs"])
+    # The raw log-probabilities of the two first tokens, renormalised over the two.
+    lp = {c: first.get(t, float("-inf")) for c, t in starts.items()}
+    top = max(lp.values())
+    weights = {c: math.exp(v - top) for c, v in lp.items()}
+    p_fraud = weights["fraud"] / sum(weights.values())
+    return answer["text"], p_fraud, answer, (time.perf_counter() - start) * 1000
 
 
 async def main() -> int:
@@ -84,8 +99,9 @@ async def main() -> int:
 
     nc = await nats.connect(args.url, connect_timeout=5, max_reconnect_attempts=3)
     try:
+        starts = await first_tokens(nc, args.subject)
         results = await asyncio.gather(
-            *(check(nc, e, args.subject) for e in EVENTS), return_exceptions=True
+            *(check(nc, e, args.subject, starts) for e in EVENTS), return_exceptions=True
         )
     finally:
         await nc.close()
@@ -100,9 +116,9 @@ async def main() -> int:
         elif isinstance(result, BaseException):
             raise result
         else:
-            verdict, last, ms = result
-            print(f"{desc} -> {verdict:<6} ({ms:.0f} ms, "
-                  f"{last.get('usage', {}).get('completion_tokens')} tokens)")
+            verdict, p_fraud, answer, ms = result
+            print(f"{desc} -> {verdict:<6} P(fraud) = {p_fraud:.3f} ({ms:.0f} ms, "
+                  f"{answer.get('usage', {}).get('completion_tokens')} tokens)")
     return 1 if failed else 0
 
 

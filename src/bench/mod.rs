@@ -61,6 +61,8 @@ pub struct BenchSpec {
     pub seed: u64,
     /// Draw a progress bar on stderr (only ever when stderr is a terminal).
     pub progress: bool,
+    /// Every pagoda request under this JSON schema (`guided_json`).
+    pub guided_json: Option<serde_json::Value>,
 }
 
 /// One request as the client saw it.
@@ -132,6 +134,9 @@ pub struct BenchReport {
     pub output_len: usize,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Every request was under a JSON schema (`--guided-json`).
+    #[serde(default)]
+    pub guided_json: bool,
     pub successful: usize,
     pub failed: usize,
     /// The first failure's message, when a request failed.
@@ -292,6 +297,7 @@ async fn one(target: Target, id: usize, req: BenchRequest, spec: Arc<BenchSpec>)
         temperature: 0.0,
         max_tokens: req.output_len as u32,
         ignore_eos: spec.ignore_eos,
+        guided_json: spec.guided_json.clone(),
         ..Default::default()
     };
     let mut rec = Recorder::new(req.known_input_len().unwrap_or(0));
@@ -466,6 +472,7 @@ fn summarize(
         prefix_len,
         output_len: spec.output_len,
         ignore_eos: spec.ignore_eos,
+        guided_json: spec.guided_json.is_some(),
         successful: ok.len(),
         failed: traces.len() - ok.len(),
         first_error: traces.iter().find_map(|t| t.error.clone()),
@@ -627,6 +634,7 @@ mod tests {
             cache_prompt: false,
             seed: 0,
             progress: false,
+            guided_json: None,
         }
     }
 

@@ -496,15 +496,16 @@ fn guide_masks(
     guided: &[SeqId],
 ) -> HashMap<SeqId, Result<Mask, String>> {
     let started = Instant::now();
-    let masks = guided
+    let masks: HashMap<SeqId, Result<Mask, String>> = guided
         .iter()
         .filter_map(|id| {
             let guide = states.get_mut(id)?.guide.as_mut()?;
             Some((*id, guide.mask()))
         })
         .collect();
-    metrics::histogram!(crate::metrics::GUIDE_MASK_DURATION)
-        .record(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    metrics::histogram!(crate::metrics::GUIDE_MASK_DURATION).record(took.as_secs_f64());
+    crate::guide::MaskTotals::record(masks.len(), took);
     masks
 }
 
