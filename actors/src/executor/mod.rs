@@ -424,13 +424,7 @@ impl Executor {
                 match masks.remove(&seq_id) {
                     Some(Ok(mask)) => mask.apply(row),
                     Some(Err(e)) => {
-                        out.failed.push(SeqFailure {
-                            seq_id,
-                            error: ErrorBody::new(
-                                ErrorCode::InvalidRequest,
-                                format!("guided decoding: {e}"),
-                            ),
-                        });
+                        out.failed.push(guide_failure(seq_id, &e));
                         continue;
                     }
                     None => {
@@ -446,13 +440,7 @@ impl Executor {
                 Ok(token_id) => {
                     if let Some(guide) = st.guide.as_mut() {
                         if let Err(e) = guide.advance(token_id) {
-                            out.failed.push(SeqFailure {
-                                seq_id,
-                                error: ErrorBody::new(
-                                    ErrorCode::InvalidRequest,
-                                    format!("guided decoding: {e}"),
-                                ),
-                            });
+                            out.failed.push(guide_failure(seq_id, &e));
                             continue;
                         }
                     }
@@ -486,6 +474,17 @@ impl Executor {
             "step"
         );
         Ok(out)
+    }
+}
+
+/// A guided sequence whose grammar cannot go on: its own request's fault.
+fn guide_failure(seq_id: SeqId, error: &str) -> SeqFailure {
+    SeqFailure {
+        seq_id,
+        error: ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!("guided decoding: {error}"),
+        ),
     }
 }
 
