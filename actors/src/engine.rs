@@ -25,7 +25,7 @@ use crate::executor::backend::{Backend as _, Cpu};
 use crate::executor::models::{self, ModelSpec};
 use crate::executor::weights::LoadError;
 use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
-use crate::guide::GuideFactory;
+use crate::guide::Guides;
 use crate::load::EngineLoad;
 use crate::messages::{
     now_us, post, AddSequence, BlockManagerConfig, BlockStats, Cancel, ErrorBody, FinishSequence,
@@ -82,6 +82,9 @@ pub struct EngineInfo {
 pub struct ModelFiles {
     pub model_cfg: ModelSpec,
     pub tokenizer: TokenizerParts,
+    /// Structured output over the vocabulary (built once; the executor and the tokenizer
+    /// of one process share it).
+    pub guides: Guides,
 }
 
 impl ModelFiles {
@@ -103,9 +106,15 @@ impl ModelFiles {
                 tokenizer: tok_vocab,
             });
         }
+        let guides = Guides::new(
+            &tokenizer.tokenizer,
+            tokenizer.special.eos_ids.first().copied(),
+            model_cfg.vocab_size,
+        );
         Ok(Self {
             model_cfg,
             tokenizer,
+            guides,
         })
     }
 
@@ -223,7 +232,7 @@ impl EngineCore {
             kv_dtype.name(),
         );
         let executor = Executor::new(backend, model, num_blocks, block_size, kv_dtype, eos_ids)?
-            .with_guides(guides(&files));
+            .with_guides(files.guides.clone());
         // The executor's thread: forward passes block it for milliseconds at a time.
         let exec_guard = supervisor.guard("executor");
         let executor = ExecutorActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
@@ -404,7 +413,7 @@ impl Engine {
             add: backend.add.clone(),
         };
         let tok_guard = supervisor.guard("tokenizer");
-        let guides = Arc::new(guides(&files));
+        let guides = files.guides.clone();
         let parts = Arc::new(files.tokenizer);
         let vocab_size = files.model_cfg.vocab_size;
         let max_model_len = info.max_model_len;
@@ -517,24 +526,4 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())
     }
-}
-
-/// Structured output over this model's vocabulary (`crate::guide`), or why it cannot be.
-fn guides(files: &ModelFiles) -> Result<GuideFactory, String> {
-    let started = std::time::Instant::now();
-    let eos = *files
-        .tokenizer
-        .special
-        .eos_ids
-        .first()
-        .ok_or("the model has no end-of-sequence token")?;
-    let guides = GuideFactory::new(&files.tokenizer.tokenizer, eos, files.model_cfg.vocab_size);
-    match &guides {
-        Ok(_) => tracing::debug!(
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "structured output ready"
-        ),
-        Err(e) => tracing::warn!(error = %e, "structured output is not available for this model"),
-    }
-    guides
 }

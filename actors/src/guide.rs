@@ -80,6 +80,53 @@ impl GuideError {
     }
 }
 
+/// Structured output for one model: its [`GuideFactory`], or why the model cannot have
+/// it. Built once per process with the model's files; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Guides(Result<GuideFactory, String>);
+
+impl Guides {
+    /// The factory over `tokenizer`'s vocabulary (see [`GuideFactory::new`]); `eos` is
+    /// the model's first end-of-sequence token. A failure is logged and kept as the reason.
+    pub fn new(tokenizer: &tokenizers::Tokenizer, eos: Option<TokenId>, vocab_size: usize) -> Self {
+        let started = std::time::Instant::now();
+        let factory = eos
+            .ok_or_else(|| "the model has no end-of-sequence token".to_owned())
+            .and_then(|eos| GuideFactory::new(tokenizer, eos, vocab_size));
+        match &factory {
+            Ok(_) => tracing::debug!(
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "structured output ready"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "structured output is not available for this model")
+            }
+        }
+        Self(factory)
+    }
+
+    /// No structured output, for this reason.
+    pub fn unavailable(why: impl Into<String>) -> Self {
+        Self(Err(why.into()))
+    }
+
+    /// The sequence's guide, `None` when the request sets no guided-decoding field; an
+    /// error naming the field when its grammar cannot be compiled or the model cannot
+    /// have structured output.
+    pub fn guide(&self, params: &SamplingParams) -> Result<Option<Guide>, GuideError> {
+        match &self.0 {
+            Ok(factory) => factory.guide(params),
+            Err(why) => match requested_fields(params).first() {
+                Some(&field) => Err(GuideError::new(
+                    field,
+                    format!("structured output is not available for this model: {why}"),
+                )),
+                None => Ok(None),
+            },
+        }
+    }
+}
+
 /// Compiles requests' grammars against one vocabulary. Cheap to clone.
 #[derive(Clone)]
 pub struct GuideFactory {
@@ -123,11 +170,6 @@ impl GuideFactory {
         Ok(Self {
             factory: Arc::new(factory),
         })
-    }
-
-    /// The guided-decoding field a request sets (the first, if it sets several).
-    pub fn requested_field(params: &SamplingParams) -> Option<&'static str> {
-        requested_fields(params).first().copied()
     }
 
     /// The sequence's guide, `None` when the request sets no guided-decoding field.
@@ -258,13 +300,14 @@ impl std::fmt::Debug for Guide {
 pub struct Mask(SimpleVob);
 
 impl Mask {
-    /// Sets every disallowed logit to −∞.
+    /// Sets every disallowed logit to −∞ (the bitset is scanned a 32-token word at a
+    /// time; the mask covers the model's whole vocabulary, the row's length).
     pub fn apply(&self, logits: &mut [f32]) {
-        for (t, l) in logits.iter_mut().enumerate() {
-            if !self.0.is_allowed(t as TokenId) {
+        self.0.iter_unset_entries(|t| {
+            if let Some(l) = logits.get_mut(t) {
                 *l = f32::NEG_INFINITY;
             }
-        }
+        });
     }
 
     pub fn allows(&self, token: TokenId) -> bool {

@@ -19,7 +19,7 @@ use pagoda_kernels::attention::AttnSeq;
 
 use crate::config::{EngineConfig, KvCacheDtype};
 use crate::fault;
-use crate::guide::{Guide, GuideFactory, Mask};
+use crate::guide::{Guide, Guides, Mask};
 use crate::messages::{
     ErrorBody, ErrorCode, NewSeqData, RunBatch, SampledToken, SamplingParams, ScheduledSeq,
     SeqFailure, SeqId, StepOutput, TokenId, TokenLogprobs,
@@ -136,8 +136,8 @@ pub struct Executor {
     seqs: HashMap<SeqId, SeqState>,
     /// Tokens that end a sequence, suppressed while it has fewer than `min_tokens` outputs.
     eos_ids: Vec<TokenId>,
-    /// Compiles guided requests' grammars (the reason when this model cannot have them).
-    guides: Result<GuideFactory, String>,
+    /// Compiles guided requests' grammars (or says why this model cannot have them).
+    guides: Guides,
 }
 
 impl Executor {
@@ -167,13 +167,13 @@ impl Executor {
             block_size,
             seqs: HashMap::new(),
             eos_ids,
-            guides: Err("no vocabulary was given to the executor".into()),
+            guides: Guides::unavailable("no vocabulary was given to the executor"),
         })
     }
 
     /// Enables structured output: `guides` compiles the requests' grammars (or says why
     /// this model cannot have them).
-    pub fn with_guides(mut self, guides: Result<GuideFactory, String>) -> Self {
+    pub fn with_guides(mut self, guides: Guides) -> Self {
         self.guides = guides;
         self
     }
@@ -181,19 +181,8 @@ impl Executor {
     /// A new sequence's guide, following the tokens it already produced.
     fn new_guide(&self, new: &NewSeqData) -> Result<Option<Guide>, ErrorBody> {
         let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidRequest, m);
-        let factory = match &self.guides {
-            Ok(f) => f,
-            Err(why) => {
-                // Only a guided request needs the factory.
-                return match GuideFactory::requested_field(&new.params) {
-                    Some(field) => Err(invalid(format!(
-                        "{field}: structured output is not available for this model: {why}"
-                    ))),
-                    None => Ok(None),
-                };
-            }
-        };
-        let Some(mut guide) = factory
+        let Some(mut guide) = self
+            .guides
             .guide(&new.params)
             .map_err(|e| invalid(e.to_string()))?
         else {

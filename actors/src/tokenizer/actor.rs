@@ -11,7 +11,7 @@ use super::chat::ChatEncoder;
 use super::{limits, ChatTemplate, TokenizerParts};
 use crate::config::LimitsConfig;
 use crate::fault;
-use crate::guide::GuideFactory;
+use crate::guide::Guides;
 use crate::load::EngineLoad;
 use crate::messages::{
     overloaded, post, validate_params, AddSequence, Cancel, CancelStreams, ErrorBody, ErrorCode,
@@ -56,7 +56,7 @@ pub struct TokenizerActor {
     overload_gate: Option<(Arc<EngineLoad>, usize)>,
     /// Compiles guided requests' grammars to refuse bad ones before they are queued (or
     /// why this model cannot have structured output).
-    guides: Arc<Result<GuideFactory, String>>,
+    guides: Guides,
     guard: LifeGuard,
 }
 
@@ -87,13 +87,13 @@ impl TokenizerActor {
             links,
             streams,
             overload_gate: None,
-            guides: Arc::new(Err("structured output was not set up".into())),
+            guides: Guides::unavailable("structured output was not set up"),
             guard,
         }
     }
 
     /// Validates guided requests with `guides` (see [`crate::guide`]).
-    pub fn with_guides(mut self, guides: Arc<Result<GuideFactory, String>>) -> Self {
+    pub fn with_guides(mut self, guides: Guides) -> Self {
         self.guides = guides;
         self
     }
@@ -111,20 +111,10 @@ impl TokenizerActor {
         let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidRequest, m);
         limits::check(req, &self.limits)?;
         validate_params(&req.params, self.vocab_size).map_err(|e| invalid(e.to_string()))?;
-        if let Some(field) = GuideFactory::requested_field(&req.params) {
-            match &*self.guides {
-                Ok(guides) => {
-                    guides
-                        .guide(&req.params)
-                        .map_err(|e| invalid(e.to_string()))?;
-                }
-                Err(why) => {
-                    return Err(invalid(format!(
-                        "{field}: structured output is not available for this model: {why}"
-                    )))
-                }
-            }
-        }
+        // Compiled here too, so that a bad grammar is refused before it is queued.
+        self.guides
+            .guide(&req.params)
+            .map_err(|e| invalid(e.to_string()))?;
         let text_bytes = match &req.prompt {
             Prompt::Text(text) => text.len(),
             Prompt::Messages(messages) => messages.iter().map(|m| m.content.len()).sum(),
