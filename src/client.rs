@@ -62,6 +62,13 @@ pub enum ClientError {
     /// The engine answered with a typed error.
     #[error("{code}: {message}")]
     Server { code: ErrorCode, message: String },
+    /// With `n` > 1: completion `index` ended with a typed error (the others go on).
+    #[error("completion {index}: {code}: {message}")]
+    Completion {
+        index: u32,
+        code: ErrorCode,
+        message: String,
+    },
     #[error("no engine is serving {0}")]
     NoResponders(String),
     #[error("nothing received for {0:?}")]
@@ -158,6 +165,7 @@ impl Client {
             _ => new_request_id(),
         };
         req.id = Some(id.clone());
+        let n = req.params.n;
         let body = self.format.encode(&req)?;
         let inbox = self.nats.new_inbox();
         let sub = self
@@ -170,7 +178,7 @@ impl Client {
             .publish_with_reply_and_headers(subject.clone(), inbox, self.headers(), body.into())
             .await
             .map_err(|e| ClientError::Nats(e.to_string()))?;
-        Ok(Generation::new(id, sub, self.idle_timeout, subject))
+        Ok(Generation::new(id, sub, self.idle_timeout, subject, n))
     }
 
     /// Publishes a request as a durable JetStream job on `<prefix>.jobs.generate` (for
@@ -185,6 +193,7 @@ impl Client {
             _ => new_request_id(),
         };
         req.id = Some(id.clone());
+        let n = req.params.n;
         let inbox = self.nats.new_inbox();
         req.reply_to = Some(inbox.clone());
         let body = self.format.encode(&req)?;
@@ -203,7 +212,7 @@ impl Client {
             .map_err(|e| ClientError::Nats(format!("publishing the job: {e}")))?;
         ack.await
             .map_err(|e| ClientError::Nats(format!("the stream did not store the job: {e}")))?;
-        Ok(Generation::new(id, sub, self.idle_timeout, subject))
+        Ok(Generation::new(id, sub, self.idle_timeout, subject, n))
     }
 
     /// Asks every engine to cancel request `id`; the one running it ends the request's
@@ -240,11 +249,15 @@ pub struct Completion {
     pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     /// Sum of the generated tokens' log-probabilities (the request set `logprobs`).
     pub cumulative_logprob: Option<f64>,
+    /// Which completion this is (0 unless the request set `n` > 1).
+    pub index: u32,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, ClientError>> + Send>>;
 
-/// The chunks of one request, in `seq` order; ends after the final chunk or an error.
+/// The chunks of one request, in `seq` order; ends after the final chunk or an error —
+/// with `n` > 1, once every completion ended (an error that names its completion,
+/// [`ClientError::Completion`], ends that completion only).
 pub struct Generation {
     id: String,
     inner: ChunkStream,
@@ -259,6 +272,9 @@ struct State {
     done: bool,
     idle: Duration,
     subject: String,
+    /// Completions asked for, and those that ended (`n` > 1).
+    n: u32,
+    ended: std::collections::HashSet<u32>,
 }
 
 impl State {
@@ -274,7 +290,7 @@ impl State {
             }
             // Once the final reply is here, a missing earlier one is lost, not late (NATS
             // keeps order): give it a moment, then say so.
-            let final_seen = self.pending.values().any(Reply::is_final);
+            let final_seen = self.ends_request_in(self.pending.values());
             let wait = if final_seen {
                 self.idle.min(GAP_GRACE)
             } else {
@@ -307,6 +323,7 @@ impl State {
                 self.attempt = attempt;
                 self.pending.clear();
                 self.next_seq = 0;
+                self.ended.clear();
             }
             if reply.seq() >= self.next_seq {
                 self.pending.insert(reply.seq(), reply);
@@ -315,8 +332,39 @@ impl State {
     }
 }
 
+impl State {
+    /// Whether these replies (with the completions already ended) end the request.
+    fn ends_request_in<'a>(&self, replies: impl Iterator<Item = &'a Reply>) -> bool {
+        let mut ended = self.ended.clone();
+        for r in replies {
+            match r {
+                Reply::Chunk(c) if c.is_final() => match c.index {
+                    Some(i) if self.n > 1 => {
+                        ended.insert(i);
+                    }
+                    _ => return true,
+                },
+                Reply::Error(e) => match e.index {
+                    Some(i) if self.n > 1 => {
+                        ended.insert(i);
+                    }
+                    _ => return true,
+                },
+                Reply::Chunk(_) => {}
+            }
+        }
+        ended.len() >= self.n.max(1) as usize
+    }
+}
+
 impl Generation {
-    fn new(id: String, sub: async_nats::Subscriber, idle: Duration, subject: String) -> Self {
+    fn new(
+        id: String,
+        sub: async_nats::Subscriber,
+        idle: Duration,
+        subject: String,
+        n: u32,
+    ) -> Self {
         let state = State {
             sub,
             pending: BTreeMap::new(),
@@ -325,22 +373,38 @@ impl Generation {
             done: false,
             idle,
             subject,
+            n,
+            ended: Default::default(),
         };
         let inner = futures_util::stream::unfold(state, |mut st| async move {
             if st.done {
                 return None;
             }
             let item = match st.next_reply().await {
-                Ok(Reply::Chunk(c)) => {
-                    st.done = c.is_final();
-                    Ok(c)
-                }
-                Ok(Reply::Error(e)) => {
-                    st.done = true;
-                    Err(ClientError::Server {
-                        code: e.error.code,
-                        message: e.error.message,
-                    })
+                Ok(reply) => {
+                    st.done = st.ends_request_in(std::iter::once(&reply));
+                    match reply {
+                        Reply::Chunk(c) => {
+                            if let (true, Some(i)) = (c.is_final(), c.index) {
+                                st.ended.insert(i);
+                            }
+                            Ok(c)
+                        }
+                        Reply::Error(e) => match e.index {
+                            Some(index) if !st.done => {
+                                st.ended.insert(index);
+                                Err(ClientError::Completion {
+                                    index,
+                                    code: e.error.code,
+                                    message: e.error.message,
+                                })
+                            }
+                            _ => Err(ClientError::Server {
+                                code: e.error.code,
+                                message: e.error.message,
+                            }),
+                        },
+                    }
                 }
                 Err(e) => {
                     st.done = true;
@@ -404,10 +468,80 @@ impl Generation {
                     logprobs,
                     prompt_logprobs,
                     cumulative_logprob: chunk.cumulative_logprob,
+                    index: chunk.index.unwrap_or(0),
                 });
             }
         }
         Err(ClientError::Closed)
+    }
+
+    /// Reads the stream to its end and joins each completion's chunks: one entry per
+    /// completion, in index order (with `n` = 1, one entry). An error that ends the whole
+    /// request is returned as the `Err`.
+    pub async fn collect_all(
+        mut self,
+    ) -> Result<Vec<Result<Completion, ClientError>>, ClientError> {
+        let mut parts: BTreeMap<u32, Completion> = BTreeMap::new();
+        let mut out: BTreeMap<u32, Result<Completion, ClientError>> = BTreeMap::new();
+        let mut attempt = 0;
+        while let Some(item) = self.next().await {
+            let chunk = match item {
+                Ok(c) => c,
+                Err(ClientError::Completion {
+                    index,
+                    code,
+                    message,
+                }) => {
+                    parts.remove(&index);
+                    out.insert(index, Err(ClientError::Server { code, message }));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if chunk.attempt != attempt {
+                // A redelivered job starts over.
+                attempt = chunk.attempt;
+                parts.clear();
+                out.clear();
+            }
+            let index = chunk.index.unwrap_or(0);
+            let c = parts.entry(index).or_insert_with(|| Completion {
+                id: chunk.id.clone(),
+                text: String::new(),
+                token_ids: Vec::new(),
+                finish_reason: FinishReason::Abort,
+                usage: Usage::default(),
+                timings: Timings::default(),
+                num_chunks: 0,
+                attempt,
+                logprobs: None,
+                prompt_logprobs: None,
+                cumulative_logprob: None,
+                index,
+            });
+            c.num_chunks += 1;
+            c.text.push_str(&chunk.text);
+            c.token_ids.extend_from_slice(&chunk.token_ids);
+            if let Some(lps) = chunk.logprobs {
+                c.logprobs.get_or_insert_with(Vec::new).extend(lps);
+            }
+            if chunk.prompt_logprobs.is_some() {
+                c.prompt_logprobs = chunk.prompt_logprobs;
+            }
+            if let Some(finish_reason) = chunk.finish_reason {
+                c.finish_reason = finish_reason;
+                c.usage = chunk.usage.unwrap_or_default();
+                c.timings = chunk.timings.unwrap_or_default();
+                c.cumulative_logprob = chunk.cumulative_logprob;
+                if let Some(done) = parts.remove(&index) {
+                    out.insert(index, Ok(done));
+                }
+            }
+        }
+        if !parts.is_empty() || out.is_empty() {
+            return Err(ClientError::Closed);
+        }
+        Ok(out.into_values().collect())
     }
 }
 

@@ -508,6 +508,7 @@ async fn watch_exhausted(
         match reply_to {
             Some(target) => {
                 let reply = Reply::Error(ErrorReply {
+                    index: None,
                     id,
                     seq: 0,
                     attempt: error_attempt,

@@ -247,6 +247,10 @@ struct SamplingArgs {
     /// Structured output: the answer is a sentence of this Lark grammar.
     #[arg(long, value_name = "LARK")]
     guided_grammar: Option<String>,
+    /// Completions of the prompt (1..=32), sharing its KV blocks; with --seed, completion
+    /// i samples with seed + i. Each is printed whole, prefixed with `[i]`.
+    #[arg(long, default_value_t = 1)]
+    n: u32,
 }
 
 fn parse_json(s: &str) -> Result<serde_json::Value, String> {
@@ -276,6 +280,7 @@ impl SamplingArgs {
             guided_json: self.guided_json.clone(),
             guided_grammar: self.guided_grammar.clone(),
             response_format: None,
+            n: self.n,
         }
     }
 }
@@ -644,7 +649,37 @@ fn generate(config: Config, args: GenerateArgs) -> anyhow::Result<()> {
             params,
         });
         let mut stdout = std::io::stdout().lock();
-        while let Some(ev) = rx.recv().await {
+        if rx.n() > 1 {
+            // Completions interleave: print each one whole once it ends.
+            let mut texts = vec![String::new(); rx.n() as usize];
+            let mut failed = false;
+            while let Some((i, ev)) = rx.recv().await {
+                let text = &mut texts[i as usize];
+                match ev {
+                    StreamEvent::Delta { text: t, .. } => text.push_str(&t),
+                    StreamEvent::Finished {
+                        text: t,
+                        finish_reason,
+                        usage,
+                        timings,
+                        ..
+                    } => {
+                        text.push_str(&t);
+                        writeln!(stdout, "[{i}] {text}")?;
+                        log_done("cli", finish_reason, &usage, &timings);
+                    }
+                    StreamEvent::Error(e) => {
+                        writeln!(stdout, "[{i}] error: {}", e.message)?;
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                anyhow::bail!("a completion failed");
+            }
+            return Ok(());
+        }
+        while let Some(ev) = rx.next_event().await {
             match ev {
                 StreamEvent::Delta {
                     text,
@@ -861,8 +896,22 @@ fn request(config: Config, args: RequestArgs) -> anyhow::Result<()> {
             .await?
             .with_format(format)
             .with_idle_timeout(std::time::Duration::from_secs(args.idle_timeout.max(1)));
+        let n = req.params.n;
         let mut answer = client.generate(req).await?;
         let mut stdout = std::io::stdout().lock();
+        if n > 1 {
+            // Completions interleave on the wire: print each one whole.
+            for c in answer.collect_all().await? {
+                match c {
+                    Ok(c) => {
+                        writeln!(stdout, "[{}] {}", c.index, c.text)?;
+                        log_done(&c.id, c.finish_reason, &c.usage, &c.timings);
+                    }
+                    Err(e) => writeln!(stdout, "[?] error: {e}")?,
+                }
+            }
+            return Ok(());
+        }
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
         let mut cancelled = false;

@@ -669,3 +669,118 @@ fn a_burst_beyond_max_waiting_is_answered_overloaded() {
         assert_pool_drained(&engine).await;
     });
 }
+
+#[test]
+fn n_completions_share_the_prompt_and_each_matches_its_own_seed() {
+    run(async {
+        let engine = start(&test_config());
+        let ids = tokenizer()
+            .encode(&long_prompt(4))
+            .expect("the prompt encodes");
+        let sampled = |n: u32, seed: u64| SamplingParams {
+            temperature: 0.9,
+            seed: Some(seed),
+            max_tokens: 20,
+            ignore_eos: true,
+            n,
+            ..SamplingParams::default()
+        };
+        // 32 prompt tokens: the forks' last prompt token sits in a full shared block;
+        // 37: in a partial one. Either way it is recomputed into a copy of that block.
+        for len in [32usize, 37] {
+            let request = |id: String, params| GenerateRequest {
+                id,
+                prompt: Prompt::TokenIds(ids[..len].to_vec()),
+                params,
+            };
+            let first =
+                collect_n(engine.generate(request(format!("n4-{len}"), sampled(4, 42)))).await;
+            let again =
+                collect_n(engine.generate(request(format!("n4-again-{len}"), sampled(4, 42))))
+                    .await;
+            assert_eq!(first.len(), 4);
+            for (i, (a, b)) in first.iter().zip(&again).enumerate() {
+                let (reason, usage) = a.finished();
+                assert_eq!(reason, FinishReason::Length, "index {i}");
+                assert_eq!(usage.completion_tokens, 20, "index {i}");
+                assert_eq!(usage.prompt_tokens as usize, len, "index {i}");
+                if i > 0 {
+                    // A fork computed only the last prompt token itself.
+                    assert_eq!(usage.cached_tokens as usize, len - 1, "index {i}");
+                    assert_eq!(b.finished().1.cached_tokens as usize, len - 1, "index {i}");
+                }
+                assert_eq!(a.token_ids, b.token_ids, "index {i}, same seed twice");
+                // Completion i samples exactly as a request of its own seeded 42 + i: the
+                // shared prompt blocks and the copied one hold what its own prefill would.
+                let alone = generate(
+                    &engine,
+                    request(format!("alone-{len}-{i}"), sampled(1, 42 + i as u64)),
+                )
+                .await;
+                assert_eq!(
+                    a.token_ids,
+                    alone.token_ids,
+                    "index {i} vs a lone request with seed {}: {:?} vs {:?}",
+                    42 + i,
+                    a.text,
+                    alone.text
+                );
+            }
+            let distinct: std::collections::HashSet<_> =
+                first.iter().map(|o| o.token_ids.clone()).collect();
+            assert!(
+                distinct.len() >= 3,
+                "four seeds gave {} distinct samples",
+                distinct.len()
+            );
+            assert_pool_drained(&engine).await;
+        }
+
+        // Greedy: four identical completions.
+        let greedy4 = SamplingParams { n: 4, ..greedy(12) };
+        let outs = collect_n(engine.generate(text_request("g4", PROMPTS[0], greedy4))).await;
+        let solo = generate(&engine, text_request("g1", PROMPTS[0], greedy(12))).await;
+        for o in &outs {
+            assert_eq!(o.token_ids, solo.token_ids);
+        }
+
+        // A cancel ends every completion with abort, and their blocks go back.
+        let long = SamplingParams {
+            max_tokens: 400,
+            ..sampled(3, 1)
+        };
+        let mut rx = engine.generate(text_request("n3-cancel", PROMPTS[1], long));
+        let (index, first_event) = rx.recv().await.expect("a first event");
+        assert!(index < 3 && !first_event.is_final(), "{first_event:?}");
+        assert!(engine.cancel("n3-cancel").await);
+        let outs = collect_n(rx).await;
+        assert_eq!(outs.len(), 3);
+        for o in &outs {
+            assert_eq!(o.finished().0, FinishReason::Abort);
+        }
+
+        // Bad n values are refused naming the field; n above max_num_seqs too.
+        for n in [0, 33] {
+            let o = generate(&engine, text_request("bad-n", PROMPTS[0], sampled(n, 1))).await;
+            let e = o.error();
+            assert_eq!(e.code, ErrorCode::InvalidRequest);
+            assert!(e.message.contains("n must be"), "{}", e.message);
+        }
+        assert_pool_drained(&engine).await;
+    });
+
+    run(async {
+        let mut cfg = test_config();
+        cfg.scheduler.max_num_seqs = 2;
+        let engine = start(&cfg);
+        let params = SamplingParams { n: 3, ..greedy(4) };
+        let outs = collect_n(engine.generate(text_request("too-many", PROMPTS[0], params))).await;
+        assert_eq!(outs.len(), 3);
+        for o in &outs {
+            let e = o.error();
+            assert_eq!(e.code, ErrorCode::InvalidRequest);
+            assert!(e.message.contains("max_num_seqs"), "{}", e.message);
+        }
+        assert_pool_drained(&engine).await;
+    });
+}

@@ -155,6 +155,7 @@ async fn read_all(
         logprobs: None,
         prompt_logprobs: None,
         cumulative_logprob: None,
+        index: 0,
     };
     Ok((chunks, completion))
 }
@@ -618,5 +619,87 @@ fn shutdown_lets_in_flight_requests_finish() {
         let err = read_all(&client, greedy("Too late", 4)).await.unwrap_err();
         assert!(matches!(err, ClientError::NoResponders(_)), "{err}");
         common::assert_pool_drained(&engine).await;
+    });
+}
+
+#[test]
+fn n_completions_are_streamed_with_their_index_and_gathered_per_index() {
+    let server = NatsServer::start();
+    common::run(async {
+        let s = serve(&server.url()).await;
+        let request = |stream: bool| {
+            let mut req = WireRequest::text("List three colours:");
+            req.params.temperature = 0.9;
+            req.params.seed = Some(3);
+            req.params.max_tokens = 10;
+            req.params.ignore_eos = true;
+            req.params.n = 3;
+            req.stream = stream;
+            req
+        };
+        // Streamed: one seq order across the request, every chunk names its completion,
+        // each completion ends once, and the last chunk ends the request.
+        let mut answer = s.client.generate(request(true)).await.expect("sent");
+        let mut chunks = Vec::new();
+        while let Some(c) = tokio::time::timeout(T, answer.next()).await.expect("hang") {
+            chunks.push(c.expect("a chunk"));
+        }
+        let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        let mut finals = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            assert_eq!(c.seq, i as u64, "{chunks:?}");
+            let index = c.index.expect("with n > 1 every chunk has an index") as usize;
+            assert!(
+                !finals.contains(&index),
+                "a chunk after completion {index} ended"
+            );
+            streamed[index].extend_from_slice(&c.token_ids);
+            if c.is_final() {
+                assert_eq!(c.finish_reason, Some(FinishReason::Length));
+                assert_eq!(c.usage.expect("usage").completion_tokens, 10);
+                finals.push(index);
+            }
+        }
+        finals.sort();
+        assert_eq!(finals, vec![0, 1, 2]);
+        assert!(chunks.last().expect("chunks").is_final());
+
+        // Gathered (stream: false): one final chunk per completion, the same tokens (the
+        // seeds make each index reproducible).
+        let all = s
+            .client
+            .generate(request(false))
+            .await
+            .expect("sent")
+            .collect_all()
+            .await
+            .expect("answered");
+        assert_eq!(all.len(), 3);
+        for (i, c) in all.into_iter().enumerate() {
+            let c = c.expect("a completion");
+            assert_eq!((c.index as usize, c.num_chunks), (i, 1));
+            assert_eq!(c.token_ids, streamed[i], "index {i}");
+        }
+        assert!(streamed[0] != streamed[1] || streamed[1] != streamed[2]);
+
+        // A bad n is one typed error for the whole request.
+        let mut bad = request(true);
+        bad.params.n = 0;
+        match s
+            .client
+            .generate(bad)
+            .await
+            .expect("sent")
+            .collect_all()
+            .await
+        {
+            Err(ClientError::Server { code, message }) => {
+                assert_eq!(code, ErrorCode::InvalidRequest);
+                assert!(message.contains("n must be"), "{message}");
+            }
+            other => panic!("expected invalid_request, got {other:?}"),
+        }
+        common::assert_pool_drained(&s.engine).await;
+        s.shutdown().await;
     });
 }

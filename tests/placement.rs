@@ -170,6 +170,41 @@ fn a_frontend_and_an_engine_give_the_same_greedy_output_as_one_process() {
         let c = async_nats::connect(nats.url()).await.expect("connect");
         replies::wait_engines(&c, 1).await;
         let out = run_all(&c, &reqs).await;
+        // n = 3 across the split: the completions' sequences are mapped like any other,
+        // each ends once, and index 1 samples as a lone request seeded seed + 1.
+        let client = Client::new(c.clone(), "pagoda.v1");
+        let sampled = |n: u32, seed: u64| {
+            let mut r = WireRequest::text("Name a colour:");
+            r.params.temperature = 0.9;
+            r.params.seed = Some(seed);
+            r.params.max_tokens = 8;
+            r.params.ignore_eos = true;
+            r.params.n = n;
+            r
+        };
+        let three = client
+            .generate(sampled(3, 21))
+            .await
+            .expect("sent")
+            .collect_all()
+            .await
+            .expect("answered");
+        let lone = client
+            .generate(sampled(1, 22))
+            .await
+            .expect("sent")
+            .collect_text()
+            .await
+            .expect("answered");
+        assert_eq!(three.len(), 3);
+        let three: Vec<_> = three
+            .into_iter()
+            .map(|c| c.expect("a completion"))
+            .collect();
+        for (i, c) in three.iter().enumerate() {
+            assert_eq!((c.index as usize, c.usage.completion_tokens), (i, 8));
+        }
+        assert_eq!(three[1].token_ids, lone.token_ids);
         assert_engines_idle(&c, 1).await;
         out
     });

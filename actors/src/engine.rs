@@ -16,7 +16,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use tokio::sync::mpsc;
 
 use crate::block_manager::{BlockManager, BlockManagerActor};
 use crate::config::EngineConfig;
@@ -29,12 +28,12 @@ use crate::guide::Guides;
 use crate::load::EngineLoad;
 use crate::messages::{
     now_us, post, AddSequence, BlockManagerConfig, BlockStats, Cancel, ErrorBody, FinishSequence,
-    GenerateRequest, GetSchedulerStats, InspectPool, SchedulerStats, StepTokens, StreamEnd,
-    StreamEvent, Submit, TokenId,
+    GenerateRequest, GetSchedulerStats, InspectPool, SchedulerStats, SeqId, StepTokens, StreamEnd,
+    StreamEvent, Submit, TokenId, MAX_N,
 };
 use crate::metrics::{RequestMetrics, SchedulerMetrics, TokenCounters};
 use crate::scheduler::{SchedulerActor, SchedulerLimits, SchedulerLinks, SchedulerPolicy};
-use crate::streams::Streams;
+use crate::streams::{Generation, Streams};
 use crate::supervisor::Supervisor;
 use crate::tokenizer::{
     tokenizer_from_gguf_file, tokenizer_from_hf_dir, TokenizerActor, TokenizerBounds,
@@ -480,22 +479,31 @@ impl Engine {
         self.max_waiting > 0 && self.load.num_waiting() >= self.max_waiting
     }
 
-    /// Submits a request; its events arrive on the returned channel, ending with exactly
-    /// one `Finished` or `Error`.
-    pub fn generate(&self, request: GenerateRequest) -> mpsc::UnboundedReceiver<StreamEvent> {
-        let (seq_id, rx) = self.streams.open();
+    /// Submits a request. Its events arrive on the returned [`Generation`]: for each of its
+    /// `n` completions (index 0..n), text deltas and then exactly one `Finished` or `Error`.
+    pub fn generate(&self, request: GenerateRequest) -> Generation {
+        // An `n` out of range opens one stream: the tokenizer refuses the request on it.
+        let n = match request.params.n {
+            n @ 1..=MAX_N => n as usize,
+            _ => 1,
+        };
+        let opened: Vec<_> = (0..n).map(|_| self.streams.open()).collect();
+        let seq_ids: Vec<SeqId> = opened.iter().map(|(id, _)| *id).collect();
         let submit = Submit {
-            seq_id,
+            seq_id: seq_ids[0],
+            forks: seq_ids[1..].to_vec(),
             request,
             arrival_us: now_us(),
         };
         if let Err(e) = post(&self.submit, submit) {
-            self.streams.end(
-                seq_id,
-                StreamEvent::Error(ErrorBody::internal(e.to_string())),
-            );
+            for &seq_id in &seq_ids {
+                self.streams.end(
+                    seq_id,
+                    StreamEvent::Error(ErrorBody::internal(e.to_string())),
+                );
+            }
         }
-        rx
+        Generation::new(opened.into_iter().map(|(_, rx)| rx).collect())
     }
 
     /// Cancels every live sequence of `request_id`: each stops within one engine step, its

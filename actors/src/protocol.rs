@@ -7,7 +7,7 @@ use crate::messages::{FinishReason, SamplingParams, TokenId};
 
 pub use crate::messages::{
     ChatMessage, ErrorBody, ErrorCode, EventLogprobs, GenerateRequest, Prompt, StreamEvent,
-    Timings, TokenLogprobs, Usage, MAX_LOGPROBS,
+    Timings, TokenLogprobs, Usage, MAX_LOGPROBS, MAX_N,
 };
 
 // --- wire protocol v1 ------------------------------------------------------------------------
@@ -401,10 +401,14 @@ pub struct Chunk {
     /// With `logprobs` set, on the final chunk: the sum over every generated token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cumulative_logprob: Option<f64>,
+    /// With `n` > 1: the completion (0..n) this chunk belongs to. Each completion ends with
+    /// its own final chunk (or error); the request ends when all of them have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
 }
 
 impl Chunk {
-    /// Whether this is the request's last chunk.
+    /// Whether this is the last chunk of its completion (of the request when `n` = 1).
     pub fn is_final(&self) -> bool {
         self.finish_reason.is_some()
     }
@@ -421,6 +425,10 @@ pub struct ErrorReply {
     #[serde(default = "first_attempt")]
     pub attempt: u32,
     pub error: ErrorBody,
+    /// With `n` > 1: the completion this error ends (the others go on). Absent: the error
+    /// ends the whole request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
 }
 
 fn first_attempt() -> u32 {
@@ -546,6 +554,7 @@ mod tests {
                 guided_grammar: None,
                 response_format: Some(crate::messages::ResponseFormat::JsonObject),
                 ignore_eos: true,
+                n: 2,
             },
             stream: false,
             reply_to: Some("answers.r-1".into()),
@@ -599,7 +608,9 @@ mod tests {
     #[test]
     fn unknown_fields_are_ignored() {
         let req = decode_request(
-            &json_bytes(json!({"prompt": "x", "model": "whatever", "n": 3, "extra": {"a": [1]}})),
+            &json_bytes(
+                json!({"prompt": "x", "model": "whatever", "best_of": 3, "extra": {"a": [1]}}),
+            ),
             WireFormat::Json,
         )
         .unwrap();
@@ -778,8 +789,10 @@ mod tests {
                 }),
             ]),
             cumulative_logprob: Some(-2.25),
+            index: None,
         };
         let err = ErrorReply {
+            index: None,
             id: Some("r".into()),
             seq: 0,
             attempt: 1,

@@ -127,6 +127,77 @@ impl Streams {
     }
 }
 
+/// The streams of one request: one per completion (`n` of them, index 0..n), read as one.
+#[derive(Debug)]
+pub struct Generation {
+    /// Open streams with their index; a stream leaves once its channel is closed.
+    streams: Vec<(u32, UnboundedReceiver<StreamEvent>)>,
+    n: u32,
+    /// Where the next poll starts (so that no stream starves another).
+    next: usize,
+}
+
+impl Generation {
+    /// The streams of completions 0, 1, … in order.
+    pub fn new(streams: Vec<UnboundedReceiver<StreamEvent>>) -> Self {
+        let n = streams.len() as u32;
+        Self {
+            streams: (0..n).zip(streams).collect(),
+            n,
+            next: 0,
+        }
+    }
+
+    /// Number of completions.
+    pub fn n(&self) -> u32 {
+        self.n
+    }
+
+    /// The next event of any completion, with its index; `None` once every stream is
+    /// closed (after its final event, or when the engine dropped it).
+    pub async fn recv(&mut self) -> Option<(u32, StreamEvent)> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next event, whatever its completion (for requests with `n` = 1).
+    pub async fn next_event(&mut self) -> Option<StreamEvent> {
+        self.recv().await.map(|(_, ev)| ev)
+    }
+
+    fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<(u32, StreamEvent)>> {
+        use std::task::Poll;
+        let mut k = 0;
+        while k < self.streams.len() {
+            let i = (self.next + k) % self.streams.len();
+            match self.streams[i].1.poll_recv(cx) {
+                Poll::Ready(Some(ev)) => {
+                    self.next = i + 1;
+                    return Poll::Ready(Some((self.streams[i].0, ev)));
+                }
+                Poll::Ready(None) => {
+                    self.streams.remove(i);
+                    // The stream now at `i` has not been polled: look at it next.
+                    self.next = i;
+                    k = 0;
+                    if self.streams.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    continue;
+                }
+                Poll::Pending => k += 1,
+            }
+        }
+        if self.streams.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

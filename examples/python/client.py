@@ -135,7 +135,8 @@ async def generate(
     Exactly one of `prompt`, `messages` ([{role, content}]) or `prompt_token_ids`.
     `sampling` goes into the request as top-level fields: max_tokens, temperature, top_p,
     top_k, min_p, seed, stop, stop_token_ids, ignore_eos, min_tokens, repetition_penalty,
-    presence_penalty, frequency_penalty, logprobs, prompt_logprobs, and also stream
+    presence_penalty, frequency_penalty, logprobs, prompt_logprobs, n (completions of the
+    prompt: every chunk then carries `index`), and also stream
     (default true) and timeout_ms.
     None values are left out. `idle_timeout` (seconds) bounds the wait for each chunk.
 
@@ -154,7 +155,8 @@ async def generate(
     except BaseException:
         await sub.unsubscribe()
         raise
-    async for chunk in _read_replies(nc, sub, body["id"], subject, idle_timeout, cancel_subject):
+    n = int(body.get("n") or 1)
+    async for chunk in _read_replies(nc, sub, body["id"], subject, idle_timeout, cancel_subject, n):
         yield chunk
 
 
@@ -245,7 +247,8 @@ async def generate_durable(
     except BaseException:
         await sub.unsubscribe()
         raise
-    async for chunk in _read_replies(nc, sub, body["id"], subject, idle_timeout, cancel_subject):
+    n = int(body.get("n") or 1)
+    async for chunk in _read_replies(nc, sub, body["id"], subject, idle_timeout, cancel_subject, n):
         yield chunk
 
 
@@ -256,14 +259,18 @@ async def _read_replies(
     subject: str,
     idle_timeout: float,
     cancel_subject: str,
+    n: int = 1,
 ) -> AsyncIterator[Dict[str, Any]]:
     """Yields the chunks of one request from `sub` in seq order, restarting on a higher
-    attempt; cancels the request when the caller stops early."""
+    attempt; cancels the request when the caller stops early. With `n` > 1 each chunk has
+    an `index`; an error that names its `index` ends that completion only and is yielded
+    (a dict with `index` and `error`); the stream ends once every completion ended."""
     finished = False
     try:
         attempt = 0  # the delivery attempt whose chunks we are yielding
         next_seq = 0
         pending: Dict[int, Dict[str, Any]] = {}  # out-of-order chunks of this attempt
+        ended: set = set()  # completions (index) that ended, with n > 1
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)
@@ -281,20 +288,25 @@ async def _read_replies(
             a = int(reply.get("attempt", 1))
             if a < attempt:
                 continue
-            if reply.get("error") is not None:
+            if reply.get("error") is not None and (n <= 1 or reply.get("index") is None):
                 err = reply["error"]
                 finished = True
                 raise PagodaError(err.get("code", "?"), err.get("message", ""), reply.get("id"))
             if a > attempt:
-                attempt, next_seq, pending = a, 0, {}
+                attempt, next_seq, pending, ended = a, 0, {}, set()
             pending[int(reply["seq"])] = reply
             while next_seq in pending:
                 chunk = pending.pop(next_seq)
                 next_seq += 1
                 yield chunk
-                if chunk.get("finish_reason") is not None:
-                    finished = True
-                    return
+                if chunk.get("finish_reason") is not None or chunk.get("error") is not None:
+                    if n <= 1 or chunk.get("index") is None:
+                        finished = True
+                        return
+                    ended.add(chunk["index"])
+                    if len(ended) >= n:
+                        finished = True
+                        return
     finally:
         try:
             await sub.unsubscribe()
@@ -322,24 +334,34 @@ async def complete(
 
 async def collect(
     nc: NATS, prompt: Optional[str] = None, messages=None, *, durable: bool = False, **kwargs
-) -> Dict[str, Any]:
+):
     """Runs one request to the end and joins its chunks: a dict with `id`, `text`,
     `token_ids`, `finish_reason`, `usage`, `timings`, `attempt`, and when asked for,
-    `logprobs` (one entry per token id), `prompt_logprobs` and `cumulative_logprob`."""
-    answer: Dict[str, Any] = {}
+    `logprobs` (one entry per token id), `prompt_logprobs` and `cumulative_logprob`.
+    With `n` > 1: a list of such dicts, one per completion in `index` order (one that
+    ended with an error has `error` instead of `finish_reason`)."""
+    answers: Dict[int, Dict[str, Any]] = {}
+    attempt = None
     stream = generate_durable if durable else generate
     async for chunk in stream(nc, prompt, messages, **kwargs):
-        if chunk.get("attempt", 1) != answer.get("attempt", 1):
-            answer = {}  # a redelivered job starts over
-        answer["id"] = chunk["id"]
-        answer["attempt"] = chunk.get("attempt", 1)
+        if chunk.get("attempt", 1) != attempt:
+            answers = {}  # a redelivered job starts over
+            attempt = chunk.get("attempt", 1)
+        index = chunk.get("index") or 0
+        answer = answers.setdefault(index, {"index": index})
+        answer["id"] = chunk.get("id")
+        answer["attempt"] = attempt
         answer["text"] = answer.get("text", "") + chunk.get("text", "")
         answer.setdefault("token_ids", []).extend(chunk.get("token_ids", []))
         if chunk.get("logprobs") is not None:
             answer.setdefault("logprobs", []).extend(chunk["logprobs"])
-        for key in ("prompt_logprobs", "finish_reason", "usage", "timings", "cumulative_logprob"):
+        for key in ("prompt_logprobs", "finish_reason", "usage", "timings", "cumulative_logprob", "error"):
             if chunk.get(key) is not None:
                 answer[key] = chunk[key]
+    if int(kwargs.get("n") or 1) > 1:
+        return [answers[i] for i in sorted(answers)]
+    answer = answers.get(0, {})
+    answer.pop("index", None)
     return answer
 
 
@@ -365,6 +387,8 @@ async def _main() -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--logprobs", type=int, metavar="K",
                    help="print each token's logprob and its K most likely alternatives")
+    p.add_argument("--n", type=int, metavar="N",
+                   help="N completions of the prompt (printed one after another)")
     p.add_argument("--json", action="store_true", help="JSON bodies instead of MessagePack")
     p.add_argument("--inbox-prefix", default=os.environ.get("PAGODA_NATS_INBOX_PREFIX", "_INBOX"),
                    help="prefix of the reply inboxes, e.g. _INBOX.client on a server with "
@@ -376,7 +400,7 @@ async def _main() -> int:
     try:
         kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, logprobs=args.logprobs,
-                      use_json=args.json)
+                      n=args.n, use_json=args.json)
         if args.durable:
             send, kwargs["subject"] = generate_durable, args.subject or JOBS_SUBJECT
         else:
@@ -388,6 +412,19 @@ async def _main() -> int:
         else:
             stream = send(nc, prompt=args.prompt, **kwargs)
         try:
+            if (args.n or 1) > 1:
+                # Completions interleave on the wire: gather them, print each whole.
+                texts: Dict[int, str] = {}
+                async for chunk in stream:
+                    i = chunk.get("index") or 0
+                    texts[i] = texts.get(i, "") + chunk.get("text", "")
+                    if chunk.get("error") is not None:
+                        print(f"[{i}] error: {chunk['error']}", file=sys.stderr)
+                    elif chunk.get("finish_reason") is not None:
+                        print(f"[{i}] {texts[i]}")
+                        print(f"[{i} finish_reason={chunk['finish_reason']} "
+                              f"usage={chunk.get('usage')}]", file=sys.stderr)
+                return 0
             async for chunk in stream:
                 sys.stdout.write(chunk.get("text", ""))
                 sys.stdout.flush()

@@ -36,6 +36,7 @@ from client import (  # noqa: E402
     MSG_ID_HEADER,
     PagodaError,
     cancel,
+    collect,
     complete,
     decode,
     encode,
@@ -380,6 +381,22 @@ async def check_pagoda_jetstream(nc, prefix):
     except PagodaError as e:
         assert e.code == "invalid_request" and "temperature" in e.message, e
         print("ok: invalid durable job ->", e)
+
+    # 5b. n = 3 completions of one prompt, core NATS and durable: one answer per index,
+    # each reproducible from its seed (index i samples with seed + i).
+    sampled = dict(max_tokens=8, temperature=0.9, ignore_eos=True, seed=11)
+    core = await collect(nc, prompt="Three words about the sea:", subject=f"{prefix}.generate",
+                         n=3, **sampled)
+    durable = await collect(nc, prompt="Three words about the sea:", durable=True, subject=jobs,
+                            n=3, **sampled)
+    assert [a["index"] for a in core] == [0, 1, 2], core
+    for a, b in zip(core, durable):
+        assert a["finish_reason"] == "length" and a["usage"]["completion_tokens"] == 8, a
+        assert a["token_ids"] == b["token_ids"], (a, b)
+    alone = await collect(nc, prompt="Three words about the sea:", subject=f"{prefix}.generate",
+                          **dict(sampled, seed=12))
+    assert alone["token_ids"] == core[1]["token_ids"], (alone, core[1])
+    print("ok: n=3 answered per index, core and durable alike:", [a["text"] for a in core])
 
     # 6. Every job was acknowledged: the work-queue stream is empty.
     for _ in range(100):

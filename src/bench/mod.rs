@@ -313,7 +313,7 @@ async fn one(target: Target, id: usize, req: BenchRequest, spec: Arc<BenchSpec>)
                 prompt,
                 params,
             });
-            while let Some(ev) = rx.recv().await {
+            while let Some(ev) = rx.next_event().await {
                 match ev {
                     StreamEvent::Delta { token_ids, .. } => rec.tokens(token_ids.len()),
                     StreamEvent::Finished {

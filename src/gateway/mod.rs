@@ -379,6 +379,7 @@ async fn handle_cancel(shared: Arc<Shared>, msg: async_nats::Message) {
             tracing::debug!(error = %e, "unreadable cancel");
             if let Some(out) = out {
                 let bytes = out.encode(&ErrorReply {
+                    index: None,
                     id: None,
                     seq: 0,
                     attempt: ATTEMPT,

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use pagoda_actors::config::EngineConfig;
 use pagoda_actors::engine::{CoreOutputs, EngineCore};
 use pagoda_actors::messages::{
-    post, AddSequence, ErrorBody, FinishReason, FinishSequence, StepTokens, StreamEnd,
+    post, AddSequence, ErrorBody, FinishReason, FinishSequence, SeqId, StepTokens, StreamEnd,
 };
 use pagoda_actors::supervisor::Supervisor;
 
@@ -118,16 +118,26 @@ impl FrontendLinks {
             actix::spawn(Self::answer(req, answer));
             return;
         }
-        let remote = add.seq_id;
-        let Some(local) = self.map().insert(&frontend, remote, Instant::now()) else {
-            let answer = EngineAnswer::Added(Err(ErrorBody::internal(format!(
-                "sequence {remote} of {frontend} is already running here"
-            ))));
-            actix::spawn(Self::answer(req, answer));
-            return;
-        };
+        // The sequence and its forks (n > 1) get local ids, all or none.
+        let mut locals: Vec<SeqId> = Vec::with_capacity(1 + add.forks.len());
+        for &remote in std::iter::once(&add.seq_id).chain(&add.forks) {
+            let inserted = self.map().insert(&frontend, remote, Instant::now());
+            let Some(local) = inserted else {
+                for &l in &locals {
+                    self.map().remove(l);
+                }
+                let answer = EngineAnswer::Added(Err(ErrorBody::internal(format!(
+                    "sequence {remote} of {frontend} is already running here"
+                ))));
+                actix::spawn(Self::answer(req, answer));
+                return;
+            };
+            locals.push(local);
+        }
+        let local = locals[0];
         let add = AddSequence {
             seq_id: local,
+            forks: locals[1..].to_vec(),
             ..add
         };
         // Queued in the scheduler's mailbox now, so a later finish cannot overtake it.
@@ -140,7 +150,9 @@ impl FrontendLinks {
                     Err(e) => Err(ErrorBody::internal(format!("scheduler unreachable: {e}"))),
                 };
                 if result.is_err() {
-                    act.map().remove(local);
+                    for l in locals {
+                        act.map().remove(l);
+                    }
                 } else {
                     act.added.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }

@@ -349,8 +349,13 @@ impl Handler<AddSequence> for EngineRouter {
             return Box::pin(actix::fut::ready(Err(error)));
         };
         // Recorded before the call: the engine's first tokens may overtake its answer.
-        self.table.assign(&engine, seq_id);
-        self.adding.insert(seq_id, Vec::new());
+        let seq_ids: Vec<SeqId> = std::iter::once(seq_id)
+            .chain(add.forks.iter().copied())
+            .collect();
+        for &id in &seq_ids {
+            self.table.assign(&engine, id);
+            self.adding.insert(id, Vec::new());
+        }
         let call = EngineCall::Add {
             frontend: self.id.clone(),
             add: Box::new(add),
@@ -359,7 +364,10 @@ impl Handler<AddSequence> for EngineRouter {
             self.call(&engine, &call)
                 .into_actor(self)
                 .map(move |res, act, ctx| {
-                    let finishes = act.adding.remove(&seq_id).unwrap_or_default();
+                    let finishes: Vec<FinishSequence> = seq_ids
+                        .iter()
+                        .flat_map(|id| act.adding.remove(id).unwrap_or_default())
+                        .collect();
                     let outcome = match res {
                         Ok(EngineAnswer::Added(Ok(()))) => Ok(()),
                         Ok(EngineAnswer::Added(Err(e))) | Ok(EngineAnswer::Failed(e)) => Err(e),
@@ -368,7 +376,9 @@ impl Handler<AddSequence> for EngineRouter {
                         ))),
                         Err(e) => {
                             // It may have arrived: make sure it does not run unseen.
-                            act.call_and_forget(&engine, seq_id);
+                            for &id in &seq_ids {
+                                act.call_and_forget(&engine, id);
+                            }
                             Err(ErrorBody::internal(format!(
                                 "engine {engine} did not take the request: {e}"
                             )))
@@ -381,7 +391,9 @@ impl Handler<AddSequence> for EngineRouter {
                             }
                         }
                         Err(_) => {
-                            act.table.unassign(seq_id);
+                            for &id in &seq_ids {
+                                act.table.unassign(id);
+                            }
                         }
                     }
                     outcome

@@ -181,6 +181,7 @@ mod tests {
                 seq_id: 3,
                 prompt: vec![1, 2, 3],
                 params: SamplingParams::default(),
+                forks: vec![4, 5],
             }),
         });
         round_trip(&EngineCall::Finish {

@@ -21,6 +21,7 @@ use pagoda_actors::protocol::{
     check_reply_subject, decode_request, new_request_id, ErrorBody, ErrorCode, ErrorReply, Reply,
     StreamEvent, WireFormat,
 };
+use pagoda_actors::streams::Generation;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -230,6 +231,7 @@ impl Replier {
             Err(e) => {
                 tracing::error!(error = %e, "encoding a reply failed");
                 self.encode(&ErrorReply {
+                    index: None,
                     id: None,
                     seq: reply.seq(),
                     attempt: ATTEMPT,
@@ -353,6 +355,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
                 .clone()
                 .or_else(|| rejected.reply_to.clone().filter(allowed).map(Subject::from));
             let reply = Reply::Error(ErrorReply {
+                index: None,
                 id: rejected.id.clone(),
                 seq: 0,
                 attempt,
@@ -372,6 +375,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
             return Outcome::Rejected;
         };
         let reply = Reply::Error(ErrorReply {
+            index: None,
             id: wire.id.clone(),
             seq: 0,
             attempt,
@@ -400,6 +404,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
         Ok(a) => a,
         Err(error) => {
             let reply = Reply::Error(ErrorReply {
+                index: None,
                 id: wire_id,
                 seq: 0,
                 attempt,
@@ -458,23 +463,26 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
     // Only a durable job keeps a copy of its request, to submit it again.
     let retry_copy = inc.durable.map(|_| accepted.request.clone());
     let mut events = shared.engine.generate(accepted.request);
+    replies.set_n(events.n());
     // A durable job the engine refuses as overloaded (before anything was sent) is kept
     // and submitted again once there is room; the client never sees the refusal.
     let mut first = None;
     if inc.durable.is_some() {
         loop {
             match events.recv().await {
-                Some(StreamEvent::Error(e)) if e.code == ErrorCode::Overloaded => {
+                Some((_, StreamEvent::Error(e))) if e.code == ErrorCode::Overloaded => {
                     if taken_cancel(shared, &id) {
-                        first = Some(StreamEvent::Finished {
-                            text: String::new(),
-                            token_ids: Vec::new(),
-                            finish_reason: FinishReason::Abort,
-                            usage: Default::default(),
-                            timings: Default::default(),
-                            logprobs: Default::default(),
-                        });
-                        break;
+                        // Refused, then cancelled: it never started.
+                        shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                        let reply = replies.aborted_before_start();
+                        if let Err(e) = out.send(req, &reply).await {
+                            shared
+                                .stats
+                                .publish_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%id, error = %e, "answering a job cancelled before it started");
+                        }
+                        return Outcome::Done;
                     }
                     if !hold.wait(shared).await {
                         return Outcome::Busy;
@@ -503,7 +511,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
     loop {
         let mut reply = tokio::select! {
             ev = next_event(&mut first, &mut events) => match ev {
-                Some(ev) => match replies.on_event(ev) {
+                Some((index, ev)) => match replies.on_event(index, ev) {
                     Some(r) => r,
                     None => continue,
                 },
@@ -547,7 +555,8 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
                 _ => {}
             }
         }
-        let is_final = reply.is_final();
+        // The request's last reply (with n > 1, each completion's final chunk is not).
+        let is_final = replies.is_done();
         // A durable job whose connection dropped while it was answering may have lost a
         // reply in transit: run it again (the client starts over at attempt + 1) rather
         // than leave a gap.
@@ -557,7 +566,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
             }
             return Outcome::Retry("the NATS connection dropped while replying".into());
         }
-        if let Err(e) = out.send(req, &reply).await {
+        if let Err(e) = out.send(req.filter(|_| is_final), &reply).await {
             shared
                 .stats
                 .publish_failures
@@ -590,9 +599,9 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
 
 /// The event held back by the durable admission loop, then the channel's.
 async fn next_event(
-    first: &mut Option<Option<StreamEvent>>,
-    events: &mut tokio::sync::mpsc::UnboundedReceiver<StreamEvent>,
-) -> Option<StreamEvent> {
+    first: &mut Option<Option<(u32, StreamEvent)>>,
+    events: &mut Generation,
+) -> Option<(u32, StreamEvent)> {
     match first.take() {
         Some(ev) => ev,
         None => events.recv().await,

@@ -13,38 +13,63 @@ use pagoda_actors::protocol::{
 };
 use tokio::time::Instant;
 
-/// Turns one request's engine events into numbered replies: `seq` 0, 1, 2, … without gaps,
-/// the last one final. With `stream: false` the deltas are gathered into the final chunk.
+/// Turns one request's engine events into numbered replies: `seq` 0, 1, 2, … without gaps.
+/// With `stream: false` each completion's deltas are gathered into its final chunk. With
+/// `n` > 1 every reply names its completion (`index`), each completion ends with its own
+/// final chunk or error, and the request is done once all of them have.
 #[derive(Debug)]
 pub struct ReplyStream {
     id: String,
     attempt: u32,
     stream: bool,
     next_seq: u64,
+    choices: Vec<Choice>,
+    done: bool,
+}
+
+/// What one completion has gathered (with `stream: false`) and whether it ended.
+#[derive(Debug, Default)]
+struct Choice {
     text: String,
     token_ids: Vec<TokenId>,
-    /// With `stream: false`, gathered like the text.
     logprobs: Option<Vec<TokenLogprobs>>,
     prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     done: bool,
 }
 
+impl Choice {
+    /// Adds a delta to the answer of a `stream: false` request.
+    fn gather(&mut self, text: String, token_ids: Vec<TokenId>, logprobs: EventLogprobs) {
+        self.text.push_str(&text);
+        self.token_ids.extend(token_ids);
+        if let Some(lps) = logprobs.tokens {
+            self.logprobs.get_or_insert_with(Vec::new).extend(lps);
+        }
+        if logprobs.prompt.is_some() {
+            self.prompt_logprobs = logprobs.prompt;
+        }
+    }
+}
+
 impl ReplyStream {
+    /// A request with one completion (see [`Self::set_n`]).
     pub fn new(id: String, attempt: u32, stream: bool) -> Self {
         Self {
             id,
             attempt,
             stream,
             next_seq: 0,
-            text: String::new(),
-            token_ids: Vec::new(),
-            logprobs: None,
-            prompt_logprobs: None,
+            choices: vec![Choice::default()],
             done: false,
         }
     }
 
-    /// Whether the final reply was produced.
+    /// The number of completions the engine streams (`n`).
+    pub fn set_n(&mut self, n: u32) {
+        self.choices.resize_with(n.max(1) as usize, Choice::default);
+    }
+
+    /// Whether the request's last reply was produced.
     pub fn is_done(&self) -> bool {
         self.done
     }
@@ -55,11 +80,27 @@ impl ReplyStream {
         s
     }
 
-    /// The reply for an engine event, if one is due. Nothing follows a final reply.
-    pub fn on_event(&mut self, ev: StreamEvent) -> Option<Reply> {
-        if self.done {
+    /// `index` on the wire: only with `n` > 1.
+    fn wire_index(&self, index: u32) -> Option<u32> {
+        (self.choices.len() > 1).then_some(index)
+    }
+
+    /// Marks completion `index` ended; the request is done with the last one.
+    fn end_choice(&mut self, index: usize) {
+        if let Some(c) = self.choices.get_mut(index) {
+            c.done = true;
+        }
+        self.done = self.choices.iter().all(|c| c.done);
+    }
+
+    /// The reply for completion `index`'s engine event, if one is due. Nothing follows
+    /// the final reply of a completion, or of the request.
+    pub fn on_event(&mut self, index: u32, ev: StreamEvent) -> Option<Reply> {
+        let i = index as usize;
+        if self.done || self.choices.get(i).is_none_or(|c| c.done) {
             return None;
         }
+        let wire_index = self.wire_index(index);
         match ev {
             StreamEvent::Delta {
                 text,
@@ -67,7 +108,7 @@ impl ReplyStream {
                 logprobs,
             } => {
                 if !self.stream {
-                    self.gather(text, token_ids, logprobs);
+                    self.choices[i].gather(text, token_ids, logprobs);
                     return None;
                 }
                 Some(Reply::Chunk(Chunk {
@@ -78,6 +119,7 @@ impl ReplyStream {
                     token_ids,
                     logprobs: logprobs.tokens,
                     prompt_logprobs: logprobs.prompt,
+                    index: wire_index,
                     ..Chunk::default()
                 }))
             }
@@ -89,20 +131,21 @@ impl ReplyStream {
                 timings,
                 logprobs,
             } => {
-                self.done = true;
+                self.end_choice(i);
                 let cumulative_logprob = logprobs.cumulative;
                 let (text, token_ids, lps) = if self.stream {
                     (text, token_ids, logprobs)
                 } else {
-                    self.gather(text, token_ids, logprobs);
+                    let c = &mut self.choices[i];
+                    c.gather(text, token_ids, logprobs);
                     let lps = EventLogprobs {
-                        tokens: self.logprobs.take(),
-                        prompt: self.prompt_logprobs.take(),
+                        tokens: c.logprobs.take(),
+                        prompt: c.prompt_logprobs.take(),
                         cumulative: None,
                     };
                     (
-                        std::mem::take(&mut self.text),
-                        std::mem::take(&mut self.token_ids),
+                        std::mem::take(&mut c.text),
+                        std::mem::take(&mut c.token_ids),
                         lps,
                     )
                 };
@@ -118,25 +161,27 @@ impl ReplyStream {
                     logprobs: lps.tokens,
                     prompt_logprobs: lps.prompt,
                     cumulative_logprob,
+                    index: wire_index,
                 }))
             }
-            StreamEvent::Error(error) => Some(self.error(error)),
+            StreamEvent::Error(error) => {
+                if wire_index.is_none() {
+                    return Some(self.error(error));
+                }
+                self.end_choice(i);
+                Some(Reply::Error(ErrorReply {
+                    id: Some(self.id.clone()),
+                    seq: self.take_seq(),
+                    attempt: self.attempt,
+                    error,
+                    index: wire_index,
+                }))
+            }
         }
     }
 
-    /// Adds a delta to the answer of a `stream: false` request.
-    fn gather(&mut self, text: String, token_ids: Vec<TokenId>, logprobs: EventLogprobs) {
-        self.text.push_str(&text);
-        self.token_ids.extend(token_ids);
-        if let Some(lps) = logprobs.tokens {
-            self.logprobs.get_or_insert_with(Vec::new).extend(lps);
-        }
-        if logprobs.prompt.is_some() {
-            self.prompt_logprobs = logprobs.prompt;
-        }
-    }
-
-    /// A final error reply (the engine failed, or the gateway gave up on the request).
+    /// A final error reply for the whole request (the engine failed, or the gateway gave
+    /// up on it).
     pub fn error(&mut self, error: ErrorBody) -> Reply {
         self.done = true;
         Reply::Error(ErrorReply {
@@ -144,10 +189,12 @@ impl ReplyStream {
             seq: self.take_seq(),
             attempt: self.attempt,
             error,
+            index: None,
         })
     }
 
-    /// A final `abort` chunk for a request that never reached the engine.
+    /// A final `abort` chunk for a request that never reached the engine (no `index`: it
+    /// ends every completion).
     pub fn aborted_before_start(&mut self) -> Reply {
         self.done = true;
         Reply::Chunk(Chunk {
@@ -271,18 +318,21 @@ mod tests {
     #[test]
     fn streamed_replies_are_numbered_and_end_once() {
         let mut s = ReplyStream::new("r".into(), 1, true);
-        let a = chunk(s.on_event(delta("Pa", &[1])));
-        let b = chunk(s.on_event(delta("ris", &[2])));
-        let c = chunk(s.on_event(finished("", &[3], FinishReason::Stop)));
+        let a = chunk(s.on_event(0, delta("Pa", &[1])));
+        let b = chunk(s.on_event(0, delta("ris", &[2])));
+        let c = chunk(s.on_event(0, finished("", &[3], FinishReason::Stop)));
         assert_eq!((a.seq, b.seq, c.seq), (0, 1, 2));
         assert_eq!((a.text.as_str(), b.text.as_str()), ("Pa", "ris"));
         assert!(!a.is_final() && !b.is_final() && c.is_final());
         assert_eq!(c.token_ids, vec![3]);
         assert_eq!(c.usage.map(|u| u.completion_tokens), Some(3));
         assert!(s.is_done());
-        assert_eq!(s.on_event(delta("late", &[4])), None);
+        assert_eq!(s.on_event(0, delta("late", &[4])), None);
         assert_eq!(
-            s.on_event(StreamEvent::Error(ErrorBody::new(ErrorCode::Internal, "x"))),
+            s.on_event(
+                0,
+                StreamEvent::Error(ErrorBody::new(ErrorCode::Internal, "x"))
+            ),
             None
         );
     }
@@ -290,9 +340,9 @@ mod tests {
     #[test]
     fn unstreamed_replies_are_one_message() {
         let mut s = ReplyStream::new("r".into(), 1, false);
-        assert_eq!(s.on_event(delta("Pa", &[1])), None);
-        assert_eq!(s.on_event(delta("ris", &[2])), None);
-        let c = chunk(s.on_event(finished(".", &[3], FinishReason::Length)));
+        assert_eq!(s.on_event(0, delta("Pa", &[1])), None);
+        assert_eq!(s.on_event(0, delta("ris", &[2])), None);
+        let c = chunk(s.on_event(0, finished(".", &[3], FinishReason::Length)));
         assert_eq!(c.seq, 0);
         assert_eq!(c.text, "Paris.");
         assert_eq!(c.token_ids, vec![1, 2, 3]);
@@ -340,7 +390,10 @@ mod tests {
             ]
         };
         let mut s = ReplyStream::new("r".into(), 1, true);
-        let chunks: Vec<Chunk> = events().into_iter().map(|e| chunk(s.on_event(e))).collect();
+        let chunks: Vec<Chunk> = events()
+            .into_iter()
+            .map(|e| chunk(s.on_event(0, e)))
+            .collect();
         assert_eq!(chunks[0].logprobs, Some(vec![lp(-0.5)]));
         assert_eq!(chunks[0].prompt_logprobs, Some(prompt.clone()));
         assert_eq!(chunks[0].cumulative_logprob, None);
@@ -349,7 +402,10 @@ mod tests {
         assert_eq!(chunks[1].cumulative_logprob, Some(-3.5));
 
         let mut s = ReplyStream::new("r".into(), 1, false);
-        let mut replies: Vec<Reply> = events().into_iter().filter_map(|e| s.on_event(e)).collect();
+        let mut replies: Vec<Reply> = events()
+            .into_iter()
+            .filter_map(|e| s.on_event(0, e))
+            .collect();
         assert_eq!(replies.len(), 1);
         let Some(Reply::Chunk(c)) = replies.pop() else {
             panic!("one chunk");
@@ -360,8 +416,8 @@ mod tests {
         assert_eq!(c.cumulative_logprob, Some(-3.5));
         // Without logprobs, nothing is added.
         let mut s = ReplyStream::new("r".into(), 1, false);
-        s.on_event(delta("a", &[1]));
-        let c = chunk(s.on_event(finished("b", &[2], FinishReason::Length)));
+        s.on_event(0, delta("a", &[1]));
+        let c = chunk(s.on_event(0, finished("b", &[2], FinishReason::Length)));
         assert_eq!(
             (c.logprobs, c.prompt_logprobs, c.cumulative_logprob),
             (None, None, None)
@@ -371,11 +427,11 @@ mod tests {
     #[test]
     fn errors_take_the_next_seq_and_end_the_stream() {
         let mut s = ReplyStream::new("r".into(), 1, true);
-        chunk(s.on_event(delta("a", &[1])));
-        let e = s.on_event(StreamEvent::Error(ErrorBody::new(
-            ErrorCode::Internal,
-            "boom",
-        )));
+        chunk(s.on_event(0, delta("a", &[1])));
+        let e = s.on_event(
+            0,
+            StreamEvent::Error(ErrorBody::new(ErrorCode::Internal, "boom")),
+        );
         match e {
             Some(Reply::Error(e)) => {
                 assert_eq!(e.seq, 1);
@@ -388,6 +444,53 @@ mod tests {
         let mut s = ReplyStream::new("q".into(), 1, true);
         let c = chunk(Some(s.aborted_before_start()));
         assert_eq!((c.seq, c.finish_reason), (0, Some(FinishReason::Abort)));
+    }
+
+    #[test]
+    fn n_completions_carry_their_index_and_end_one_by_one() {
+        let mut s = ReplyStream::new("r".into(), 1, true);
+        s.set_n(3);
+        let a = chunk(s.on_event(1, delta("x", &[1])));
+        assert_eq!((a.seq, a.index), (0, Some(1)));
+        let b = chunk(s.on_event(0, finished("y", &[2], FinishReason::Stop)));
+        assert_eq!((b.seq, b.index, b.is_final()), (1, Some(0), true));
+        assert!(!s.is_done());
+        // An error ends its own completion only.
+        let e = s.on_event(
+            2,
+            StreamEvent::Error(ErrorBody::new(ErrorCode::InvalidRequest, "stuck")),
+        );
+        match e {
+            Some(Reply::Error(e)) => assert_eq!((e.seq, e.index), (2, Some(2))),
+            other => panic!("expected an error reply, got {other:?}"),
+        }
+        assert!(!s.is_done());
+        assert_eq!(
+            s.on_event(0, delta("late", &[9])),
+            None,
+            "completion 0 has ended"
+        );
+        let c = chunk(s.on_event(1, finished("z", &[3], FinishReason::Length)));
+        assert_eq!((c.seq, c.index), (3, Some(1)));
+        assert!(s.is_done());
+        assert_eq!(s.on_event(1, delta("after", &[4])), None);
+
+        // Gathered: one final chunk per completion, each with its own text.
+        let mut s = ReplyStream::new("r".into(), 1, false);
+        s.set_n(2);
+        assert_eq!(s.on_event(0, delta("a", &[1])), None);
+        assert_eq!(s.on_event(1, delta("b", &[2])), None);
+        let x = chunk(s.on_event(1, finished("c", &[3], FinishReason::Stop)));
+        let y = chunk(s.on_event(0, finished("d", &[4], FinishReason::Stop)));
+        assert_eq!(
+            (x.text.as_str(), x.token_ids.clone(), x.index),
+            ("bc", vec![2, 3], Some(1))
+        );
+        assert_eq!(
+            (y.text.as_str(), y.token_ids.clone(), y.index),
+            ("ad", vec![1, 4], Some(0))
+        );
+        assert!(s.is_done());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use pagoda_actors::config::EngineConfig;
 use pagoda_actors::engine::Engine;
 use pagoda_actors::messages::{FinishReason, SamplingParams, TokenId};
 use pagoda_actors::protocol::{ErrorBody, GenerateRequest, Prompt, StreamEvent, Timings, Usage};
-use tokio::sync::mpsc::UnboundedReceiver;
+use pagoda_actors::streams::Generation;
 
 /// How long one request may take before the test calls it a hang.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -119,14 +119,14 @@ impl Outcome {
 
 /// Reads a stream to its end and checks its shape: deltas, then exactly one final event,
 /// then the channel closes.
-pub async fn collect(mut rx: UnboundedReceiver<StreamEvent>) -> Outcome {
+pub async fn collect(mut rx: Generation) -> Outcome {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut deltas = Vec::new();
     let mut text = String::new();
     let mut token_ids = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let ev = tokio::time::timeout(left, rx.recv())
+        let ev = tokio::time::timeout(left, rx.next_event())
             .await
             .unwrap_or_else(|_| panic!("no final event within {REQUEST_TIMEOUT:?} (hang?)"))
             .expect("the stream closed without a Finished or Error event");
@@ -165,7 +165,7 @@ pub async fn collect(mut rx: UnboundedReceiver<StreamEvent>) -> Outcome {
         };
         // Exactly one final event: nothing may follow it, and the engine lets go of the
         // stream (the channel closes).
-        let after = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        let after = tokio::time::timeout(Duration::from_secs(10), rx.next_event())
             .await
             .expect("the stream stayed open after its final event");
         assert!(after.is_none(), "an event after the final one: {after:?}");
@@ -177,6 +177,77 @@ pub async fn collect(mut rx: UnboundedReceiver<StreamEvent>) -> Outcome {
             end,
         };
     }
+}
+
+/// Reads every completion of a request with `n` > 1 to its end: per index, deltas then
+/// exactly one final event, and the generation closes once all have ended. Outcomes in
+/// index order.
+pub async fn collect_n(mut rx: Generation) -> Vec<Outcome> {
+    let n = rx.n() as usize;
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    // Per completion: its deltas, text and token ids so far.
+    type Part = (Vec<(String, Vec<TokenId>)>, String, Vec<TokenId>);
+    let mut parts: Vec<Part> = vec![Default::default(); n];
+    let mut ends: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((index, ev)) = tokio::time::timeout(left, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("not every completion ended within {REQUEST_TIMEOUT:?}"))
+        else {
+            break;
+        };
+        let i = index as usize;
+        assert!(i < n, "event for completion {i} of {n}");
+        assert!(
+            ends[i].is_none(),
+            "completion {i}: an event after its final one: {ev:?}"
+        );
+        let (deltas, text, ids) = &mut parts[i];
+        let (final_text, end) = match ev {
+            StreamEvent::Delta {
+                text: t,
+                token_ids: d,
+                ..
+            } => {
+                text.push_str(&t);
+                ids.extend_from_slice(&d);
+                deltas.push((t, d));
+                continue;
+            }
+            StreamEvent::Finished {
+                text: t,
+                token_ids: d,
+                finish_reason,
+                usage,
+                timings,
+                ..
+            } => {
+                text.push_str(&t);
+                ids.extend_from_slice(&d);
+                (
+                    t,
+                    End::Finished {
+                        reason: finish_reason,
+                        usage,
+                        timings,
+                    },
+                )
+            }
+            StreamEvent::Error(e) => (String::new(), End::Error(e)),
+        };
+        ends[i] = Some(Outcome {
+            deltas: std::mem::take(deltas),
+            final_text,
+            text: std::mem::take(text),
+            token_ids: std::mem::take(ids),
+            end,
+        });
+    }
+    ends.into_iter()
+        .enumerate()
+        .map(|(i, o)| o.unwrap_or_else(|| panic!("completion {i} closed without a final event")))
+        .collect()
 }
 
 /// Submits one request and waits for its outcome.

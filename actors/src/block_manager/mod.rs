@@ -50,9 +50,9 @@ use std::collections::{HashMap, HashSet};
 use crate::messages::SeqId;
 
 pub use crate::messages::blocks::{
-    block_hashes, extend_block_hashes, slot_for, AdmitRequest, Admitted, BlockError, BlockHash,
-    BlockId, BlockManagerConfig, BlockStats, FreeRequest, GrowRequest, Grown, InspectPool,
-    StepRequest, StepResponse, DEFAULT_BLOCK_SIZE, RELEASED_BLOCK,
+    block_hashes, extend_block_hashes, slot_for, AdmitRequest, Admitted, BlockCopy, BlockError,
+    BlockHash, BlockId, BlockManagerConfig, BlockStats, ForkRequest, FreeRequest, GrowRequest,
+    Grown, InspectPool, StepRequest, StepResponse, DEFAULT_BLOCK_SIZE, RELEASED_BLOCK,
 };
 
 pub use pool::BlockPool;
@@ -260,21 +260,88 @@ impl BlockManager {
     /// Grows `seq`'s table so that `num_tokens` tokens fit; returns how many blocks were
     /// appended. All or nothing.
     pub fn append_slots(&mut self, seq: SeqId, num_tokens: usize) -> Result<usize, BlockError> {
-        let have = self
+        let before = self
             .seqs
             .get(&seq)
             .ok_or(BlockError::UnknownSequence(seq))?
             .table
             .len();
-        let need = self.config.blocks_for(num_tokens).saturating_sub(have);
-        if need == 0 {
-            return Ok(0);
+        self.prepare_write(seq, num_tokens, num_tokens)?;
+        Ok(self.seqs.get(&seq).map_or(0, |s| s.table.len() - before))
+    }
+
+    /// Makes `seq`'s table ready for a step that writes positions `write_from..num_tokens`:
+    /// blocks are appended until `num_tokens` fit, and every block in that range that
+    /// other sequences share (a fork's) is replaced by a fresh one, returned as a
+    /// [`BlockCopy`] whose K/V the executor copies before the step. All or nothing.
+    pub fn prepare_write(
+        &mut self,
+        seq: SeqId,
+        write_from: usize,
+        num_tokens: usize,
+    ) -> Result<Vec<BlockCopy>, BlockError> {
+        let bs = self.block_size();
+        let s = self
+            .seqs
+            .get(&seq)
+            .ok_or(BlockError::UnknownSequence(seq))?;
+        let need = self.config.blocks_for(num_tokens);
+        let append = need.saturating_sub(s.table.len());
+        let shared: Vec<usize> = (write_from / bs..need.min(s.table.len()))
+            .filter(|&i| s.table[i] != RELEASED_BLOCK && self.pool.ref_count(s.table[i]) > 1)
+            .collect();
+        if append + shared.len() == 0 {
+            return Ok(Vec::new());
         }
-        let blocks = self.pool.take_free(need)?;
-        if let Some(s) = self.seqs.get_mut(&seq) {
-            s.table.extend(blocks);
+        let mut fresh = self.pool.take_free(append + shared.len())?.into_iter();
+        let mut copies = Vec::with_capacity(shared.len());
+        let Some(s) = self.seqs.get_mut(&seq) else {
+            return Err(BlockError::UnknownSequence(seq));
+        };
+        for (index, dst) in shared.into_iter().zip(fresh.by_ref()) {
+            let src = std::mem::replace(&mut s.table[index], dst);
+            self.pool.release(src);
+            copies.push(BlockCopy { index, src, dst });
         }
-        Ok(need)
+        s.table.extend(fresh);
+        Ok(copies)
+    }
+
+    /// Starts `req.child` as a copy of `req.parent`: its table shares the parent's blocks
+    /// that hold the first `req.num_tokens` positions (see [`ForkRequest`]).
+    pub fn fork(&mut self, req: &ForkRequest) -> Result<(), BlockError> {
+        if self.seqs.contains_key(&req.child) {
+            return Err(BlockError::DuplicateSequence(req.child));
+        }
+        let parent = self
+            .seqs
+            .get(&req.parent)
+            .ok_or(BlockError::UnknownSequence(req.parent))?;
+        let upto = self.config.blocks_for(req.num_tokens);
+        if upto > parent.table.len() {
+            return Err(BlockError::InvalidRequest(format!(
+                "fork of sequence {} for {} tokens: its table holds {} blocks",
+                req.parent,
+                req.num_tokens,
+                parent.table.len()
+            )));
+        }
+        let table = parent.table[..upto].to_vec();
+        let released = parent.released.min(upto);
+        for &b in &table {
+            if b != RELEASED_BLOCK {
+                self.pool.touch(b);
+            }
+        }
+        self.seqs.insert(
+            req.child,
+            SeqBlocks {
+                table,
+                num_reported: 0,
+                released,
+            },
+        );
+        Ok(())
     }
 
     /// Registers the hashes of `seq`'s next blocks (in table order) that are now completely
@@ -338,19 +405,27 @@ impl BlockManager {
     /// Serves one engine step. The rules, in order:
     ///
     /// 1. The request is validated as a whole; an invalid one changes nothing.
-    /// 2. `free`: hashes are registered, then the blocks are released. Unknown sequences
+    /// 2. `fork`: each child gets a table sharing its parent's blocks (before the frees, so
+    ///    a parent that finished in the step that completed its prompt still has them).
+    /// 3. `free`: hashes are registered, then the blocks are released. Unknown sequences
     ///    are ignored, so a free may safely be sent twice.
-    /// 3. The `computed_hashes` of every grow entry are registered.
-    /// 4. `grow`, front to back: each entry gets the blocks it needs. When the pool cannot
-    ///    serve an entry, the entry at the *back* of the list that is still live is
-    ///    preempted (its blocks are freed) and the attempt is repeated; when the entry that
-    ///    needs the blocks is itself the last live one, it is preempted and growth ends.
-    /// 5. `admit`, only when nothing was preempted in this step: front to back, each entry is
+    /// 4. The `computed_hashes` of every grow entry are registered.
+    /// 5. `grow`, front to back: each entry gets the blocks it needs, including private
+    ///    copies of the shared blocks it writes (copy on write, see
+    ///    [`Self::prepare_write`]). When the pool cannot serve an entry, the entry at the
+    ///    *back* of the list that is still live is preempted (its blocks are freed) and the
+    ///    attempt is repeated; when the entry that needs the blocks is itself the last live
+    ///    one, it is preempted and growth ends.
+    /// 6. `admit`, only when nothing was preempted in this step: front to back, each entry is
     ///    admitted with its prefix-cache hits; the first one that does not fit ends
     ///    admission (FIFO: later ones never overtake it).
     pub fn apply(&mut self, req: StepRequest) -> Result<StepResponse, BlockError> {
         self.validate(&req)?;
 
+        for f in &req.fork {
+            // Validated: the parent is known, the child is not.
+            self.fork(f)?;
+        }
         for f in &req.free {
             // Validated: the sequence is unknown or the hashes fit.
             if self.seqs.contains_key(&f.seq_id) {
@@ -375,8 +450,8 @@ impl BlockManager {
             let g = &req.grow[i];
             loop {
                 let before = self.seqs.get(&g.seq_id).map_or(0, |s| s.table.len());
-                match self.append_slots(g.seq_id, g.num_tokens) {
-                    Ok(_) => {
+                match self.prepare_write(g.seq_id, g.write_from, g.num_tokens) {
+                    Ok(copied) => {
                         let new_blocks = self
                             .seqs
                             .get(&g.seq_id)
@@ -387,6 +462,7 @@ impl BlockManager {
                             seq_id: g.seq_id,
                             new_blocks,
                             released,
+                            copied,
                         });
                         i += 1;
                         break;
@@ -430,6 +506,22 @@ impl BlockManager {
     }
 
     fn validate(&self, req: &StepRequest) -> Result<(), BlockError> {
+        let mut forked = HashSet::with_capacity(req.fork.len());
+        for f in &req.fork {
+            if !self.seqs.contains_key(&f.parent) {
+                return Err(BlockError::UnknownSequence(f.parent));
+            }
+            if self.seqs.contains_key(&f.child) || !forked.insert(f.child) {
+                return Err(BlockError::DuplicateSequence(f.child));
+            }
+            let parent_blocks = self.seqs.get(&f.parent).map_or(0, |s| s.table.len());
+            if self.config.blocks_for(f.num_tokens) > parent_blocks {
+                return Err(BlockError::InvalidRequest(format!(
+                    "fork of sequence {} for {} tokens: its table holds {parent_blocks} blocks",
+                    f.parent, f.num_tokens
+                )));
+            }
+        }
         let freed: HashSet<SeqId> = req.free.iter().map(|f| f.seq_id).collect();
         for f in &req.free {
             if let Some(s) = self.seqs.get(&f.seq_id) {
@@ -445,6 +537,17 @@ impl BlockManager {
                     "sequence {} listed twice",
                     g.seq_id
                 )));
+            }
+            if forked.contains(&g.seq_id) {
+                // Its table is the parent's first blocks; hashes are reported from 0.
+                if g.computed_hashes.len() > g.num_tokens.div_ceil(self.block_size()) {
+                    return Err(BlockError::InvalidRequest(format!(
+                        "sequence {}: {} block hashes reported by a fork",
+                        g.seq_id,
+                        g.computed_hashes.len()
+                    )));
+                }
+                continue;
             }
             let s = match self.seqs.get(&g.seq_id) {
                 Some(s) if !freed.contains(&g.seq_id) => s,
@@ -488,7 +591,6 @@ impl BlockManager {
     /// * the free queue is a well-formed list of exactly the blocks with reference count 0;
     /// * each block's reference count equals the number of tables that contain it, and no
     ///   table contains a block twice;
-    /// * a block in several tables is a cached (hashed) prefix block;
     /// * the prefix index and the per-block hashes agree;
     /// * reported-hash counters never exceed table lengths.
     pub fn check_invariants(&self) -> Result<(), String> {
@@ -557,11 +659,6 @@ impl BlockManager {
             }
             if self.pool.free.linked[b] != in_queue[b] {
                 return Err(format!("block {b}: linked flag disagrees with the queue"));
-            }
-            if rc >= 2 && self.pool.hash[b].is_none() {
-                return Err(format!(
-                    "block {b} is shared by {rc} sequences but not a cached block"
-                ));
             }
             if let Some(h) = self.pool.hash[b] {
                 if self.pool.index.get(&h) != Some(&(b as BlockId)) {

@@ -12,12 +12,14 @@ fn toks(range: std::ops::Range<u32>) -> Vec<TokenId> {
     range.collect()
 }
 
+/// Growth to `num_tokens` tokens by a step that writes the last one.
 fn grow(seq_id: SeqId, num_tokens: usize) -> GrowRequest {
     GrowRequest {
         seq_id,
         num_tokens,
         computed_hashes: Vec::new(),
         keep_from: 0,
+        write_from: num_tokens.saturating_sub(1),
     }
 }
 
@@ -266,6 +268,7 @@ fn apply_frees_grows_and_admits_in_one_call() {
             }],
             grow: vec![grow(1, 5)],
             admit: vec![admit(3, 6), admit(4, 4)],
+            ..StepRequest::default()
         })
         .expect("valid");
     assert!(resp.preempted.is_empty());
@@ -295,6 +298,7 @@ fn apply_preempts_from_the_back_and_skips_admission() {
             free: vec![],
             grow: vec![grow(1, 3), grow(2, 3), grow(3, 3)],
             admit: vec![admit(9, 1)],
+            ..StepRequest::default()
         })
         .expect("valid");
     assert_eq!(
@@ -389,16 +393,12 @@ fn apply_registers_reported_hashes_even_for_victims() {
         .apply(StepRequest {
             grow: vec![
                 GrowRequest {
-                    seq_id: 1,
-                    num_tokens: 3,
                     computed_hashes: block_hashes(&p1, bs),
-                    keep_from: 0,
+                    ..grow(1, 3)
                 },
                 GrowRequest {
-                    seq_id: 2,
-                    num_tokens: 3,
                     computed_hashes: block_hashes(&p2, bs),
-                    keep_from: 0,
+                    ..grow(2, 3)
                 },
             ],
             ..Default::default()
@@ -492,6 +492,7 @@ fn step_messages_round_trip_through_messagepack() {
             num_new_tokens: 5,
             block_hashes: block_hashes(&toks(0..5), 2),
         }],
+        fork: vec![],
     };
     let bytes = rmp_serde::to_vec_named(&req).expect("encode");
     let back: StepRequest = rmp_serde::from_slice(&bytes).expect("decode");
@@ -628,7 +629,7 @@ proptest! {
                         .map(|l| {
                             let computed_hashes = l.compute(&bm);
                             l.tokens.extend(std::iter::repeat_n(1, n));
-                            GrowRequest { seq_id: l.id, num_tokens: l.tokens.len(), computed_hashes, keep_from: 0 }
+                            GrowRequest { computed_hashes, ..grow(l.id, l.tokens.len()) }
                         })
                         .collect();
                     let resp = bm
@@ -733,4 +734,181 @@ fn without_a_window_keep_from_releases_nothing() {
         .expect("table")
         .iter()
         .all(|&b| b != RELEASED_BLOCK));
+}
+
+#[test]
+fn a_fork_shares_blocks_and_copies_the_one_it_writes() {
+    let mut bm = manager(8, 4, false);
+    // The parent computed a 6-token prompt: blocks [a, b], b half full.
+    bm.apply(StepRequest {
+        admit: vec![admit(1, 6)],
+        ..StepRequest::default()
+    })
+    .expect("admit");
+    let parent = bm.block_table(1).expect("table").to_vec();
+    assert_eq!(parent.len(), 2);
+    // Two forks, then each writes: the parent position 6, the forks position 5 again.
+    let resp = bm
+        .apply(StepRequest {
+            fork: vec![
+                ForkRequest {
+                    parent: 1,
+                    child: 2,
+                    num_tokens: 6,
+                },
+                ForkRequest {
+                    parent: 1,
+                    child: 3,
+                    num_tokens: 6,
+                },
+            ],
+            grow: vec![
+                GrowRequest {
+                    write_from: 6,
+                    ..grow(1, 7)
+                },
+                GrowRequest {
+                    write_from: 5,
+                    ..grow(2, 6)
+                },
+                GrowRequest {
+                    write_from: 5,
+                    ..grow(3, 6)
+                },
+            ],
+            ..StepRequest::default()
+        })
+        .expect("fork and grow");
+    bm.check_invariants().expect("invariants");
+    // The first block stays shared by all three; the second is copied for the first two
+    // writers, the last writer keeps the original.
+    let (t1, t2, t3) = (
+        bm.block_table(1).expect("1").to_vec(),
+        bm.block_table(2).expect("2").to_vec(),
+        bm.block_table(3).expect("3").to_vec(),
+    );
+    assert!(t1[0] == parent[0] && t2[0] == parent[0] && t3[0] == parent[0]);
+    assert_eq!(bm.pool().ref_count(parent[0]), 3);
+    let copies: Vec<BlockCopy> = resp.grown.iter().flat_map(|g| g.copied.clone()).collect();
+    assert_eq!(copies.len(), 2, "{resp:?}");
+    assert!(copies.iter().all(|c| c.index == 1 && c.src == parent[1]));
+    assert_eq!(t3[1], parent[1]);
+    assert_ne!(t1[1], t2[1]);
+    assert!(t1[1] != parent[1] && t2[1] != parent[1]);
+    assert_eq!(resp.grown[0].copied[0].dst, t1[1]);
+    assert_eq!(resp.grown[1].copied[0].dst, t2[1]);
+    for b in [t1[1], t2[1], t3[1]] {
+        assert_eq!(bm.pool().ref_count(b), 1);
+    }
+    // Nothing is shared any more where they write: the next step copies nothing.
+    let resp = bm
+        .apply(StepRequest {
+            grow: vec![grow(1, 8), grow(2, 7), grow(3, 7)],
+            ..StepRequest::default()
+        })
+        .expect("grow");
+    assert!(resp.grown.iter().all(|g| g.copied.is_empty()));
+    for id in [1, 2, 3] {
+        assert!(bm.free(id));
+        bm.check_invariants().expect("invariants");
+    }
+    assert_eq!(bm.num_free_blocks(), 8);
+}
+
+#[test]
+fn a_fork_comes_before_the_parents_free_and_a_bad_fork_changes_nothing() {
+    let mut bm = manager(4, 4, true);
+    bm.apply(StepRequest {
+        admit: vec![admit(1, 8)],
+        ..StepRequest::default()
+    })
+    .expect("admit");
+    let parent = bm.block_table(1).expect("table").to_vec();
+    let fork = |child| ForkRequest {
+        parent: 1,
+        child,
+        num_tokens: 8,
+    };
+    // Unknown parent, a child that exists, more tokens than the parent holds: refused.
+    for bad in [
+        ForkRequest {
+            parent: 9,
+            ..fork(2)
+        },
+        ForkRequest {
+            child: 1,
+            ..fork(2)
+        },
+        ForkRequest {
+            num_tokens: 9,
+            ..fork(2)
+        },
+    ] {
+        assert!(bm
+            .apply(StepRequest {
+                fork: vec![bad],
+                ..StepRequest::default()
+            })
+            .is_err());
+        bm.check_invariants().expect("unchanged");
+        assert!(!bm.contains(2));
+    }
+    // The parent finished in the step that computed its prompt: fork, then free.
+    let resp = bm
+        .apply(StepRequest {
+            fork: vec![fork(2)],
+            free: vec![FreeRequest {
+                seq_id: 1,
+                computed_hashes: Vec::new(),
+            }],
+            grow: vec![GrowRequest {
+                write_from: 7,
+                ..grow(2, 8)
+            }],
+            ..StepRequest::default()
+        })
+        .expect("fork, free, grow");
+    bm.check_invariants().expect("invariants");
+    // The fork is the only holder left: it writes in place, nothing is copied.
+    assert!(resp.grown[0].copied.is_empty());
+    assert_eq!(bm.block_table(2), Some(parent.as_slice()));
+    assert!(bm.free(2));
+    assert_eq!(bm.num_free_blocks(), 4);
+}
+
+#[test]
+fn a_copy_that_does_not_fit_preempts_like_growth() {
+    let mut bm = manager(3, 4, false);
+    bm.apply(StepRequest {
+        admit: vec![admit(1, 6), admit(9, 4)],
+        ..StepRequest::default()
+    })
+    .expect("admit");
+    assert_eq!(bm.num_free_blocks(), 0);
+    // The fork needs a copy of the shared block and there is none: the newest entry
+    // (the fork itself) is preempted, the parent writes in place.
+    let resp = bm
+        .apply(StepRequest {
+            fork: vec![ForkRequest {
+                parent: 1,
+                child: 2,
+                num_tokens: 6,
+            }],
+            grow: vec![
+                GrowRequest {
+                    write_from: 6,
+                    ..grow(1, 7)
+                },
+                GrowRequest {
+                    write_from: 5,
+                    ..grow(2, 6)
+                },
+            ],
+            ..StepRequest::default()
+        })
+        .expect("apply");
+    bm.check_invariants().expect("invariants");
+    assert_eq!(resp.preempted, vec![2]);
+    assert!(resp.grown[0].copied.is_empty());
+    assert!(!bm.contains(2));
 }

@@ -107,6 +107,7 @@ trait Device: Send {
     fn spec(&self) -> &ModelSpec;
     fn num_blocks(&self) -> usize;
     fn forward(&mut self, input: &BatchInput<'_>) -> Result<Vec<f32>, ForwardError>;
+    fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<(), ForwardError>;
 }
 
 struct OnBackend<B: Backend> {
@@ -126,6 +127,10 @@ impl<B: Backend> Device for OnBackend<B> {
 
     fn forward(&mut self, input: &BatchInput<'_>) -> Result<Vec<f32>, ForwardError> {
         self.model.forward(&self.backend, input, &mut self.kv)
+    }
+
+    fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<(), ForwardError> {
+        self.backend.kv_copy_blocks(&mut self.kv, pairs)
     }
 }
 
@@ -211,6 +216,12 @@ impl Executor {
             return Err(format!(
                 "injected fault: the forward pass of a step with sequence {id} failed"
             ));
+        }
+        // Before any of the step's writes: shared blocks it writes get their copies.
+        if !batch.block_copies.is_empty() {
+            self.device
+                .copy_blocks(&batch.block_copies)
+                .map_err(|e| format!("copying KV blocks: {e}"))?;
         }
         let vocab = self.device.spec().vocab_size;
         let mut failed = Vec::new();

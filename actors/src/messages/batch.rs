@@ -50,6 +50,10 @@ pub struct ScheduledBatch {
     /// Sequences preempted in this step; the executor must drop their state (they come
     /// back later with `new_seq` set).
     pub preempted_seq_ids: Vec<SeqId>,
+    /// KV blocks to copy, `(src, dst)`, before the forward pass: shared blocks a fork
+    /// writes this step get a private copy first (copy on write).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block_copies: Vec<(BlockId, BlockId)>,
 }
 
 impl ScheduledBatch {

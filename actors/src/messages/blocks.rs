@@ -223,6 +223,29 @@ pub struct GrowRequest {
     /// before it are given back. 0 for models without a window.
     #[serde(default)]
     pub keep_from: usize,
+    /// The first position this step writes (the tokens computed so far). A block from here
+    /// on that other sequences share (a fork's) is copied first: copy on write.
+    #[serde(default)]
+    pub write_from: usize,
+}
+
+/// A new sequence that starts as a copy of a running one (completion `i` of a request with
+/// `n` > 1): its table shares the parent's blocks for the first `num_tokens` positions
+/// (reference counts raised; nothing is copied until one of them writes a shared block).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkRequest {
+    pub parent: SeqId,
+    pub child: SeqId,
+    pub num_tokens: usize,
+}
+
+/// A shared block replaced by a private copy before a write: entry `index` of the table
+/// now holds `dst`, which must receive `src`'s K/V before the step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockCopy {
+    pub index: usize,
+    pub src: BlockId,
+    pub dst: BlockId,
 }
 
 /// A waiting sequence the scheduler would like to start this step.
@@ -242,7 +265,10 @@ pub struct AdmitRequest {
 /// Everything the scheduler needs from the block manager for one step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepRequest {
-    /// Applied first.
+    /// Applied first, before the frees (a parent may finish in the step that forks it).
+    #[serde(default)]
+    pub fork: Vec<ForkRequest>,
+    /// Applied next.
     pub free: Vec<FreeRequest>,
     /// The running sequences in priority order (oldest first). Entries at the back are the
     /// preemption victims when the pool runs dry, so list every running sequence, including
@@ -262,7 +288,10 @@ impl StepRequest {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.free.is_empty() && self.grow.is_empty() && self.admit.is_empty()
+        self.fork.is_empty()
+            && self.free.is_empty()
+            && self.grow.is_empty()
+            && self.admit.is_empty()
     }
 }
 
@@ -276,6 +305,9 @@ pub struct Grown {
     /// [`RELEASED_BLOCK`] from now on.
     #[serde(default)]
     pub released: usize,
+    /// Shared blocks this step writes, replaced by copies (see [`GrowRequest::write_from`]).
+    #[serde(default)]
+    pub copied: Vec<BlockCopy>,
 }
 
 /// A waiting sequence that now has a block table.

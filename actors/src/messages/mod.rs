@@ -33,13 +33,15 @@ pub use batch::{
     NewSeqData, RunBatch, SampledToken, ScheduledBatch, ScheduledSeq, SeqFailure, StepOutput,
 };
 pub use blocks::{
-    AdmitRequest, Admitted, BlockError, BlockHash, BlockId, BlockManagerConfig, BlockStats,
-    FreeRequest, GrowRequest, Grown, InspectPool, StepRequest, StepResponse,
+    AdmitRequest, Admitted, BlockCopy, BlockError, BlockHash, BlockId, BlockManagerConfig,
+    BlockStats, ForkRequest, FreeRequest, GrowRequest, Grown, InspectPool, StepRequest,
+    StepResponse,
 };
 pub use request::{
     now_us, overloaded, validate_params, ChatMessage, ErrorBody, ErrorCode, EventLogprobs,
     FinishReason, GenerateRequest, JsonSchemaFormat, Prompt, ResponseFormat, SamplingError,
     SamplingParams, SeqId, StreamEvent, Timings, TokenId, TokenLogprobs, Usage, MAX_LOGPROBS,
+    MAX_N,
 };
 pub use sequence::{
     AddSequence, Cancel, CancelStreams, FinishSequence, FirstScheduled, GetSchedulerStats,
@@ -121,6 +123,7 @@ mod tests {
                     strict: None,
                 },
             }),
+            n: 3,
         }
     }
 
@@ -158,6 +161,7 @@ mod tests {
             num_batched_tokens: 4,
             finished_seq_ids: vec![11],
             preempted_seq_ids: vec![12, 13],
+            block_copies: vec![(4, 9)],
         }
     }
 
@@ -224,6 +228,7 @@ mod tests {
     fn sequence_messages_round_trip() {
         round_trip(&Submit {
             seq_id: 4,
+            forks: vec![5, 6],
             request: GenerateRequest {
                 id: "x".into(),
                 prompt: Prompt::Text("t".into()),
@@ -245,6 +250,7 @@ mod tests {
             seq_id: 4,
             prompt: vec![1, 2],
             params: params(),
+            forks: vec![5, 6],
         });
         round_trip(&FinishSequence {
             seq_id: 4,
@@ -319,6 +325,11 @@ mod tests {
     #[test]
     fn block_messages_round_trip() {
         round_trip(&StepRequest {
+            fork: vec![ForkRequest {
+                parent: 2,
+                child: 5,
+                num_tokens: 33,
+            }],
             free: vec![FreeRequest {
                 seq_id: 1,
                 computed_hashes: hashes(),
@@ -328,6 +339,7 @@ mod tests {
                 num_tokens: 33,
                 computed_hashes: vec![],
                 keep_from: 0,
+                write_from: 32,
             }],
             admit: vec![AdmitRequest {
                 seq_id: 3,
@@ -341,6 +353,11 @@ mod tests {
                 seq_id: 2,
                 new_blocks: vec![8],
                 released: 0,
+                copied: vec![BlockCopy {
+                    index: 1,
+                    src: 4,
+                    dst: 9,
+                }],
             }],
             preempted: vec![4],
             admitted: vec![Admitted {

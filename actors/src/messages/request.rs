@@ -57,6 +57,10 @@ pub struct SamplingParams {
     /// OpenAI's form: `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
     /// {"name": …, "schema": {…}}}` (`{"type": "text"}`: unconstrained).
     pub response_format: Option<ResponseFormat>,
+    /// Completions of the prompt (1..=[`MAX_N`]): they share the prompt's KV blocks, each
+    /// is its own stream (`index` 0..n) and, with `seed`, index `i` samples with seed
+    /// `seed + i`.
+    pub n: u32,
 }
 
 /// OpenAI's `response_format`.
@@ -81,6 +85,9 @@ pub struct JsonSchemaFormat {
 /// Most alternatives `logprobs` / `prompt_logprobs` may ask for (vLLM's default
 /// `max_logprobs`).
 pub const MAX_LOGPROBS: u32 = 20;
+
+/// Most completions one request may ask for (`n`).
+pub const MAX_N: u32 = 32;
 
 /// The log-probability of one token (generated or in the prompt): the log-softmax of the
 /// model's raw logits at that position, before penalties, temperature and the other
@@ -116,7 +123,22 @@ impl Default for SamplingParams {
             guided_json: None,
             guided_grammar: None,
             response_format: None,
+            n: 1,
         }
+    }
+}
+
+impl SamplingParams {
+    /// The parameters of completion `index` of a request with `n` > 1: its own seed
+    /// (`seed + index`), and no prompt log-probabilities but for index 0 (the prompt is
+    /// the same for all).
+    pub fn for_index(&self, index: u32) -> SamplingParams {
+        let mut p = self.clone();
+        p.seed = self.seed.map(|s| s.wrapping_add(u64::from(index)));
+        if index > 0 {
+            p.prompt_logprobs = None;
+        }
+        p
     }
 }
 
@@ -371,6 +393,8 @@ pub enum SamplingError {
     EmptyStopString,
     #[error("{field} must be at most {MAX_LOGPROBS}, got {value}")]
     Logprobs { field: &'static str, value: u32 },
+    #[error("n must be between 1 and {MAX_N}, got {0}")]
+    N(u32),
     #[error("cannot sample from an empty logits row")]
     EmptyLogits,
     #[error("no token can be sampled: every logit is -inf or NaN after suppression")]
@@ -392,6 +416,7 @@ impl SamplingError {
             SamplingError::StopTokenId { .. } => Some("stop_token_ids"),
             SamplingError::EmptyStopString => Some("stop"),
             SamplingError::Logprobs { field, .. } => Some(field),
+            SamplingError::N(_) => Some("n"),
             SamplingError::EmptyLogits | SamplingError::NoCandidate => None,
         }
     }
@@ -447,6 +472,9 @@ pub fn validate_params(params: &SamplingParams, vocab_size: usize) -> Result<(),
         if let Some(value) = value.filter(|&v| v > MAX_LOGPROBS) {
             return Err(SamplingError::Logprobs { field, value });
         }
+    }
+    if !(1..=MAX_N).contains(&params.n) {
+        return Err(SamplingError::N(params.n));
     }
     Ok(())
 }

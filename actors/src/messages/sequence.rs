@@ -16,6 +16,9 @@ use super::{
 #[rtype(result = "()")]
 pub struct Submit {
     pub seq_id: SeqId,
+    /// With `n` > 1: the streams of completions 1..n, already open (`seq_id` is index 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forks: Vec<SeqId>,
     pub request: GenerateRequest,
     /// When the request arrived (µs since the epoch).
     pub arrival_us: u64,
@@ -52,6 +55,10 @@ pub struct AddSequence {
     pub seq_id: SeqId,
     pub prompt: Vec<TokenId>,
     pub params: SamplingParams,
+    /// With `n` > 1: the sequences of completions 1..n. They are forked from this one
+    /// once its prompt is computed, sharing its KV blocks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forks: Vec<SeqId>,
 }
 
 /// Detokenizer (stop string, cancel, failure) → scheduler: end a sequence. The answer says

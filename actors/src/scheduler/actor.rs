@@ -138,11 +138,6 @@ impl SchedulerActor {
             Ok(Err(e)) => return self.fail_step(format!("block manager: {e}")),
             Err(e) => return self.fail_step(format!("block manager unreachable: {e}")),
         };
-        let cached: HashMap<SeqId, usize> = resp
-            .admitted
-            .iter()
-            .map(|a| (a.seq_id, a.num_cached_tokens))
-            .collect();
         let batch = match self.policy.commit(resp) {
             Ok(b) => b,
             Err(e) => return self.fail_step(format!("commit: {e}")),
@@ -165,7 +160,9 @@ impl SchedulerActor {
                     seq_id: s.seq_id,
                     scheduled_us: now,
                     queue_us: now.saturating_sub(t),
-                    cached_tokens: cached.get(&s.seq_id).copied().unwrap_or(0),
+                    // What it did not compute itself: prefix-cache hits, or a fork's
+                    // shared prompt.
+                    cached_tokens: s.start_pos,
                 });
             }
         }
@@ -324,10 +321,20 @@ impl Handler<AddSequence> for SchedulerActor {
             }
             .to_error_body());
         }
-        self.policy
-            .add(msg.seq_id, msg.prompt, msg.params)
-            .map_err(|e| e.to_error_body())?;
-        self.queued_at.insert(msg.seq_id, now_us());
+        let now = now_us();
+        for &id in &msg.forks {
+            self.queued_at.insert(id, now);
+        }
+        let added = self
+            .policy
+            .add_forked(msg.seq_id, msg.prompt, msg.params, msg.forks.clone());
+        if let Err(e) = added {
+            for id in &msg.forks {
+                self.queued_at.remove(id);
+            }
+            return Err(e.to_error_body());
+        }
+        self.queued_at.insert(msg.seq_id, now);
         self.kick(ctx);
         self.record_stats();
         Ok(())

@@ -8,9 +8,9 @@ use crate::block_manager::BlockManager;
 use crate::messages::blocks::{extend_block_hashes, RELEASED_BLOCK};
 use crate::messages::{
     AdmitRequest, BlockError, BlockHash, BlockId, BlockManagerConfig, BlockStats, ErrorBody,
-    ErrorCode, FinishReason, FreeRequest, GrowRequest, NewSeqData, SampledToken, SamplingParams,
-    ScheduledBatch, ScheduledSeq, SchedulerStats, SeqId, SeqOutput, StepOutput, StepRequest,
-    StepResponse, TokenId,
+    ErrorCode, FinishReason, ForkRequest, FreeRequest, GrowRequest, NewSeqData, SampledToken,
+    SamplingParams, ScheduledBatch, ScheduledSeq, SchedulerStats, SeqId, SeqOutput, StepOutput,
+    StepRequest, StepResponse, TokenId,
 };
 
 /// Limits of the scheduling policy. (The engine builds this from `config::SchedulerConfig`
@@ -134,6 +134,13 @@ struct Sequence {
     /// Leading entries of `block_hashes` the block manager already knows.
     hashes_reported: usize,
     num_preemptions: u32,
+    /// Completions of the same request waiting for this sequence's prompt: they are
+    /// forked from it (sharing its KV blocks) once the prompt is computed.
+    forks: Vec<SeqId>,
+    /// Set on such a completion until it is forked: the sequence it waits for.
+    held_by: Option<SeqId>,
+    /// A forked completion not yet scheduled: its first step carries `new_seq`.
+    fresh: bool,
 }
 
 impl Sequence {
@@ -158,6 +165,7 @@ struct PlannedGrow {
 
 #[derive(Debug, Clone)]
 struct Plan {
+    fork: Vec<ForkRequest>,
     grow: Vec<PlannedGrow>,
     admit: Vec<SeqId>,
     freed: Vec<FreeRequest>,
@@ -188,6 +196,8 @@ pub struct SchedulerPolicy {
     /// Oldest admission first; the back is the preemption victim.
     running: Vec<SeqId>,
     pending_free: Vec<FreeRequest>,
+    /// Forks decided by the last update, sent with the next plan.
+    ready_forks: Vec<ForkRequest>,
     phase: Phase,
     step: u64,
     num_preemptions: u64,
@@ -223,6 +233,7 @@ impl SchedulerPolicy {
             waiting: VecDeque::new(),
             running: Vec::new(),
             pending_free: Vec::new(),
+            ready_forks: Vec::new(),
             phase: Phase::Idle,
             step: 0,
             num_preemptions: 0,
@@ -242,8 +253,36 @@ impl SchedulerPolicy {
         prompt_token_ids: Vec<TokenId>,
         params: SamplingParams,
     ) -> Result<(), SchedulerError> {
-        if self.seqs.contains_key(&seq_id) {
-            return Err(SchedulerError::DuplicateSequence(seq_id));
+        self.add_forked(seq_id, prompt_token_ids, params, Vec::new())
+    }
+
+    /// [`Self::add`] for a request with `n` > 1: `forks` are the sequences of completions
+    /// 1..n. They wait for `seq_id`'s prompt to be computed, then start from its KV blocks
+    /// (shared, copied on write) with the parameters of their index
+    /// ([`SamplingParams::for_index`]). If `seq_id` ends before that, the first of them takes
+    /// its place in the queue.
+    pub fn add_forked(
+        &mut self,
+        seq_id: SeqId,
+        prompt_token_ids: Vec<TokenId>,
+        params: SamplingParams,
+        forks: Vec<SeqId>,
+    ) -> Result<(), SchedulerError> {
+        let mut ids = HashSet::with_capacity(1 + forks.len());
+        for &id in std::iter::once(&seq_id).chain(&forks) {
+            if self.seqs.contains_key(&id) || !ids.insert(id) {
+                return Err(SchedulerError::DuplicateSequence(id));
+            }
+        }
+        if 1 + forks.len() > self.config.max_num_seqs {
+            return Err(SchedulerError::InvalidParams {
+                seq_id,
+                reason: format!(
+                    "n ({}) exceeds this engine's max_num_seqs ({})",
+                    1 + forks.len(),
+                    self.config.max_num_seqs
+                ),
+            });
         }
         if prompt_token_ids.is_empty() {
             return Err(SchedulerError::EmptyPrompt(seq_id));
@@ -290,20 +329,27 @@ impl SchedulerPolicy {
         if self.cache.enable_prefix_caching {
             extend_block_hashes(&mut block_hashes, &prompt_token_ids, self.cache.block_size);
         }
-        self.seqs.insert(
-            seq_id,
-            Sequence {
-                tokens: prompt_token_ids,
-                prompt_len,
-                num_computed: 0,
-                params,
-                status: SeqStatus::Waiting,
-                block_table: Vec::new(),
-                block_hashes,
-                hashes_reported: 0,
-                num_preemptions: 0,
-            },
-        );
+        let sequence = |params: SamplingParams, held_by: Option<SeqId>| Sequence {
+            tokens: prompt_token_ids.clone(),
+            prompt_len,
+            num_computed: 0,
+            params,
+            status: SeqStatus::Waiting,
+            block_table: Vec::new(),
+            block_hashes: block_hashes.clone(),
+            hashes_reported: 0,
+            num_preemptions: 0,
+            forks: Vec::new(),
+            held_by,
+            fresh: false,
+        };
+        for (i, &child) in forks.iter().enumerate() {
+            let params = params.for_index(i as u32 + 1);
+            self.seqs.insert(child, sequence(params, Some(seq_id)));
+        }
+        let mut parent = sequence(params, None);
+        parent.forks = forks;
+        self.seqs.insert(seq_id, parent);
         self.waiting.push_back(seq_id);
         Ok(())
     }
@@ -338,6 +384,7 @@ impl SchedulerPolicy {
                 num_tokens: s.num_computed + n,
                 computed_hashes,
                 keep_from,
+                write_from: s.num_computed,
             });
             planned_grow.push(PlannedGrow {
                 seq_id,
@@ -348,7 +395,17 @@ impl SchedulerPolicy {
 
         let mut admit = Vec::new();
         let mut planned_admit = Vec::new();
-        let mut seats = self.config.max_num_seqs.saturating_sub(self.running.len());
+        // Running sequences' completions still to be forked hold their seats.
+        let reserved: usize = self
+            .running
+            .iter()
+            .filter_map(|id| self.seqs.get(id))
+            .map(|s| s.forks.len())
+            .sum();
+        let mut seats = self
+            .config
+            .max_num_seqs
+            .saturating_sub(self.running.len() + reserved);
         for &seq_id in &self.waiting {
             if budget == 0 || seats == 0 {
                 break;
@@ -356,9 +413,13 @@ impl SchedulerPolicy {
             let Some(s) = self.seqs.get(&seq_id) else {
                 continue;
             };
+            // A request with n > 1 takes its completions' seats too.
+            if seats < 1 + s.forks.len() {
+                break;
+            }
             let n = s.tokens.len().min(budget);
             budget -= n;
-            seats -= 1;
+            seats -= 1 + s.forks.len();
             // Prompt log-probabilities need every prompt position computed: no prefix
             // cache lookup for a sequence that still owes them.
             let wants_whole_prompt = s.params.prompt_logprobs.is_some() && s.num_output() == 0;
@@ -376,12 +437,19 @@ impl SchedulerPolicy {
         }
 
         let free = std::mem::take(&mut self.pending_free);
+        let fork = std::mem::take(&mut self.ready_forks);
         self.phase = Phase::Planned(Plan {
+            fork: fork.clone(),
             grow: planned_grow,
             admit: planned_admit,
             freed: free.clone(),
         });
-        Ok(StepRequest { free, grow, admit })
+        Ok(StepRequest {
+            fork,
+            free,
+            grow,
+            admit,
+        })
     }
 
     /// Step 3: folds the block manager's answer in and returns the batch to execute. An
@@ -420,15 +488,16 @@ impl SchedulerPolicy {
             }
         }
 
-        let mut new_blocks: HashMap<SeqId, (Vec<BlockId>, usize)> = resp
+        let mut new_blocks: HashMap<SeqId, _> = resp
             .grown
             .into_iter()
-            .map(|g| (g.seq_id, (g.new_blocks, g.released)))
+            .map(|g| (g.seq_id, (g.new_blocks, g.released, g.copied)))
             .collect();
         let mut scheduled = Vec::new();
         let mut exec = Vec::new();
+        let mut block_copies = Vec::new();
         for pg in &plan.grow {
-            let Some((blocks, released)) = new_blocks.remove(&pg.seq_id) else {
+            let Some((blocks, released, copied)) = new_blocks.remove(&pg.seq_id) else {
                 continue;
             };
             // A sequence missing here finished or was aborted meanwhile; its free is
@@ -436,13 +505,20 @@ impl SchedulerPolicy {
             let Some(s) = self.seqs.get_mut(&pg.seq_id) else {
                 continue;
             };
+            for c in copied {
+                if let Some(entry) = s.block_table.get_mut(c.index) {
+                    *entry = c.dst;
+                    block_copies.push((c.src, c.dst));
+                }
+            }
             s.block_table.extend(blocks);
             // Entries the block manager gave back (before the sliding window).
             let released = released.min(s.block_table.len());
             s.block_table[..released].fill(RELEASED_BLOCK);
             s.hashes_reported = s.hashes_reported.max(pg.hashes_upto);
             if pg.num_new_tokens > 0 {
-                scheduled.push(scheduled_seq(pg.seq_id, s, pg.num_new_tokens, false));
+                let fresh = std::mem::take(&mut s.fresh);
+                scheduled.push(scheduled_seq(pg.seq_id, s, pg.num_new_tokens, fresh));
                 exec.push(Exec {
                     seq_id: pg.seq_id,
                     num_tokens: pg.num_new_tokens,
@@ -490,6 +566,7 @@ impl SchedulerPolicy {
             num_batched_tokens,
             finished_seq_ids: plan.freed.iter().map(|f| f.seq_id).collect(),
             preempted_seq_ids: resp.preempted,
+            block_copies,
         })
     }
 
@@ -514,6 +591,9 @@ impl SchedulerPolicy {
                 let mut freed = plan.freed;
                 freed.append(&mut self.pending_free);
                 self.pending_free = freed;
+                let mut forks = plan.fork;
+                forks.append(&mut self.ready_forks);
+                self.ready_forks = forks;
             }
             Phase::Idle | Phase::Executing(_) => {}
         }
@@ -558,6 +638,10 @@ impl SchedulerPolicy {
             let Some(&sampled) = sampled.get(&e.seq_id) else {
                 continue;
             };
+            // Its prompt is computed: the completions waiting for it start now, before its
+            // own token can end it.
+            let forks = std::mem::take(&mut s.forks);
+            let (prompt_len, table) = (s.prompt_len, s.block_table.clone());
             let token_id = sampled.token_id;
             s.tokens.push(token_id);
             if self.cache.enable_prefix_caching {
@@ -572,6 +656,9 @@ impl SchedulerPolicy {
                 logprobs: sampled.logprobs.clone(),
                 prompt_logprobs: sampled.prompt_logprobs.clone(),
             });
+            if !forks.is_empty() {
+                self.start_forks(e.seq_id, prompt_len, &table, forks);
+            }
             if finish_reason.is_some() {
                 self.retire(e.seq_id);
             }
@@ -639,6 +726,11 @@ impl SchedulerPolicy {
         self.waiting.len()
     }
 
+    /// Completions (of requests with `n` > 1) waiting for their first sibling's prompt.
+    pub fn num_held(&self) -> usize {
+        self.seqs.values().filter(|s| s.held_by.is_some()).count()
+    }
+
     pub fn num_preemptions(&self) -> u64 {
         self.num_preemptions
     }
@@ -683,12 +775,74 @@ impl SchedulerPolicy {
         })
     }
 
+    /// Starts the completions `forks` of `parent`, whose `prompt_len` prompt tokens are
+    /// computed in the blocks of `table`: each shares those blocks and computes the last
+    /// prompt token again (into a private copy of its block) to sample its own first token.
+    fn start_forks(
+        &mut self,
+        parent: SeqId,
+        prompt_len: usize,
+        table: &[BlockId],
+        forks: Vec<SeqId>,
+    ) {
+        let shared = &table[..self.cache.blocks_for(prompt_len).min(table.len())];
+        for child in forks {
+            let Some(c) = self.seqs.get_mut(&child) else {
+                continue;
+            };
+            c.held_by = None;
+            c.status = SeqStatus::Running;
+            c.num_computed = prompt_len - 1;
+            c.block_table = shared.to_vec();
+            c.hashes_reported = 0;
+            c.fresh = true;
+            self.running.push(child);
+            self.ready_forks.push(ForkRequest {
+                parent,
+                child,
+                num_tokens: prompt_len,
+            });
+        }
+    }
+
     /// Removes a live sequence from the queues and, if it holds blocks, queues their
     /// release (with the hashes of its computed full blocks, so they stay reusable).
     fn retire(&mut self, seq_id: SeqId) -> bool {
-        let Some(s) = self.seqs.remove(&seq_id) else {
+        let Some(mut s) = self.seqs.remove(&seq_id) else {
             return false;
         };
+        if let Some(parent) = s.held_by {
+            // A completion still waiting for its parent's prompt: it holds nothing.
+            if let Some(p) = self.seqs.get_mut(&parent) {
+                p.forks.retain(|&id| id != seq_id);
+            }
+            return true;
+        }
+        if !s.forks.is_empty() {
+            // Its completions were waiting for its prompt: the first takes its place.
+            let heir = s.forks.remove(0);
+            let rest = std::mem::take(&mut s.forks);
+            for &id in &rest {
+                if let Some(c) = self.seqs.get_mut(&id) {
+                    c.held_by = Some(heir);
+                }
+            }
+            if let Some(h) = self.seqs.get_mut(&heir) {
+                h.held_by = None;
+                h.forks = rest;
+                match self.waiting.iter().position(|&id| id == seq_id) {
+                    Some(at) => self.waiting.insert(at, heir),
+                    None => self.waiting.push_front(heir),
+                }
+            }
+        }
+        let unsent_fork = self.ready_forks.iter().position(|f| f.child == seq_id);
+        if let Some(at) = unsent_fork {
+            // Forked by the last update, not yet told to the block manager: no blocks.
+            self.ready_forks.remove(at);
+            self.running.retain(|&id| id != seq_id);
+            return true;
+        }
         match s.status {
             SeqStatus::Running => {
                 self.running.retain(|&id| id != seq_id);

@@ -546,6 +546,9 @@ fn full_context_gives_length() {
         block_hashes: vec![],
         hashes_reported: 0,
         num_preemptions: 0,
+        forks: vec![],
+        held_by: None,
+        fresh: false,
     };
     assert_eq!(check_finish(&s, &[EOS], 4), Some(FinishReason::Length));
     assert_eq!(check_finish(&s, &[EOS], 5), None);
@@ -738,6 +741,141 @@ fn batch_round_trips_through_messagepack() {
     assert_eq!(back, out);
 }
 
+#[test]
+fn n_completions_fork_after_the_prompt_and_share_its_blocks() {
+    let mut e = Engine::simple(8, 64, 16, 4);
+    let params = SamplingParams {
+        max_tokens: 3,
+        seed: Some(5),
+        n: 3,
+        prompt_logprobs: Some(1),
+        ..SamplingParams::default()
+    };
+    let prompt: Vec<TokenId> = vec![1, 2, 3, 4, 5, 6];
+    e.sched
+        .add_forked(1, prompt.clone(), params, vec![2, 3])
+        .expect("accepted");
+    assert_eq!((e.sched.num_waiting(), e.sched.num_held()), (1, 2));
+
+    // Step 1: the prompt, once.
+    let (batch, outs) = e.step();
+    assert_eq!(batch.seqs.len(), 1);
+    assert_eq!(batch.seqs[0].token_ids, prompt);
+    assert_eq!(outs.len(), 1);
+    assert_eq!(e.sched.num_held(), 0, "forked once the prompt is computed");
+
+    // Step 2: the forks compute the last prompt token again, in copies of its block.
+    let free_before = e.bm.num_free_blocks();
+    let (batch, outs) = e.step();
+    let parent_blocks = e.bm.block_table(1).expect("parent").to_vec();
+    assert_eq!(batch.seqs.len(), 3);
+    assert_eq!(
+        batch.block_copies.len(),
+        2,
+        "one copy per writer but the last"
+    );
+    for (s, seed) in batch.seqs[1..].iter().zip([6, 7]) {
+        assert_eq!(s.token_ids, vec![6]);
+        assert_eq!(s.start_pos, 5);
+        let new = s
+            .new_seq
+            .as_ref()
+            .expect("a fork starts with its sampling state");
+        assert_eq!(new.params.seed, Some(seed), "seed + index");
+        assert_eq!(new.params.prompt_logprobs, None);
+        assert!(new.output_token_ids.is_empty());
+        // The first block is the parent's own.
+        assert_eq!(s.block_table[0], parent_blocks[0]);
+    }
+    assert_eq!(e.bm.pool().ref_count(parent_blocks[0]), 3);
+    assert_eq!(outs.len(), 3);
+    assert_eq!(
+        free_before - e.bm.num_free_blocks(),
+        2,
+        "two copies, nothing else"
+    );
+
+    let mut ended = std::collections::BTreeSet::new();
+    for o in outs {
+        if o.finish_reason.is_some() {
+            ended.insert(o.seq_id);
+        }
+    }
+    while e.sched.has_unfinished() {
+        let (_, outs) = e.step();
+        for o in outs {
+            assert!(o.num_output_tokens <= 3);
+            if o.finish_reason.is_some() {
+                assert!(ended.insert(o.seq_id));
+            }
+        }
+    }
+    assert_eq!(ended.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+    e.drain_frees();
+    assert_eq!(e.bm.num_free_blocks(), 16);
+    assert_eq!(e.bm.num_seqs(), 0);
+}
+
+#[test]
+fn completions_of_a_parent_that_ends_early_go_on_without_it() {
+    let mut e = Engine::simple(8, 64, 16, 4);
+    let params = SamplingParams {
+        max_tokens: 2,
+        n: 3,
+        ..SamplingParams::default()
+    };
+    e.sched
+        .add_forked(1, vec![1, 2, 3], params.clone(), vec![2, 3])
+        .expect("accepted");
+    // A held completion can end on its own.
+    assert!(e.sched.finish(3, FinishReason::Abort));
+    assert_eq!(e.sched.num_held(), 1);
+    // The parent ends before its prompt ran: completion 2 takes its place.
+    assert!(e.sched.finish(1, FinishReason::Abort));
+    assert_eq!(e.sched.waiting().collect::<Vec<_>>(), vec![2]);
+    assert_eq!(e.sched.num_held(), 0);
+    let mut steps = 0;
+    while e.sched.has_unfinished() {
+        e.step();
+        steps += 1;
+        assert!(steps < 10);
+    }
+    e.drain_frees();
+    assert_eq!(e.bm.num_free_blocks(), 16);
+
+    // n larger than max_num_seqs can never run: refused.
+    let mut e = Engine::simple(2, 64, 16, 4);
+    let err = e
+        .sched
+        .add_forked(7, vec![1, 2], params, vec![8, 9])
+        .expect_err("3 completions, 2 seats");
+    assert!(err.to_string().contains("max_num_seqs"), "{err}");
+    assert!(!e.sched.has_unfinished());
+}
+
+#[test]
+fn a_parent_that_finishes_on_its_first_token_still_forks() {
+    let mut e = Engine::simple(8, 64, 16, 4);
+    let params = SamplingParams {
+        max_tokens: 1,
+        n: 2,
+        ..SamplingParams::default()
+    };
+    e.sched
+        .add_forked(1, vec![1, 2, 3, 4, 5], params, vec![2])
+        .expect("accepted");
+    let (_, outs) = e.step();
+    assert_eq!(outs[0].finish_reason, Some(FinishReason::Length));
+    // The parent's free and the fork go in the same request, the fork first.
+    let (batch, outs) = e.step();
+    assert_eq!(batch.finished_seq_ids, vec![1]);
+    assert_eq!(batch.seqs.len(), 1);
+    assert!(batch.block_copies.is_empty(), "the fork is the last holder");
+    assert_eq!(outs[0].finish_reason, Some(FinishReason::Length));
+    e.drain_frees();
+    assert_eq!(e.bm.num_free_blocks(), 16);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Arrive {
@@ -745,6 +883,7 @@ enum Op {
         max_tokens: u32,
         min_tokens: u32,
         ignore_eos: bool,
+        n: usize,
     },
     Step {
         seed: u64,
@@ -765,8 +904,9 @@ const PREFIXES: [[TokenId; 16]; 3] = [
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0usize..3, 0usize..17, prop::collection::vec(1u32..4, 1..14), 1u32..16, 0u32..3, any::<bool>()).prop_map(
-            |(pid, plen, tail, max_tokens, min_tokens, ignore_eos)| Op::Arrive {
+        3 => (0usize..3, 0usize..17, prop::collection::vec(1u32..4, 1..14), 1u32..16, 0u32..3, any::<bool>(), prop_oneof![3 => Just(1usize), 1 => 2usize..4]).prop_map(
+            |(pid, plen, tail, max_tokens, min_tokens, ignore_eos, n)| Op::Arrive {
+                n,
                 // Shared "system prompts" so that prefixes repeat.
                 prompt: PREFIXES[pid][..plen].iter().copied().chain(tail).collect(),
                 max_tokens,
@@ -819,15 +959,18 @@ proptest! {
         let mut live: Vec<SeqId> = Vec::new();
         for op in ops {
             match op {
-                Op::Arrive { prompt, max_tokens, min_tokens, ignore_eos } => {
-                    next_id += 1;
-                    let params = SamplingParams { max_tokens, min_tokens, ignore_eos, stop_token_ids: vec![6], ..SamplingParams::default() };
-                    let fits = prompt.len() + max_tokens as usize <= (num_blocks * block_size).min(48);
-                    match e.sched.add(next_id, prompt, params) {
+                Op::Arrive { prompt, max_tokens, min_tokens, ignore_eos, n } => {
+                    // A request of n completions: ids next_id + 1 ..= next_id + n.
+                    let ids: Vec<SeqId> = (1..=n as SeqId).map(|k| next_id + k).collect();
+                    next_id += n as SeqId;
+                    let params = SamplingParams { max_tokens, min_tokens, ignore_eos, stop_token_ids: vec![6], n: n as u32, ..SamplingParams::default() };
+                    let fits = prompt.len() + max_tokens as usize <= (num_blocks * block_size).min(48)
+                        && n <= max_num_seqs;
+                    match e.sched.add_forked(ids[0], prompt, params, ids[1..].to_vec()) {
                         Ok(()) => {
                             prop_assert!(fits);
-                            accepted.insert(next_id);
-                            live.push(next_id);
+                            accepted.extend(ids.iter().copied());
+                            live.extend(ids.iter().copied());
                         }
                         Err(_) => prop_assert!(!fits),
                     }
@@ -849,7 +992,7 @@ proptest! {
                 }
             }
             e.bm.check_invariants().map_err(TestCaseError::fail)?;
-            prop_assert_eq!(e.sched.num_running() + e.sched.num_waiting(), live.len());
+            prop_assert_eq!(e.sched.num_running() + e.sched.num_waiting() + e.sched.num_held(), live.len());
         }
         let mut steps = 0u64;
         while e.sched.has_unfinished() {

@@ -182,9 +182,11 @@ impl TokenizerActor {
         Ok(ids)
     }
 
-    /// Ends a stream the detokenizer does not know yet.
-    fn refuse(&self, seq_id: SeqId, error: ErrorBody) {
-        self.streams.end(seq_id, StreamEvent::Error(error));
+    /// Ends streams the detokenizer does not know yet.
+    fn refuse(&self, seq_ids: &[SeqId], error: ErrorBody) {
+        for &seq_id in seq_ids {
+            self.streams.end(seq_id, StreamEvent::Error(error.clone()));
+        }
     }
 }
 
@@ -201,36 +203,51 @@ impl Handler<Submit> for TokenizerActor {
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
         let Submit {
             seq_id,
+            forks,
             request,
             arrival_us,
         } = msg;
+        // Every completion's stream (index 0 first).
+        let seq_ids: Vec<SeqId> = std::iter::once(seq_id)
+            .chain(forks.iter().copied())
+            .collect();
         fault::arm(&request.id, seq_id);
         fault::panic_if_armed("tokenizer", std::iter::once(seq_id));
         if let Some((load, max_waiting)) = &self.overload_gate {
             let waiting = load.num_waiting();
             if *max_waiting > 0 && waiting >= *max_waiting {
-                return self.refuse(seq_id, overloaded(waiting, *max_waiting));
+                return self.refuse(&seq_ids, overloaded(waiting, *max_waiting));
             }
         }
         let prompt = match self.prompt_ids(&request) {
             Ok(ids) => ids,
-            Err(e) => return self.refuse(seq_id, e),
+            Err(e) => return self.refuse(&seq_ids, e),
         };
+        if seq_ids.len() != request.params.n as usize {
+            let error = ErrorBody::internal(format!(
+                "n = {} completions were asked for, {} streams opened",
+                request.params.n,
+                seq_ids.len()
+            ));
+            return self.refuse(&seq_ids, error);
+        }
         tracing::debug!(request_id = %request.id, seq_id, prompt_tokens = prompt.len(), "request accepted");
         // Register the stream first: the detokenizer must know the sequence before the
         // scheduler's first tokens for it arrive.
-        let registered = post(
-            &self.links.register,
-            RegisterStream {
-                seq_id,
-                request_id: request.id.clone(),
-                prompt_tokens: prompt.clone(),
-                stop: request.params.stop.clone(),
-                arrival_us,
-            },
-        );
-        if let Err(e) = registered {
-            return self.refuse(seq_id, ErrorBody::internal(e.to_string()));
+        for &id in &seq_ids {
+            let registered = post(
+                &self.links.register,
+                RegisterStream {
+                    seq_id: id,
+                    request_id: request.id.clone(),
+                    prompt_tokens: prompt.clone(),
+                    stop: request.params.stop.clone(),
+                    arrival_us,
+                },
+            );
+            if let Err(e) = registered {
+                return self.refuse(&seq_ids, ErrorBody::internal(e.to_string()));
+            }
         }
         let ends = self.links.ends.clone();
         let streams = self.streams.clone();
@@ -240,6 +257,7 @@ impl Handler<Submit> for TokenizerActor {
                 seq_id,
                 prompt,
                 params: request.params,
+                forks,
             })
             .into_actor(self)
             .map(move |res, _, _| {
@@ -248,14 +266,16 @@ impl Handler<Submit> for TokenizerActor {
                     Ok(Err(e)) => e,
                     Err(e) => ErrorBody::internal(format!("scheduler unreachable: {e}")),
                 };
-                let end = StreamEnd {
-                    seq_id,
-                    reason: FinishReason::Abort,
-                    error: Some(error.clone()),
-                };
-                if post(&ends, end).is_err() {
-                    // The detokenizer is gone: end the stream here.
-                    streams.end(seq_id, StreamEvent::Error(error));
+                for seq_id in seq_ids {
+                    let end = StreamEnd {
+                        seq_id,
+                        reason: FinishReason::Abort,
+                        error: Some(error.clone()),
+                    };
+                    if post(&ends, end).is_err() {
+                        // The detokenizer is gone: end the stream here.
+                        streams.end(seq_id, StreamEvent::Error(error.clone()));
+                    }
                 }
             })
             .spawn(ctx);

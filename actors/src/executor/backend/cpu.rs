@@ -106,6 +106,10 @@ impl Backend for Cpu {
         kv.num_blocks()
     }
 
+    fn kv_copy_blocks(&self, kv: &mut KvPool, pairs: &[(u32, u32)]) -> Result<(), ForwardError> {
+        Ok(kv.copy_blocks(pairs)?)
+    }
+
     fn step<'a>(&self, input: &'a BatchInput<'a>) -> Result<&'a BatchInput<'a>, ForwardError> {
         Ok(input)
     }

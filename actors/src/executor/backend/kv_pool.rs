@@ -27,6 +27,35 @@ impl<E: KvElem> Buffers<E> {
         }
     }
 
+    /// Copies whole blocks, `(src, dst)`, in every layer's buffers.
+    fn copy_blocks(&mut self, shape: &KvShape, pairs: &[(u32, u32)]) -> Result<(), KernelError> {
+        let block_len = shape.block_size * shape.num_kv_heads * shape.head_dim;
+        for &(src, dst) in pairs {
+            for (what, b) in [("source", src), ("destination", dst)] {
+                if b as usize >= shape.num_blocks {
+                    return Err(KernelError::OutOfRange {
+                        what: if what == "source" {
+                            "KV block copy source"
+                        } else {
+                            "KV block copy destination"
+                        },
+                        index: b as usize,
+                        bound: shape.num_blocks,
+                    });
+                }
+            }
+            if src == dst {
+                continue;
+            }
+            let (from, to) = (src as usize * block_len, dst as usize * block_len);
+            let buffers = self.k.iter_mut().chain(self.v.iter_mut().flatten());
+            for buf in buffers {
+                buf.copy_within(from..from + block_len, to);
+            }
+        }
+        Ok(())
+    }
+
     fn write(
         &mut self,
         shape: &KvShape,
@@ -138,6 +167,15 @@ impl KvPool {
         }
     }
 
+    /// Copies whole blocks `(src, dst)` in every layer (copy on write of a shared block).
+    pub fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<(), KernelError> {
+        let shape = self.shape;
+        match &mut self.layers {
+            Layers::F16(b) => b.copy_blocks(&shape, pairs),
+            Layers::F32(b) => b.copy_blocks(&shape, pairs),
+        }
+    }
+
     /// Paged attention of `q` over layer `li` (see
     /// `pagoda_kernels::attention::paged_attention_ext`).
     #[allow(clippy::too_many_arguments)]
@@ -228,6 +266,51 @@ mod tests {
         assert_eq!(KvCacheDtype::Auto.resolve(true), KvCacheDtype::F32);
         assert_eq!(KvCacheDtype::Auto.resolve(false), KvCacheDtype::F16);
         assert_eq!(KvCacheDtype::F32.resolve(false), KvCacheDtype::F32);
+    }
+
+    /// A copied block attends exactly like its source, in every layer and both buffers;
+    /// the source is untouched by writes to the copy; bad block ids are errors.
+    #[test]
+    fn copied_blocks_attend_like_their_source() {
+        let shape = KvShape {
+            num_blocks: 5,
+            block_size: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+        };
+        let n = 7;
+        let k = pattern(n * 16, 37, 23, 11.0);
+        let v = pattern(n * 16, 17, 19, 9.0);
+        let q = pattern(n * 4 * 8, 7, 13, 6.0);
+        for dtype in [KvCacheDtype::F16, KvCacheDtype::F32] {
+            for values_are_keys in [false, true] {
+                let v = (!values_are_keys).then_some(v.as_slice());
+                let mut pool = KvPool::new(2, shape, dtype, values_are_keys);
+                let (src, dst) = ([0u32, 3], [0u32, 4]);
+                for layer in 0..2 {
+                    pool.write(layer, &k, v, &slots(&src, n)).unwrap();
+                }
+                let attend = |pool: &KvPool, table: &[u32], layer| {
+                    let mut out = vec![0f32; q.len()];
+                    pool.attend(layer, &q, 4, &one_seq(table, n), None, None, &mut out)
+                        .unwrap();
+                    out
+                };
+                pool.copy_blocks(&[(3, 4)]).unwrap();
+                for layer in 0..2 {
+                    assert_eq!(attend(&pool, &src, layer), attend(&pool, &dst, layer));
+                }
+                // Writing the copy's last position leaves the source as it was.
+                let before = attend(&pool, &src, 1);
+                let row = pattern(16, 3, 5, 2.0);
+                let vrow = v.map(|_| row.as_slice());
+                pool.write(1, &row, vrow, &[4 * 4 + 2]).unwrap();
+                assert_eq!(attend(&pool, &src, 1), before);
+                assert_ne!(attend(&pool, &dst, 1), before);
+                assert!(pool.copy_blocks(&[(5, 1)]).is_err());
+                assert!(pool.copy_blocks(&[(1, 5)]).is_err());
+            }
+        }
     }
 
     /// A pool whose values are its keys keeps one buffer per layer (half the bytes) and

@@ -87,6 +87,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Kv, ForwardError>;
     /// Blocks in a pool.
     fn kv_blocks(&self, kv: &Self::Kv) -> usize;
+    /// Copies whole blocks, `(src, dst)`, in every layer (a fork's copy on write).
+    fn kv_copy_blocks(&self, kv: &mut Self::Kv, pairs: &[(u32, u32)]) -> Result<(), ForwardError>;
     /// A step's index data, made once per forward pass.
     fn step<'a>(&self, input: &'a BatchInput<'a>) -> Result<Self::Step<'a>, ForwardError>;
 
