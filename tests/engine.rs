@@ -769,6 +769,38 @@ fn n_completions_share_the_prompt_and_each_matches_its_own_seed() {
         assert_pool_drained(&engine).await;
     });
 
+    // A pool too small for all four: completions are preempted (some before their first
+    // token, while copying their block), recomputed, and still sample as alone.
+    run(async {
+        let mut cfg = test_config();
+        cfg.cache.num_blocks = 8;
+        let engine = start(&cfg);
+        let ids = tokenizer()
+            .encode(&long_prompt(4))
+            .expect("the prompt encodes");
+        let request = |id: String, n: u32, seed: u64| GenerateRequest {
+            id,
+            prompt: Prompt::TokenIds(ids[..37].to_vec()),
+            params: SamplingParams {
+                temperature: 0.9,
+                seed: Some(seed),
+                max_tokens: 40,
+                ignore_eos: true,
+                n,
+                ..SamplingParams::default()
+            },
+        };
+        let four = collect_n(engine.generate(request("small-n4".into(), 4, 5))).await;
+        let stats = engine.scheduler_stats().await.expect("stats");
+        assert!(stats.num_preemptions > 0, "the pool was big enough: {stats:?}");
+        for (i, o) in four.iter().enumerate() {
+            assert_eq!(o.finished().1.completion_tokens, 40);
+            let alone = generate(&engine, request(format!("small-{i}"), 1, 5 + i as u64)).await;
+            assert_eq!(o.token_ids, alone.token_ids, "index {i} after preemption");
+        }
+        assert_pool_drained(&engine).await;
+    });
+
     run(async {
         let mut cfg = test_config();
         cfg.scheduler.max_num_seqs = 2;
