@@ -281,6 +281,7 @@ impl SamplingArgs {
             guided_grammar: self.guided_grammar.clone(),
             response_format: None,
             n: self.n,
+            speculate: true,
         }
     }
 }
@@ -585,8 +586,23 @@ fn bench(mut config: Config, mut args: BenchArgs) -> anyhow::Result<()> {
             let mut row = Vec::new();
             for target in &targets {
                 let masks_before = pagoda_actors::guide::MaskTotals::now();
+                let spec_before = bench::spec_counts(target).await;
                 let report = bench::run(target, &spec).await;
                 report.print();
+                if let (Some(a), Some(b)) = (spec_before, bench::spec_counts(target).await) {
+                    let (runs, proposed, kept) = (
+                        b.drafts - a.drafts,
+                        b.draft_tokens - a.draft_tokens,
+                        b.accepted_tokens - a.accepted_tokens,
+                    );
+                    if runs > 0 {
+                        println!(
+                            "speculative decoding (in-process engine): {runs} verifications, {proposed} draft tokens, {kept} accepted ({:.1} %), {:.2} tokens per verification step",
+                            100.0 * kept as f64 / proposed.max(1) as f64,
+                            1.0 + kept as f64 / runs as f64,
+                        );
+                    }
+                }
                 let masks = pagoda_actors::guide::MaskTotals::now().since(masks_before);
                 if masks.steps > 0 {
                     println!(

@@ -792,7 +792,10 @@ fn n_completions_share_the_prompt_and_each_matches_its_own_seed() {
         };
         let four = collect_n(engine.generate(request("small-n4".into(), 4, 5))).await;
         let stats = engine.scheduler_stats().await.expect("stats");
-        assert!(stats.num_preemptions > 0, "the pool was big enough: {stats:?}");
+        assert!(
+            stats.num_preemptions > 0,
+            "the pool was big enough: {stats:?}"
+        );
         for (i, o) in four.iter().enumerate() {
             assert_eq!(o.finished().1.completion_tokens, 40);
             let alone = generate(&engine, request(format!("small-{i}"), 1, 5 + i as u64)).await;

@@ -1,5 +1,6 @@
-//! Engine configuration: the `[model]`, `[cache]`, `[scheduler]` and `[limits]` sections
-//! of `configs/default.toml`. Every field has a default, so a partial file is fine.
+//! Engine configuration: the `[model]`, `[cache]`, `[scheduler]`, `[speculative]` and
+//! `[limits]` sections of `configs/default.toml`. Every field has a default, so a partial
+//! file is fine.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,7 +10,49 @@ pub struct EngineConfig {
     pub model: ModelConfig,
     pub cache: CacheConfig,
     pub scheduler: SchedulerConfig,
+    pub speculative: SpeculativeConfig,
     pub limits: LimitsConfig,
+}
+
+/// How draft tokens are proposed (`[speculative] method`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpecMethod {
+    #[default]
+    Off,
+    /// Prompt lookup: n-grams of the sequence found earlier in it.
+    Ngram,
+    /// A smaller draft model with the target's tokenizer (not built yet: refused).
+    Draft,
+}
+
+/// The `[speculative]` section: speculative decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpeculativeConfig {
+    pub method: SpecMethod,
+    /// Draft tokens verified per sequence and step at most.
+    pub num_speculative_tokens: usize,
+    /// N-gram sizes tried, longest first (`ngram`).
+    pub prompt_lookup_min: usize,
+    pub prompt_lookup_max: usize,
+    /// Speculate only while at most this many sequences run.
+    pub max_num_seqs: usize,
+    /// The draft model's path (`draft`).
+    pub draft_model: String,
+}
+
+impl Default for SpeculativeConfig {
+    fn default() -> Self {
+        Self {
+            method: SpecMethod::Off,
+            num_speculative_tokens: 4,
+            prompt_lookup_min: 2,
+            prompt_lookup_max: 4,
+            max_num_seqs: 4,
+            draft_model: String::new(),
+        }
+    }
 }
 
 /// How the text of chat messages is tokenized.
@@ -230,6 +273,20 @@ impl EngineConfig {
         }
         if self.scheduler.max_num_batched_tokens < self.scheduler.max_num_seqs {
             return err("scheduler.max_num_batched_tokens must be >= scheduler.max_num_seqs");
+        }
+        let sp = &self.speculative;
+        if sp.method == SpecMethod::Draft {
+            return err(
+                "speculative.method = \"draft\" is not supported yet; use \"ngram\" or \"off\"",
+            );
+        }
+        if sp.method != SpecMethod::Off {
+            if !(1..=16).contains(&sp.num_speculative_tokens) {
+                return err("speculative.num_speculative_tokens must be in 1..=16");
+            }
+            if sp.prompt_lookup_min == 0 || sp.prompt_lookup_min > sp.prompt_lookup_max {
+                return err("speculative.prompt_lookup_min must be in 1..=prompt_lookup_max");
+            }
         }
         if self.limits.roles.is_empty() {
             return err("limits.roles must allow at least one role");

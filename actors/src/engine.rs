@@ -32,6 +32,7 @@ use crate::messages::{
     StreamEvent, Submit, TokenId, MAX_N,
 };
 use crate::metrics::{RequestMetrics, SchedulerMetrics, TokenCounters};
+use crate::scheduler::speculation::{NgramProposer, Speculation};
 use crate::scheduler::{SchedulerActor, SchedulerLimits, SchedulerLinks, SchedulerPolicy};
 use crate::streams::{Generation, Streams};
 use crate::supervisor::Supervisor;
@@ -205,7 +206,7 @@ impl EngineCore {
         }
         let manager = BlockManager::new(bm_cfg.clone())?;
         let eos_ids: Vec<TokenId> = files.tokenizer.special.eos_ids.clone();
-        let policy = SchedulerPolicy::new(
+        let mut policy = SchedulerPolicy::new(
             SchedulerLimits {
                 max_num_seqs: cfg.scheduler.max_num_seqs,
                 max_num_batched_tokens: cfg.scheduler.max_num_batched_tokens,
@@ -214,6 +215,24 @@ impl EngineCore {
             bm_cfg,
             eos_ids.clone(),
         )?;
+        let sp = &cfg.speculative;
+        if sp.method == crate::config::SpecMethod::Ngram {
+            tracing::info!(
+                num_speculative_tokens = sp.num_speculative_tokens,
+                prompt_lookup_min = sp.prompt_lookup_min,
+                prompt_lookup_max = sp.prompt_lookup_max,
+                max_num_seqs = sp.max_num_seqs,
+                "speculative decoding: n-gram prompt lookup"
+            );
+            policy = policy.with_speculation(Speculation {
+                proposer: Arc::new(NgramProposer {
+                    min_n: sp.prompt_lookup_min,
+                    max_n: sp.prompt_lookup_max,
+                }),
+                num_tokens: sp.num_speculative_tokens,
+                max_num_seqs: sp.max_num_seqs,
+            });
+        }
         let info = Arc::new(EngineInfo {
             model_path: cfg.model.path.clone(),
             architecture: files.model_cfg.architecture.clone(),

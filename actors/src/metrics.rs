@@ -46,6 +46,9 @@ pub const STEP_DURATION: &str = "pagoda_step_duration_seconds";
 pub const GUIDE_MASK_DURATION: &str = "pagoda_guided_mask_seconds";
 pub const BATCH_SIZE: &str = "pagoda_batch_size";
 pub const KV_FREE_BLOCKS: &str = "pagoda_kv_free_blocks";
+pub const SPEC_DECODE_NUM_DRAFTS: &str = "vllm:spec_decode_num_drafts_total";
+pub const SPEC_DECODE_NUM_DRAFT_TOKENS: &str = "vllm:spec_decode_num_draft_tokens_total";
+pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted_tokens_total";
 
 /// vLLM's time-to-first-token buckets (seconds).
 pub const TTFT_BUCKETS: &[f64] = &[
@@ -130,6 +133,18 @@ pub fn describe() {
     describe_counter!(
         PREFIX_CACHE_HITS_TOTAL,
         "Prefix cache hits, in terms of number of cached tokens."
+    );
+    describe_counter!(
+        SPEC_DECODE_NUM_DRAFTS,
+        "Speculative decoding: sequence-steps that verified draft tokens."
+    );
+    describe_counter!(
+        SPEC_DECODE_NUM_DRAFT_TOKENS,
+        "Speculative decoding: draft tokens proposed."
+    );
+    describe_counter!(
+        SPEC_DECODE_NUM_ACCEPTED_TOKENS,
+        "Speculative decoding: draft tokens accepted (the acceptance rate is accepted / proposed)."
     );
     describe_histogram!(
         GUIDE_MASK_DURATION,
@@ -237,6 +252,9 @@ pub struct SchedulerMetrics {
     preemptions: Counter,
     prefix_queries: Counter,
     prefix_hits: Counter,
+    spec_drafts: Counter,
+    spec_draft_tokens: Counter,
+    spec_accepted_tokens: Counter,
     iteration_tokens: Histogram,
     batch_size: Histogram,
     step_duration: Histogram,
@@ -253,6 +271,9 @@ impl SchedulerMetrics {
             preemptions: counter!(NUM_PREEMPTIONS_TOTAL, &l()),
             prefix_queries: counter!(PREFIX_CACHE_QUERIES_TOTAL, &l()),
             prefix_hits: counter!(PREFIX_CACHE_HITS_TOTAL, &l()),
+            spec_drafts: counter!(SPEC_DECODE_NUM_DRAFTS, &l()),
+            spec_draft_tokens: counter!(SPEC_DECODE_NUM_DRAFT_TOKENS, &l()),
+            spec_accepted_tokens: counter!(SPEC_DECODE_NUM_ACCEPTED_TOKENS, &l()),
             iteration_tokens: histogram!(ITERATION_TOKENS, &l()),
             batch_size: histogram!(BATCH_SIZE, &l()),
             step_duration: histogram!(STEP_DURATION, &l()),
@@ -268,6 +289,10 @@ impl SchedulerMetrics {
         self.preemptions.absolute(stats.num_preemptions);
         self.prefix_queries.absolute(stats.prefix_cache_queries);
         self.prefix_hits.absolute(stats.prefix_cache_hits);
+        self.spec_drafts.absolute(stats.spec.drafts);
+        self.spec_draft_tokens.absolute(stats.spec.draft_tokens);
+        self.spec_accepted_tokens
+            .absolute(stats.spec.accepted_tokens);
     }
 
     /// One step that ran a batch.

@@ -555,6 +555,7 @@ mod tests {
                 response_format: Some(crate::messages::ResponseFormat::JsonObject),
                 ignore_eos: true,
                 n: 2,
+                speculate: false,
             },
             stream: false,
             reply_to: Some("answers.r-1".into()),

@@ -31,6 +31,14 @@ pub enum Target {
     LlamaServer(llama::LlamaServer),
 }
 
+/// The speculative-decoding counters of an in-process engine (`None` for other targets).
+pub async fn spec_counts(target: &Target) -> Option<pagoda_actors::messages::SpecCounts> {
+    match target {
+        Target::InProcess(engine) => engine.scheduler_stats().await.ok().map(|s| s.spec),
+        _ => None,
+    }
+}
+
 impl Target {
     pub fn name(&self) -> &'static str {
         match self {

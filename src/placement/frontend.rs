@@ -429,6 +429,7 @@ impl Handler<GetSchedulerStats> for EngineRouter {
             num_free_blocks: l.num_free_blocks,
             prefix_cache_queries: 0,
             prefix_cache_hits: 0,
+            spec: Default::default(),
         })
     }
 }

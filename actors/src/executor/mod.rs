@@ -97,8 +97,12 @@ impl PromptLogprobs {
 enum RowUse {
     /// The log-probabilities of prompt token `pos + 1`.
     Prompt { seq_id: SeqId, pos: usize },
-    /// Sampling the sequence's next token.
-    Sample { seq_id: SeqId },
+    /// Sampling the sequence's next token; with speculation, `draft` is the proposed
+    /// token at this position (kept if the sampled one equals it), `None` on the last row.
+    Sample {
+        seq_id: SeqId,
+        draft: Option<TokenId>,
+    },
 }
 
 /// A model on its backend, with the KV pool it runs on: the executor's view, whatever the
@@ -340,8 +344,16 @@ impl Executor {
                 block_table: &s.block_table,
             });
             if s.sample {
-                logit_rows.push(tokens.len() - 1);
-                uses.push(RowUse::Sample { seq_id: s.seq_id });
+                // One row per draft (it checks the draft), and the last one.
+                let n = s.token_ids.len();
+                let num_draft = s.num_draft.min(n - 1);
+                for j in 0..=num_draft {
+                    logit_rows.push(start + n - 1 - num_draft + j);
+                    uses.push(RowUse::Sample {
+                        seq_id: s.seq_id,
+                        draft: (j < num_draft).then(|| s.token_ids[n - num_draft + j]),
+                    });
+                }
             }
         }
         let input = BatchInput {
@@ -383,12 +395,19 @@ impl Executor {
         let mut logits = logits?;
         let vocab = self.device.spec().vocab_size;
         let mut suppress: Vec<TokenId> = Vec::new();
+        // Speculating sequences: drafts kept so far, and those whose verification ended.
+        let mut kept: HashMap<SeqId, Vec<TokenId>> = HashMap::new();
+        let mut verified: Vec<SeqId> = Vec::new();
         for (row, row_use) in logits.chunks_exact_mut(vocab).zip(uses) {
-            let seq_id = match row_use {
-                RowUse::Prompt { seq_id, .. } | RowUse::Sample { seq_id } => seq_id,
+            let (seq_id, draft) = match row_use {
+                RowUse::Prompt { seq_id, .. } => (seq_id, None),
+                RowUse::Sample { seq_id, draft } => (seq_id, draft),
             };
             // A sequence fails once, alone; the rest of the batch goes on.
             if out.failed.iter().chain(failed).any(|f| f.seq_id == seq_id) {
+                continue;
+            }
+            if verified.contains(&seq_id) {
                 continue;
             }
             let st = self.seqs.get_mut(&seq_id).ok_or_else(|| {
@@ -437,7 +456,15 @@ impl Executor {
                 }
             }
             match st.sampler.sample(row, &suppress) {
+                Ok(token_id) if draft == Some(token_id) => {
+                    // The draft is what the target samples here: keep it, check the next.
+                    st.num_output += 1;
+                    kept.entry(seq_id).or_default().push(token_id);
+                }
                 Ok(token_id) => {
+                    if draft.is_some() || kept.contains_key(&seq_id) {
+                        verified.push(seq_id);
+                    }
                     if let Some(guide) = st.guide.as_mut() {
                         if let Err(e) = guide.advance(token_id) {
                             out.failed.push(guide_failure(seq_id, &e));
@@ -446,6 +473,7 @@ impl Executor {
                     }
                     st.num_output += 1;
                     let mut sampled = SampledToken::new(seq_id, token_id);
+                    sampled.accepted = kept.remove(&seq_id).unwrap_or_default();
                     if let Some((k, raw)) = raw {
                         let Some(lp) = logprobs::token_logprobs(&raw, token_id, k) else {
                             out.failed.push(SeqFailure {

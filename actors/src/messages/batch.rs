@@ -33,6 +33,15 @@ pub struct ScheduledSeq {
     pub sample: bool,
     /// Set on the first step after admission.
     pub new_seq: Option<NewSeqData>,
+    /// Speculative decoding: the last `num_draft` of `token_ids` are proposed tokens, not
+    /// known ones. The executor samples a token at each of the last `num_draft + 1`
+    /// positions, in order, and keeps drafts while they equal what it sampled.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub num_draft: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The work of one engine step.
@@ -66,6 +75,9 @@ impl ScheduledBatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampledToken {
     pub seq_id: SeqId,
+    /// Draft tokens the step verified and kept, in order, before `token_id`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accepted: Vec<TokenId>,
     pub token_id: TokenId,
     /// The token's log-probabilities (the request set `logprobs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,6 +93,7 @@ impl SampledToken {
     pub fn new(seq_id: SeqId, token_id: TokenId) -> Self {
         Self {
             seq_id,
+            accepted: Vec::new(),
             token_id,
             logprobs: None,
             prompt_logprobs: None,

@@ -45,7 +45,7 @@ pub use request::{
 };
 pub use sequence::{
     AddSequence, Cancel, CancelStreams, FinishSequence, FirstScheduled, GetSchedulerStats,
-    RegisterStream, SchedulerStats, SeqOutput, StepTokens, StreamEnd, Submit,
+    RegisterStream, SchedulerStats, SeqOutput, SpecCounts, StepTokens, StreamEnd, Submit,
 };
 
 use actix::{Message, Recipient};
@@ -124,6 +124,7 @@ mod tests {
                 },
             }),
             n: 3,
+            speculate: false,
         }
     }
 
@@ -143,6 +144,7 @@ mod tests {
                     context_len: 18,
                     sample: true,
                     new_seq: None,
+                    num_draft: 0,
                 },
                 ScheduledSeq {
                     seq_id: 2,
@@ -156,6 +158,7 @@ mod tests {
                         output_token_ids: vec![9],
                         params: params(),
                     }),
+                    num_draft: 2,
                 },
             ],
             num_batched_tokens: 4,
@@ -313,6 +316,11 @@ mod tests {
             num_free_blocks: 5,
             prefix_cache_queries: 6,
             prefix_cache_hits: 7,
+            spec: SpecCounts {
+                drafts: 8,
+                draft_tokens: 9,
+                accepted_tokens: 10,
+            },
         });
         // Answers.
         round_trip(&Ok::<(), ErrorBody>(()));

@@ -61,6 +61,9 @@ pub struct SamplingParams {
     /// is its own stream (`index` 0..n) and, with `seed`, index `i` samples with seed
     /// `seed + i`.
     pub n: u32,
+    /// Let the engine speculate for this request when it is configured to
+    /// (`[speculative]`); false opts out.
+    pub speculate: bool,
 }
 
 /// OpenAI's `response_format`.
@@ -124,6 +127,7 @@ impl Default for SamplingParams {
             guided_grammar: None,
             response_format: None,
             n: 1,
+            speculate: true,
         }
     }
 }

@@ -97,6 +97,19 @@ pub struct SchedulerStats {
     pub num_free_blocks: usize,
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
+    /// Speculative decoding since start.
+    #[serde(default)]
+    pub spec: SpecCounts,
+}
+
+/// Speculative decoding counters (vLLM's spec-decode metrics): verification runs, draft
+/// tokens proposed, draft tokens accepted. The acceptance rate is accepted / proposed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecCounts {
+    /// Sequence-steps that verified at least one draft token.
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
 }
 
 /// A sequence's first step: how long it waited and how much of its prompt the prefix

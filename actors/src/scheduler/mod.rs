@@ -57,6 +57,7 @@
 
 mod actor;
 mod policy;
+pub mod speculation;
 
 pub use actor::{SchedulerActor, SchedulerLinks, MAX_TOKEN_MESSAGES_IN_FLIGHT};
 pub use policy::{SchedulerError, SchedulerLimits, SchedulerPolicy, SeqStatus, SeqView};

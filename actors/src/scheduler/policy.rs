@@ -9,9 +9,11 @@ use crate::messages::blocks::{extend_block_hashes, RELEASED_BLOCK};
 use crate::messages::{
     AdmitRequest, BlockError, BlockHash, BlockId, BlockManagerConfig, BlockStats, ErrorBody,
     ErrorCode, FinishReason, ForkRequest, FreeRequest, GrowRequest, NewSeqData, SampledToken,
-    SamplingParams, ScheduledBatch, ScheduledSeq, SchedulerStats, SeqId, SeqOutput, StepOutput,
-    StepRequest, StepResponse, TokenId,
+    SamplingParams, ScheduledBatch, ScheduledSeq, SchedulerStats, SeqId, SeqOutput, SpecCounts,
+    StepOutput, StepRequest, StepResponse, TokenId,
 };
+
+use super::speculation::Speculation;
 
 /// Limits of the scheduling policy. (The engine builds this from `config::SchedulerConfig`
 /// plus the resolved context length; the names differ so the two are never confused.)
@@ -141,6 +143,8 @@ struct Sequence {
     held_by: Option<SeqId>,
     /// A forked completion not yet scheduled: its first step carries `new_seq`.
     fresh: bool,
+    /// Draft tokens proposed for the step being planned or run (speculative decoding).
+    draft: Vec<TokenId>,
 }
 
 impl Sequence {
@@ -174,6 +178,7 @@ struct Plan {
 #[derive(Debug, Clone)]
 struct Exec {
     seq_id: SeqId,
+    /// Tokens run, drafts included.
     num_tokens: usize,
     sample: bool,
 }
@@ -202,6 +207,9 @@ pub struct SchedulerPolicy {
     step: u64,
     num_preemptions: u64,
     block_stats: BlockStats,
+    /// Speculative decoding, when configured.
+    speculation: Option<Speculation>,
+    spec_counts: SpecCounts,
 }
 
 impl SchedulerPolicy {
@@ -237,7 +245,15 @@ impl SchedulerPolicy {
             phase: Phase::Idle,
             step: 0,
             num_preemptions: 0,
+            speculation: None,
+            spec_counts: SpecCounts::default(),
         })
+    }
+
+    /// Speculates for sequences in decode (see [`super::speculation`]).
+    pub fn with_speculation(mut self, speculation: Speculation) -> Self {
+        self.speculation = Some(speculation);
+        self
     }
 
     pub fn limits(&self) -> &SchedulerLimits {
@@ -342,6 +358,7 @@ impl SchedulerPolicy {
             forks: Vec::new(),
             held_by,
             fresh: false,
+            draft: Vec::new(),
         };
         for (i, &child) in forks.iter().enumerate() {
             let params = params.for_index(i as u32 + 1);
@@ -365,12 +382,33 @@ impl SchedulerPolicy {
 
         let mut grow = Vec::with_capacity(self.running.len());
         let mut planned_grow = Vec::with_capacity(self.running.len());
+        // Speculation pays while the batch is small.
+        let speculation = self
+            .speculation
+            .as_ref()
+            .filter(|sp| self.running.len() <= sp.max_num_seqs);
         for &seq_id in &self.running {
-            let Some(s) = self.seqs.get(&seq_id) else {
+            let Some(s) = self.seqs.get_mut(&seq_id) else {
                 continue;
             };
             let remaining = s.tokens.len().saturating_sub(s.num_computed);
-            let n = remaining.min(budget);
+            let mut n = remaining.min(budget);
+            s.draft.clear();
+            if let (Some(sp), 1, 1) = (speculation, remaining, n) {
+                if s.params.speculate && s.params.logprobs.is_none() && !has_guide(&s.params) {
+                    // Room: the budget, and drafts plus the token after them must fit in
+                    // max_tokens and max_model_len.
+                    let room = sp
+                        .num_tokens
+                        .min(budget - 1)
+                        .min((s.params.max_tokens as usize).saturating_sub(s.num_output() + 1))
+                        .min(self.config.max_model_len.saturating_sub(s.tokens.len() + 1));
+                    if room > 0 {
+                        sp.proposer.propose(&s.tokens, room, &mut s.draft);
+                        n += s.draft.len();
+                    }
+                }
+            }
             budget -= n;
             let (computed_hashes, hashes_upto) = s.unreported_hashes(bs);
             // The step's first query sits at `num_computed`; a sliding window never looks
@@ -479,6 +517,7 @@ impl SchedulerPolicy {
         for &seq_id in &resp.preempted {
             self.num_preemptions += 1;
             if let Some(s) = self.seqs.get_mut(&seq_id) {
+                s.draft.clear();
                 s.status = SeqStatus::Waiting;
                 s.num_computed = 0;
                 s.block_table.clear();
@@ -522,7 +561,7 @@ impl SchedulerPolicy {
                 exec.push(Exec {
                     seq_id: pg.seq_id,
                     num_tokens: pg.num_new_tokens,
-                    sample: s.num_computed + pg.num_new_tokens == s.tokens.len(),
+                    sample: s.num_computed + pg.num_new_tokens == s.tokens.len() + s.draft.len(),
                 });
             }
         }
@@ -631,31 +670,67 @@ impl SchedulerPolicy {
             let Some(s) = self.seqs.get_mut(&e.seq_id) else {
                 continue;
             };
-            s.num_computed += e.num_tokens;
+            let draft = std::mem::take(&mut s.draft);
             if !e.sample {
+                s.num_computed += e.num_tokens;
                 continue;
             }
             let Some(&sampled) = sampled.get(&e.seq_id) else {
+                s.num_computed += e.num_tokens - draft.len();
                 continue;
             };
+            // Drafts kept: those the executor sampled too (a prefix of the proposal). Their
+            // K/V is valid; the rejected ones' slots are written over by the next step.
+            let kept = sampled
+                .accepted
+                .iter()
+                .zip(&draft)
+                .take_while(|(a, d)| a == d)
+                .count();
+            s.num_computed += e.num_tokens - draft.len() + kept;
+            if !draft.is_empty() {
+                self.spec_counts.drafts += 1;
+                self.spec_counts.draft_tokens += draft.len() as u64;
+                self.spec_counts.accepted_tokens += kept as u64;
+            }
             // Its prompt is computed: the completions waiting for it start now, before its
             // own token can end it.
             let forks = std::mem::take(&mut s.forks);
             let (prompt_len, table) = (s.prompt_len, s.block_table.clone());
-            let token_id = sampled.token_id;
-            s.tokens.push(token_id);
-            if self.cache.enable_prefix_caching {
-                extend_block_hashes(&mut s.block_hashes, &s.tokens, self.cache.block_size);
+            // The kept drafts, then the sampled token; each may end the sequence.
+            let new_tokens = sampled.accepted[..kept]
+                .iter()
+                .copied()
+                .chain(std::iter::once(sampled.token_id));
+            let last = kept;
+            let mut finish_reason = None;
+            for (i, token_id) in new_tokens.enumerate() {
+                s.tokens.push(token_id);
+                if self.cache.enable_prefix_caching {
+                    extend_block_hashes(&mut s.block_hashes, &s.tokens, self.cache.block_size);
+                }
+                finish_reason = check_finish(s, &self.eos_token_ids, self.config.max_model_len);
+                let is_last = i == last || finish_reason.is_some();
+                outputs.push(SeqOutput {
+                    seq_id: e.seq_id,
+                    token_id,
+                    num_output_tokens: s.num_output(),
+                    finish_reason,
+                    logprobs: if is_last {
+                        sampled.logprobs.clone()
+                    } else {
+                        None
+                    },
+                    prompt_logprobs: if i == 0 {
+                        sampled.prompt_logprobs.clone()
+                    } else {
+                        None
+                    },
+                });
+                if finish_reason.is_some() {
+                    break;
+                }
             }
-            let finish_reason = check_finish(s, &self.eos_token_ids, self.config.max_model_len);
-            outputs.push(SeqOutput {
-                seq_id: e.seq_id,
-                token_id,
-                num_output_tokens: s.num_output(),
-                finish_reason,
-                logprobs: sampled.logprobs.clone(),
-                prompt_logprobs: sampled.prompt_logprobs.clone(),
-            });
             if !forks.is_empty() {
                 self.start_forks(e.seq_id, prompt_len, &table, forks);
             }
@@ -749,6 +824,7 @@ impl SchedulerPolicy {
             num_free_blocks: self.block_stats.num_free_blocks,
             prefix_cache_queries: self.block_stats.prefix_cache_queries,
             prefix_cache_hits: self.block_stats.prefix_cache_hits,
+            spec: self.spec_counts,
         }
     }
 
@@ -877,16 +953,31 @@ fn check_finish(
     None
 }
 
+/// Whether the request asks for structured output (no speculation for it: its masks
+/// follow the sampled tokens one by one).
+fn has_guide(p: &SamplingParams) -> bool {
+    p.guided_choice.is_some()
+        || p.guided_regex.is_some()
+        || p.guided_json.is_some()
+        || p.guided_grammar.is_some()
+        || p.response_format.is_some()
+}
+
 fn scheduled_seq(seq_id: SeqId, s: &Sequence, num_tokens: usize, new: bool) -> ScheduledSeq {
     let start = s.num_computed.min(s.tokens.len());
     let end = (start + num_tokens).min(s.tokens.len());
+    let sample = end == s.tokens.len();
+    let num_draft = if sample { s.draft.len() } else { 0 };
+    let mut token_ids = s.tokens[start..end].to_vec();
+    token_ids.extend_from_slice(&s.draft[..num_draft]);
     ScheduledSeq {
         seq_id,
-        token_ids: s.tokens[start..end].to_vec(),
+        context_len: start + token_ids.len(),
+        token_ids,
         start_pos: start,
         block_table: s.block_table.clone(),
-        context_len: end,
-        sample: end == s.tokens.len(),
+        num_draft,
+        sample,
         new_seq: new.then(|| NewSeqData {
             prompt_token_ids: s.tokens[..s.prompt_len].to_vec(),
             output_token_ids: s.tokens[s.prompt_len..].to_vec(),

@@ -1,5 +1,6 @@
 use super::*;
 use crate::messages::SampledToken;
+use crate::scheduler::speculation::NgramProposer;
 use proptest::prelude::*;
 
 const EOS: TokenId = 0;
@@ -42,6 +43,15 @@ impl Engine {
         &mut self,
         mut sample: impl FnMut(&ScheduledSeq) -> TokenId,
     ) -> (ScheduledBatch, Vec<SeqOutput>) {
+        self.step_verifying(|s| (0, sample(s)))
+    }
+
+    /// One full step in which `verify` says, per sampling sequence, how many of its drafts
+    /// the "executor" kept and which token it sampled after them.
+    fn step_verifying(
+        &mut self,
+        mut verify: impl FnMut(&ScheduledSeq) -> (usize, TokenId),
+    ) -> (ScheduledBatch, Vec<SeqOutput>) {
         let batch = self.sched.schedule(&mut self.bm).expect("schedule");
         self.check(&batch);
         if batch.is_empty() {
@@ -51,7 +61,13 @@ impl Engine {
             .seqs
             .iter()
             .filter(|s| s.sample)
-            .map(|s| SampledToken::new(s.seq_id, sample(s)))
+            .map(|s| {
+                let (kept, token) = verify(s);
+                let drafts = &s.token_ids[s.token_ids.len() - s.num_draft..];
+                let mut t = SampledToken::new(s.seq_id, token);
+                t.accepted = drafts[..kept.min(drafts.len())].to_vec();
+                t
+            })
             .collect();
         let outs = self
             .sched
@@ -549,6 +565,7 @@ fn full_context_gives_length() {
         forks: vec![],
         held_by: None,
         fresh: false,
+        draft: vec![],
     };
     assert_eq!(check_finish(&s, &[EOS], 4), Some(FinishReason::Length));
     assert_eq!(check_finish(&s, &[EOS], 5), None);
@@ -876,6 +893,109 @@ fn a_parent_that_finishes_on_its_first_token_still_forks() {
     assert_eq!(e.bm.num_free_blocks(), 16);
 }
 
+fn speculating(max_num_seqs: usize) -> Engine {
+    let mut e = Engine::simple(8, 64, 32, 4);
+    e.sched = e.sched.with_speculation(Speculation {
+        proposer: std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 }),
+        num_tokens: 3,
+        max_num_seqs,
+    });
+    e
+}
+
+#[test]
+fn drafts_are_proposed_verified_and_kept_up_to_the_first_miss() {
+    let mut e = speculating(4);
+    e.add(1, vec![5, 6, 7, 5, 6], 10);
+    let (batch, _) = e.step_with(|_| 7);
+    assert_eq!(batch.seqs[0].num_draft, 0, "no drafts in a prefill");
+    // Tokens 5 6 7 5 6 7: the 2-gram [6 7] occurred at 1, so 5 6 7 is proposed.
+    let (batch, outs) = e.step_verifying(|_| (2, 9));
+    let s = &batch.seqs[0];
+    assert_eq!((s.token_ids.clone(), s.num_draft), (vec![7, 5, 6, 7], 3));
+    assert_eq!((s.start_pos, s.context_len, s.sample), (5, 9, true));
+    assert_eq!(
+        outs.iter()
+            .map(|o| (o.token_id, o.num_output_tokens))
+            .collect::<Vec<_>>(),
+        vec![(5, 2), (6, 3), (9, 4)],
+        "two drafts kept, then the sampled token"
+    );
+    let view = e.sched.sequence(1).expect("live");
+    assert_eq!(view.output_token_ids, &[7, 5, 6, 9]);
+    // x 5 6 computed at 5..7; the rejected draft's slot (8) is computed again next step.
+    assert_eq!(view.num_computed_tokens, 8);
+    let spec = e.sched.stats().spec;
+    assert_eq!(
+        (spec.drafts, spec.draft_tokens, spec.accepted_tokens),
+        (1, 3, 2)
+    );
+
+    // No match for [6 9] / [9]: a plain decode step.
+    let (batch, _) = e.step_verifying(|_| (0, 1));
+    assert_eq!(
+        (batch.seqs[0].token_ids.clone(), batch.seqs[0].num_draft),
+        (vec![9], 0)
+    );
+
+    // Drafts never run past max_tokens: with 9 of 10 generated, none are proposed.
+    let mut e = speculating(4);
+    e.add(2, vec![3, 4, 3, 4, 3], 3);
+    e.step_with(|_| 4);
+    let (batch, outs) = e.step_verifying(|s| (s.num_draft, 3));
+    assert_eq!(
+        batch.seqs[0].num_draft, 1,
+        "room for one draft and the token after it"
+    );
+    assert_eq!(
+        outs.last().map(|o| o.finish_reason),
+        Some(Some(FinishReason::Length))
+    );
+    e.drain_frees();
+    assert_eq!(e.bm.num_free_blocks(), 32);
+}
+
+#[test]
+fn an_eos_among_kept_drafts_ends_the_sequence_there() {
+    let mut e = speculating(4);
+    e.add(1, vec![5, 0, 8, 2], 10);
+    e.step_with(|_| 5); // tokens 5 0 8 2 5: [2 5] unseen, [5] at 0 → propose 0 8 2
+    let (batch, outs) = e.step_verifying(|s| (s.num_draft, 4));
+    assert_eq!(batch.seqs[0].token_ids, vec![5, 0, 8, 2]);
+    assert_eq!(outs.len(), 1, "the kept EOS ends it: {outs:?}");
+    assert_eq!(
+        (outs[0].token_id, outs[0].finish_reason),
+        (EOS, Some(FinishReason::Stop))
+    );
+    assert!(!e.sched.has_unfinished());
+    e.drain_frees();
+    assert_eq!(e.bm.num_free_blocks(), 32);
+}
+
+#[test]
+fn speculation_stops_above_its_batch_size_and_for_opted_out_requests() {
+    let mut e = speculating(1);
+    e.add(1, vec![1, 2, 1], 10);
+    e.add(2, vec![1, 2, 1], 10);
+    e.step_with(|_| 2);
+    let (batch, _) = e.step_with(|_| 2);
+    assert!(
+        batch.seqs.iter().all(|s| s.num_draft == 0),
+        "two running > max 1"
+    );
+
+    let mut e = speculating(4);
+    let params = SamplingParams {
+        max_tokens: 10,
+        speculate: false,
+        ..SamplingParams::default()
+    };
+    e.sched.add(1, vec![1, 2, 1], params).expect("accepted");
+    e.step_with(|_| 2);
+    let (batch, _) = e.step_with(|_| 2);
+    assert_eq!(batch.seqs[0].num_draft, 0, "opted out");
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Arrive {
@@ -923,16 +1043,14 @@ fn op() -> impl Strategy<Value = Op> {
 /// A step with pseudo-random sampled tokens (EOS about one time in eight).
 fn random_step(e: &mut Engine, seed: u64) -> Result<Vec<SeqOutput>, TestCaseError> {
     let mut x = seed | 1;
-    let (_, outs) = e.step_with(|s| {
+    let (_, outs) = e.step_verifying(|s| {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let t = (x.wrapping_add(s.seq_id) % 8) as TokenId;
-        if t == 7 {
-            5
-        } else {
-            t
-        } // tokens 0 (EOS) ..= 6
+        // With drafts, keep a pseudo-random number of them.
+        let kept = (x >> 20) as usize % (s.num_draft + 1);
+        (kept, if t == 7 { 5 } else { t }) // tokens 0 (EOS) ..= 6
     });
     for o in &outs {
         prop_assert!(o.num_output_tokens >= 1);
@@ -949,10 +1067,18 @@ proptest! {
         num_blocks in 6usize..16,
         block_size in 1usize..5,
         caching in any::<bool>(),
+        speculate in any::<bool>(),
         ops in prop::collection::vec(op(), 1..120),
     ) {
         let cfg = SchedulerLimits { max_num_seqs, max_num_batched_tokens: budget, max_model_len: 48 };
         let mut e = Engine::new(cfg, num_blocks, block_size, caching);
+        if speculate {
+            e.sched = e.sched.with_speculation(Speculation {
+                proposer: std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 3 }),
+                num_tokens: 3,
+                max_num_seqs: 3,
+            });
+        }
         let mut next_id: SeqId = 0;
         let mut accepted = std::collections::BTreeSet::new();
         let mut ended = std::collections::BTreeSet::new();

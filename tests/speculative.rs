@@ -1,0 +1,164 @@
+//! Speculative decoding (n-gram prompt lookup) against the same engine without it, on the
+//! default model: greedy outputs token-identical alone, batched, under preemption and with
+//! stop strings; seeded sampling identical too (so the token frequencies over many samples
+//! are the same); and the drafts really were proposed and accepted.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use pagoda_actors::config::{EngineConfig, SpecMethod};
+use pagoda_actors::engine::Engine;
+use pagoda_actors::messages::{SamplingParams, TokenId};
+use pagoda_actors::protocol::{GenerateRequest, Prompt};
+
+/// Prompts whose continuations copy from them (extraction, repetition) and ordinary ones.
+const PROMPTS: [&str; 8] = [
+    "Copy the list exactly.\nList: apples, pears, plums, cherries, grapes, melons.\nCopy: apples, pears,",
+    "Name: Ada Lovelace. Born: 1815. Field: mathematics.\nName: Ada Lovelace. Born:",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,",
+    "The order id is XK-2291-B. Please confirm the order id: XK-",
+    "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox",
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "def fibonacci(n):",
+];
+
+fn speculating(mut cfg: EngineConfig) -> EngineConfig {
+    cfg.speculative.method = SpecMethod::Ngram;
+    cfg.speculative.num_speculative_tokens = 4;
+    // Speculate at every batch size here: the point is exactness, not speed.
+    cfg.speculative.max_num_seqs = 64;
+    cfg
+}
+
+fn request(i: usize, prompt: &str, params: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        id: format!("r{i}"),
+        prompt: Prompt::Text(prompt.to_owned()),
+        params,
+    }
+}
+
+async fn solo(engine: &Engine, params: &SamplingParams) -> Vec<Vec<TokenId>> {
+    let mut out = Vec::new();
+    for (i, p) in PROMPTS.iter().enumerate() {
+        out.push(
+            generate(engine, request(i, p, params.clone()))
+                .await
+                .token_ids,
+        );
+    }
+    out
+}
+
+async fn batched(engine: &Engine, params: &SamplingParams) -> Vec<Vec<TokenId>> {
+    let reqs = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| request(i, p, params.clone()))
+        .collect();
+    generate_all(engine, reqs)
+        .await
+        .into_iter()
+        .map(|o| o.token_ids)
+        .collect()
+}
+
+fn same(what: &str, expected: &[Vec<TokenId>], got: &[Vec<TokenId>]) {
+    for (i, (e, g)) in expected.iter().zip(got).enumerate() {
+        assert_eq!(e, g, "{what}: prompt {i} ({:?}) differs", PROMPTS[i]);
+    }
+}
+
+#[test]
+fn ngram_speculation_changes_nothing_but_the_number_of_steps() {
+    run(async {
+        let off = start(&test_config());
+        let on = start(&speculating(test_config()));
+        let greedy = greedy(48);
+
+        let reference = solo(&off, &greedy).await;
+        same("greedy, alone", &reference, &solo(&on, &greedy).await);
+        same("greedy, batched", &reference, &batched(&on, &greedy).await);
+        let spec = on.scheduler_stats().await.expect("stats").spec;
+        assert!(
+            spec.accepted_tokens > 20,
+            "hardly any draft was accepted on copy-heavy prompts: {spec:?}"
+        );
+        eprintln!(
+            "greedy: {} verification runs, {} draft tokens, {} accepted ({:.0} %)",
+            spec.drafts,
+            spec.draft_tokens,
+            spec.accepted_tokens,
+            100.0 * spec.accepted_tokens as f64 / spec.draft_tokens.max(1) as f64
+        );
+
+        // Stop strings: cut where the reference output has them, speculating or not.
+        for (i, p) in PROMPTS.iter().enumerate().take(5) {
+            let tokens = generate(&off, request(i, p, greedy.clone())).await;
+            let Some(stop) = tokens.text.get(6..12).filter(|s| !s.trim().is_empty()) else {
+                continue;
+            };
+            let params = SamplingParams {
+                stop: vec![stop.to_owned()],
+                ..greedy.clone()
+            };
+            let a = generate(&off, request(i, p, params.clone())).await;
+            let b = generate(&on, request(i, p, params)).await;
+            assert_eq!(a.text, b.text, "stop string {stop:?} on prompt {i}");
+            assert_eq!(
+                a.token_ids, b.token_ids,
+                "stop string {stop:?} on prompt {i}"
+            );
+            assert_eq!(a.finished().0, b.finished().0);
+        }
+
+        // Seeded sampling at temperature 0.8: the same samples, so over 8 prompts × 6
+        // seeds the token frequencies are the same (tolerance: none).
+        let mut freq_off: HashMap<TokenId, usize> = HashMap::new();
+        let mut freq_on: HashMap<TokenId, usize> = HashMap::new();
+        for seed in 0..6u64 {
+            let params = SamplingParams {
+                temperature: 0.8,
+                seed: Some(seed),
+                max_tokens: 32,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            };
+            let a = batched(&off, &params).await;
+            let b = batched(&on, &params).await;
+            same(&format!("seed {seed}, temperature 0.8"), &a, &b);
+            for t in a.iter().flatten() {
+                *freq_off.entry(*t).or_default() += 1;
+            }
+            for t in b.iter().flatten() {
+                *freq_on.entry(*t).or_default() += 1;
+            }
+        }
+        assert_eq!(freq_off, freq_on);
+        assert_pool_drained(&off).await;
+        assert_pool_drained(&on).await;
+    });
+
+    // A pool too small for the batch: sequences are preempted (drafts and all) and
+    // recomputed, and the outputs still equal those without speculation.
+    run(async {
+        let mut small = test_config();
+        small.cache.num_blocks = 14;
+        let off = start(&test_config());
+        let on = start(&speculating(small));
+        let greedy = greedy(64);
+        let reference = solo(&off, &greedy).await;
+        same(
+            "greedy, small pool",
+            &reference,
+            &batched(&on, &greedy).await,
+        );
+        let stats = on.scheduler_stats().await.expect("stats");
+        assert!(stats.num_preemptions > 0, "no preemption: {stats:?}");
+        assert!(stats.spec.accepted_tokens > 0, "{stats:?}");
+        assert_pool_drained(&on).await;
+    });
+}
