@@ -700,6 +700,8 @@ const REQUIRED: &[&str] = &[
     "vllm:prefix_cache_queries_total",
     "pagoda_nats_errors_total",
     "vllm:request_success_total",
+    "vllm:spec_decode_num_accepted_tokens_total",
+    "vllm:spec_decode_num_draft_tokens_total",
 ];
 
 #[test]
