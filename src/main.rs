@@ -165,6 +165,10 @@ struct BenchArgs {
     /// and concurrency level).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sampling temperature of every request (0: greedy). Above 0, request i is seeded
+    /// with --seed + i, so runs compare the same samples.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     /// Write the reports (baselines included) as JSON to this file.
     #[arg(long, value_name = "FILE.json")]
     save_result: Option<PathBuf>,
@@ -553,14 +557,15 @@ fn bench(mut config: Config, mut args: BenchArgs) -> anyhow::Result<()> {
                 prefix_len,
                 ..
             } => eprintln!(
-                "random prompts: input {input_len} tokens (shared prefix {prefix_len}), output {} tokens, greedy, ignore_eos {}, request rate {rate}",
-                args.output_len, args.ignore_eos
+                "random prompts: input {input_len} tokens (shared prefix {prefix_len}), output {} tokens, temperature {}, ignore_eos {}, request rate {rate}",
+                args.output_len, args.temperature, args.ignore_eos
             ),
             Dataset::File { path, entries } => eprintln!(
-                "dataset {} ({} prompts), output {} tokens unless a line says, greedy, ignore_eos {}, request rate {rate}",
+                "dataset {} ({} prompts), output {} tokens unless a line says, temperature {}, ignore_eos {}, request rate {rate}",
                 path.display(),
                 entries.len(),
                 args.output_len,
+                args.temperature,
                 args.ignore_eos
             ),
         }
@@ -580,6 +585,7 @@ fn bench(mut config: Config, mut args: BenchArgs) -> anyhow::Result<()> {
                 ignore_eos: args.ignore_eos,
                 cache_prompt: args.prefix_caching,
                 seed: args.seed,
+                temperature: args.temperature,
                 progress: !args.no_progress,
                 guided_json: guided_json.clone(),
             };

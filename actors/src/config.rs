@@ -49,7 +49,7 @@ impl Default for SpeculativeConfig {
             num_speculative_tokens: 4,
             prompt_lookup_min: 2,
             prompt_lookup_max: 4,
-            max_num_seqs: 4,
+            max_num_seqs: 2,
             draft_model: String::new(),
         }
     }

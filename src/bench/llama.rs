@@ -213,13 +213,14 @@ pub fn completion_body(
     n_predict: usize,
     ignore_eos: bool,
     cache_prompt: bool,
+    temperature: f32,
 ) -> Value {
     serde_json::json!({
         "prompt": prompt,
         "n_predict": n_predict,
         "stream": true,
         "ignore_eos": ignore_eos,
-        "temperature": 0.0,
+        "temperature": temperature,
         "cache_prompt": cache_prompt,
         "n_probs": 0,
     })
@@ -534,7 +535,7 @@ mod tests {
 
     #[test]
     fn request_body_fields() {
-        let b = completion_body(serde_json::json!([1, 2]), 8, true, false);
+        let b = completion_body(serde_json::json!([1, 2]), 8, true, false, 0.0);
         assert_eq!(b["prompt"], serde_json::json!([1, 2]));
         assert_eq!(b["n_predict"], 8);
         assert_eq!(b["stream"], true);

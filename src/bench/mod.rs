@@ -67,6 +67,8 @@ pub struct BenchSpec {
     /// cache is a setting of the engine, not of the request.
     pub cache_prompt: bool,
     pub seed: u64,
+    /// Sampling temperature (0: greedy); above 0 request i is seeded with `seed + i`.
+    pub temperature: f32,
     /// Draw a progress bar on stderr (only ever when stderr is a terminal).
     pub progress: bool,
     /// Every pagoda request under this JSON schema (`guided_json`).
@@ -302,7 +304,8 @@ impl Recorder {
 
 async fn one(target: Target, id: usize, req: BenchRequest, spec: Arc<BenchSpec>) -> RequestTrace {
     let params = SamplingParams {
-        temperature: 0.0,
+        temperature: spec.temperature,
+        seed: (spec.temperature > 0.0).then(|| spec.seed.wrapping_add(id as u64)),
         max_tokens: req.output_len as u32,
         ignore_eos: spec.ignore_eos,
         guided_json: spec.guided_json.clone(),
@@ -372,8 +375,13 @@ async fn one(target: Target, id: usize, req: BenchRequest, spec: Arc<BenchSpec>)
                 PromptInput::TokenIds(ids) => serde_json::json!(ids),
                 PromptInput::Text(text) => serde_json::json!(text),
             };
-            let body =
-                llama::completion_body(prompt, req.output_len, spec.ignore_eos, spec.cache_prompt);
+            let body = llama::completion_body(
+                prompt,
+                req.output_len,
+                spec.ignore_eos,
+                spec.cache_prompt,
+                spec.temperature,
+            );
             match server.completion(&body, |n| rec.tokens(n)).await {
                 Ok(prompt_tokens) => {
                     rec.prompt_tokens(prompt_tokens.unwrap_or(0));
@@ -641,6 +649,7 @@ mod tests {
             ignore_eos: true,
             cache_prompt: false,
             seed: 0,
+            temperature: 0.0,
             progress: false,
             guided_json: None,
         }
