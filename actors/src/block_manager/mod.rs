@@ -307,6 +307,26 @@ impl BlockManager {
         Ok(copies)
     }
 
+    /// Gives back the blocks of `seq`'s table beyond the first `num_tokens` positions (they
+    /// held only draft tokens that were not kept); returns how many.
+    pub fn trim(&mut self, seq: SeqId, num_tokens: usize) -> usize {
+        let keep = self.config.blocks_for(num_tokens);
+        let Some(s) = self.seqs.get_mut(&seq) else {
+            return 0;
+        };
+        if s.table.len() <= keep {
+            return 0;
+        }
+        let gone: Vec<BlockId> = s.table.drain(keep..).collect();
+        s.num_reported = s.num_reported.min(keep);
+        for &b in gone.iter().rev() {
+            if b != RELEASED_BLOCK {
+                self.pool.release(b);
+            }
+        }
+        gone.len()
+    }
+
     /// Starts `req.child` as a copy of `req.parent`: its table shares the parent's blocks
     /// that hold the first `req.num_tokens` positions (see [`ForkRequest`]).
     pub fn fork(&mut self, req: &ForkRequest) -> Result<(), BlockError> {
@@ -409,7 +429,8 @@ impl BlockManager {
     ///    a parent that finished in the step that completed its prompt still has them).
     /// 3. `free`: hashes are registered, then the blocks are released. Unknown sequences
     ///    are ignored, so a free may safely be sent twice.
-    /// 4. The `computed_hashes` of every grow entry are registered.
+    /// 4. The `computed_hashes` of every grow entry are registered, and blocks a table holds
+    ///    beyond the entry's `num_tokens` are given back (`Grown.trimmed`).
     /// 5. `grow`, front to back: each entry gets the blocks it needs, including private
     ///    copies of the shared blocks it writes (copy on write, see
     ///    [`Self::prepare_write`]). When the pool cannot serve an entry, the entry at the
@@ -433,8 +454,14 @@ impl BlockManager {
                 self.free(f.seq_id);
             }
         }
+        let mut trimmed: HashMap<SeqId, usize> = HashMap::new();
         for g in &req.grow {
             self.cache_blocks(g.seq_id, &g.computed_hashes)?;
+            // Before any growth, so that rejected drafts' blocks make room.
+            let n = self.trim(g.seq_id, g.num_tokens);
+            if n > 0 {
+                trimmed.insert(g.seq_id, n);
+            }
             // Before any growth, so the window's old blocks make room.
             if self.config.sliding_window.is_some() && g.keep_from > 0 {
                 self.release_before(g.seq_id, g.keep_from);
@@ -463,6 +490,7 @@ impl BlockManager {
                             new_blocks,
                             released,
                             copied,
+                            trimmed: trimmed.get(&g.seq_id).copied().unwrap_or(0),
                         });
                         i += 1;
                         break;

@@ -213,8 +213,9 @@ pub struct FreeRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrowRequest {
     pub seq_id: SeqId,
-    /// Tokens the table must hold after this step (computed + scheduled now). Tables never
-    /// shrink; a value at or below the current capacity allocates nothing.
+    /// Tokens the table must hold after this step (computed + scheduled now). Blocks the
+    /// table holds beyond them (the slots of draft tokens that were not kept) are given
+    /// back; a value at or below the current capacity allocates nothing.
     pub num_tokens: usize,
     /// Hashes of the blocks (in table order, continuing where the last report stopped) that
     /// became completely filled with computed tokens since the last report.
@@ -308,6 +309,10 @@ pub struct Grown {
     /// Shared blocks this step writes, replaced by copies (see [`GrowRequest::write_from`]).
     #[serde(default)]
     pub copied: Vec<BlockCopy>,
+    /// Trailing table entries given back before growing (they held only rejected
+    /// speculative tokens): the table is that much shorter before `new_blocks` are added.
+    #[serde(default)]
+    pub trimmed: usize,
 }
 
 /// A waiting sequence that now has a block table.

@@ -366,6 +366,7 @@ mod tests {
                     src: 4,
                     dst: 9,
                 }],
+                trimmed: 1,
             }],
             preempted: vec![4],
             admitted: vec![Admitted {

@@ -530,13 +530,13 @@ impl SchedulerPolicy {
         let mut new_blocks: HashMap<SeqId, _> = resp
             .grown
             .into_iter()
-            .map(|g| (g.seq_id, (g.new_blocks, g.released, g.copied)))
+            .map(|g| (g.seq_id, (g.new_blocks, g.released, g.copied, g.trimmed)))
             .collect();
         let mut scheduled = Vec::new();
         let mut exec = Vec::new();
         let mut block_copies = Vec::new();
         for pg in &plan.grow {
-            let Some((blocks, released, copied)) = new_blocks.remove(&pg.seq_id) else {
+            let Some((blocks, released, copied, trimmed)) = new_blocks.remove(&pg.seq_id) else {
                 continue;
             };
             // A sequence missing here finished or was aborted meanwhile; its free is
@@ -544,6 +544,8 @@ impl SchedulerPolicy {
             let Some(s) = self.seqs.get_mut(&pg.seq_id) else {
                 continue;
             };
+            let len = s.block_table.len().saturating_sub(trimmed);
+            s.block_table.truncate(len);
             for c in copied {
                 if let Some(entry) = s.block_table.get_mut(c.index) {
                     *entry = c.dst;

@@ -956,6 +956,34 @@ fn drafts_are_proposed_verified_and_kept_up_to_the_first_miss() {
 }
 
 #[test]
+fn blocks_of_rejected_drafts_go_back() {
+    let mut e = Engine::simple(8, 64, 32, 2);
+    e.sched = e.sched.with_speculation(Speculation {
+        proposer: std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 }),
+        num_tokens: 3,
+        max_num_seqs: 4,
+    });
+    e.add(1, vec![1, 2, 3, 4, 5, 1, 2], 10);
+    e.step_with(|_| 3);
+    // Tokens 1 2 3 4 5 1 2 3: [2 3] → propose 4 5 1 at positions 8..10 (blocks of 2).
+    let (batch, _) = e.step_verifying(|_| (0, 9));
+    assert_eq!(batch.seqs[0].num_draft, 3);
+    assert_eq!(
+        e.bm.block_table(1).map(<[_]>::len),
+        Some(6),
+        "room for position 10"
+    );
+    let free = e.bm.num_free_blocks();
+    // All rejected: the next step writes position 8 only, and the block that held just
+    // position 10 goes back (the harness checks the scheduler's mirror of the table).
+    let (batch, _) = e.step_verifying(|_| (0, 8));
+    assert_eq!((batch.seqs[0].start_pos, batch.seqs[0].num_draft), (8, 0));
+    assert_eq!(e.bm.block_table(1).map(<[_]>::len), Some(5));
+    assert_eq!(e.bm.num_free_blocks(), free + 1);
+    e.drain_frees();
+}
+
+#[test]
 fn an_eos_among_kept_drafts_ends_the_sequence_there() {
     let mut e = speculating(4);
     e.add(1, vec![5, 0, 8, 2], 10);
