@@ -447,16 +447,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
         .map(|mut c| c.take(&id, Instant::now()))
         .unwrap_or(false);
     if cancelled_early {
-        shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
-        let reply = replies.aborted_before_start();
-        if let Err(e) = out.send(req, &reply).await {
-            shared
-                .stats
-                .publish_failures
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%id, error = %e, "answering a request cancelled before it started");
-        }
-        return Outcome::Done;
+        return abort_before_start(shared, &out, req, &mut replies, &id).await;
     }
 
     tracing::debug!(%id, stream = accepted.stream, attempt, "request accepted");
@@ -473,16 +464,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
                 Some((_, StreamEvent::Error(e))) if e.code == ErrorCode::Overloaded => {
                     if taken_cancel(shared, &id) {
                         // Refused, then cancelled: it never started.
-                        shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
-                        let reply = replies.aborted_before_start();
-                        if let Err(e) = out.send(req, &reply).await {
-                            shared
-                                .stats
-                                .publish_failures
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(%id, error = %e, "answering a job cancelled before it started");
-                        }
-                        return Outcome::Done;
+                        return abort_before_start(shared, &out, req, &mut replies, &id).await;
                     }
                     if !hold.wait(shared).await {
                         return Outcome::Busy;
@@ -595,6 +577,26 @@ pub(crate) async fn process(shared: &Arc<Shared>, inc: Incoming<'_>) -> Outcome 
             };
         }
     }
+}
+
+/// Answers a request cancelled before it started with its final `abort` chunk.
+async fn abort_before_start(
+    shared: &Shared,
+    out: &Replier,
+    req: Option<&service::Request>,
+    replies: &mut ReplyStream,
+    id: &str,
+) -> Outcome {
+    shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+    let reply = replies.aborted_before_start();
+    if let Err(e) = out.send(req, &reply).await {
+        shared
+            .stats
+            .publish_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%id, error = %e, "answering a request cancelled before it started");
+    }
+    Outcome::Done
 }
 
 /// The event held back by the durable admission loop, then the channel's.

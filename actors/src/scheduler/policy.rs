@@ -698,7 +698,7 @@ impl SchedulerPolicy {
             // Its prompt is computed: the completions waiting for it start now, before its
             // own token can end it.
             let forks = std::mem::take(&mut s.forks);
-            let (prompt_len, table) = (s.prompt_len, s.block_table.clone());
+            let fork_from = (!forks.is_empty()).then(|| (s.prompt_len, s.block_table.clone()));
             // The kept drafts, then the sampled token; each may end the sequence.
             let new_tokens = sampled.accepted[..kept]
                 .iter()
@@ -733,7 +733,7 @@ impl SchedulerPolicy {
                     break;
                 }
             }
-            if !forks.is_empty() {
+            if let Some((prompt_len, table)) = fork_from {
                 self.start_forks(e.seq_id, prompt_len, &table, forks);
             }
             if finish_reason.is_some() {
