@@ -278,6 +278,8 @@ fn prometheus_scrapes_vllm_metrics_from_pagoda_serve() {
         Command::new(env!("CARGO_BIN_EXE_pagoda"))
             .current_dir(common::repo_root())
             .env("RUST_LOG", "info")
+            // One request at a time: speculation runs, and the token counts must not care.
+            .env("PAGODA_SPECULATIVE__METHOD", "ngram")
             .args(["serve", "--model"])
             .arg(common::model_path())
             .args(["--nats-url", &nats.url()])
@@ -424,6 +426,29 @@ fn prometheus_scrapes_vllm_metrics_from_pagoda_serve() {
         running.iter().all(|s| s.value == 0.0),
         "vllm:num_requests_running is not 0 with no request in flight: {:?}",
         running.iter().map(|s| s.value).collect::<Vec<_>>()
+    );
+
+    // Speculative decoding's counters: drafts were proposed, at most all of them kept.
+    let draft =
+        for_pagoda(query(prom_port, "vllm:spec_decode_num_draft_tokens_total").expect("query"));
+    let accepted =
+        for_pagoda(query(prom_port, "vllm:spec_decode_num_accepted_tokens_total").expect("query"));
+    let (draft, accepted) = (
+        draft.iter().map(|s| s.value).sum::<f64>(),
+        accepted.iter().map(|s| s.value).sum::<f64>(),
+    );
+    assert!(
+        draft > 0.0 && (0.0..=draft).contains(&accepted),
+        "spec decode counters: {draft} draft tokens, {accepted} accepted"
+    );
+    eprintln!("Prometheus: {draft} draft tokens, {accepted} accepted");
+    let rate =
+        for_pagoda(query(prom_port, "vllm:spec_decode_draft_acceptance_rate").expect("query"));
+    assert!(
+        rate.iter()
+            .any(|s| (s.value - accepted / draft).abs() < 1e-9),
+        "vllm:spec_decode_draft_acceptance_rate is not {accepted} / {draft}: {:?}",
+        rate.iter().map(|s| s.value).collect::<Vec<_>>()
     );
 
     // The target is up and nothing went wrong on the way.

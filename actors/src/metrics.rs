@@ -49,6 +49,7 @@ pub const KV_FREE_BLOCKS: &str = "pagoda_kv_free_blocks";
 pub const SPEC_DECODE_NUM_DRAFTS: &str = "vllm:spec_decode_num_drafts_total";
 pub const SPEC_DECODE_NUM_DRAFT_TOKENS: &str = "vllm:spec_decode_num_draft_tokens_total";
 pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted_tokens_total";
+pub const SPEC_DECODE_ACCEPTANCE_RATE: &str = "vllm:spec_decode_draft_acceptance_rate";
 
 /// vLLM's time-to-first-token buckets (seconds).
 pub const TTFT_BUCKETS: &[f64] = &[
@@ -145,6 +146,10 @@ pub fn describe() {
     describe_counter!(
         SPEC_DECODE_NUM_ACCEPTED_TOKENS,
         "Speculative decoding: draft tokens accepted (the acceptance rate is accepted / proposed)."
+    );
+    describe_gauge!(
+        SPEC_DECODE_ACCEPTANCE_RATE,
+        "Speculative decoding: draft tokens accepted / proposed since start."
     );
     describe_histogram!(
         GUIDE_MASK_DURATION,
@@ -255,6 +260,7 @@ pub struct SchedulerMetrics {
     spec_drafts: Counter,
     spec_draft_tokens: Counter,
     spec_accepted_tokens: Counter,
+    spec_acceptance: Gauge,
     iteration_tokens: Histogram,
     batch_size: Histogram,
     step_duration: Histogram,
@@ -274,6 +280,7 @@ impl SchedulerMetrics {
             spec_drafts: counter!(SPEC_DECODE_NUM_DRAFTS, &l()),
             spec_draft_tokens: counter!(SPEC_DECODE_NUM_DRAFT_TOKENS, &l()),
             spec_accepted_tokens: counter!(SPEC_DECODE_NUM_ACCEPTED_TOKENS, &l()),
+            spec_acceptance: gauge!(SPEC_DECODE_ACCEPTANCE_RATE, &l()),
             iteration_tokens: histogram!(ITERATION_TOKENS, &l()),
             batch_size: histogram!(BATCH_SIZE, &l()),
             step_duration: histogram!(STEP_DURATION, &l()),
@@ -293,6 +300,10 @@ impl SchedulerMetrics {
         self.spec_draft_tokens.absolute(stats.spec.draft_tokens);
         self.spec_accepted_tokens
             .absolute(stats.spec.accepted_tokens);
+        if stats.spec.draft_tokens > 0 {
+            self.spec_acceptance
+                .set(stats.spec.accepted_tokens as f64 / stats.spec.draft_tokens as f64);
+        }
     }
 
     /// One step that ran a batch.
