@@ -427,49 +427,19 @@ impl Generation {
         &self.id
     }
 
-    /// Reads the stream to its end and joins the chunks.
+    /// Reads the stream to its end and joins the chunks (of a request with `n` = 1; see
+    /// [`Self::collect_all`]).
     pub async fn collect_text(mut self) -> Result<Completion, ClientError> {
-        let mut text = String::new();
-        let mut token_ids = Vec::new();
-        let mut logprobs: Option<Vec<TokenLogprobs>> = None;
-        let mut prompt_logprobs = None;
-        let mut num_chunks = 0;
-        let mut attempt = 0;
+        let mut answer: Option<Completion> = None;
         while let Some(chunk) = self.next().await {
             let chunk = chunk?;
-            if chunk.attempt != attempt {
-                // A redelivered job starts over: forget the earlier attempt's output.
-                attempt = chunk.attempt;
-                text.clear();
-                token_ids.clear();
-                logprobs = None;
-                prompt_logprobs = None;
-                num_chunks = 0;
-            }
-            num_chunks += 1;
-            text.push_str(&chunk.text);
-            token_ids.extend_from_slice(&chunk.token_ids);
-            if let Some(lps) = chunk.logprobs {
-                logprobs.get_or_insert_with(Vec::new).extend(lps);
-            }
-            if chunk.prompt_logprobs.is_some() {
-                prompt_logprobs = chunk.prompt_logprobs;
-            }
-            if let Some(finish_reason) = chunk.finish_reason {
-                return Ok(Completion {
-                    id: chunk.id,
-                    text,
-                    token_ids,
-                    finish_reason,
-                    usage: chunk.usage.unwrap_or_default(),
-                    timings: chunk.timings.unwrap_or_default(),
-                    num_chunks,
-                    attempt,
-                    logprobs,
-                    prompt_logprobs,
-                    cumulative_logprob: chunk.cumulative_logprob,
-                    index: chunk.index.unwrap_or(0),
-                });
+            let c = match &mut answer {
+                Some(c) if c.attempt == chunk.attempt => c,
+                // The first chunk, or a redelivered job starting over.
+                _ => answer.insert(Completion::empty(&chunk)),
+            };
+            if c.absorb(chunk) {
+                return answer.ok_or(ClientError::Closed);
             }
         }
         Err(ClientError::Closed)
@@ -505,34 +475,10 @@ impl Generation {
                 out.clear();
             }
             let index = chunk.index.unwrap_or(0);
-            let c = parts.entry(index).or_insert_with(|| Completion {
-                id: chunk.id.clone(),
-                text: String::new(),
-                token_ids: Vec::new(),
-                finish_reason: FinishReason::Abort,
-                usage: Usage::default(),
-                timings: Timings::default(),
-                num_chunks: 0,
-                attempt,
-                logprobs: None,
-                prompt_logprobs: None,
-                cumulative_logprob: None,
-                index,
-            });
-            c.num_chunks += 1;
-            c.text.push_str(&chunk.text);
-            c.token_ids.extend_from_slice(&chunk.token_ids);
-            if let Some(lps) = chunk.logprobs {
-                c.logprobs.get_or_insert_with(Vec::new).extend(lps);
-            }
-            if chunk.prompt_logprobs.is_some() {
-                c.prompt_logprobs = chunk.prompt_logprobs;
-            }
-            if let Some(finish_reason) = chunk.finish_reason {
-                c.finish_reason = finish_reason;
-                c.usage = chunk.usage.unwrap_or_default();
-                c.timings = chunk.timings.unwrap_or_default();
-                c.cumulative_logprob = chunk.cumulative_logprob;
+            let c = parts
+                .entry(index)
+                .or_insert_with(|| Completion::empty(&chunk));
+            if c.absorb(chunk) {
                 if let Some(done) = parts.remove(&index) {
                     out.insert(index, Ok(done));
                 }
@@ -542,6 +488,48 @@ impl Generation {
             return Err(ClientError::Closed);
         }
         Ok(out.into_values().collect())
+    }
+}
+
+impl Completion {
+    /// Nothing gathered yet, for the completion and attempt of `chunk`.
+    fn empty(chunk: &Chunk) -> Self {
+        Completion {
+            id: chunk.id.clone(),
+            text: String::new(),
+            token_ids: Vec::new(),
+            finish_reason: FinishReason::Abort,
+            usage: Usage::default(),
+            timings: Timings::default(),
+            num_chunks: 0,
+            attempt: chunk.attempt,
+            logprobs: None,
+            prompt_logprobs: None,
+            cumulative_logprob: None,
+            index: chunk.index.unwrap_or(0),
+        }
+    }
+
+    /// Adds one of its chunks; true when it was the final one.
+    fn absorb(&mut self, chunk: Chunk) -> bool {
+        self.num_chunks += 1;
+        self.text.push_str(&chunk.text);
+        self.token_ids.extend_from_slice(&chunk.token_ids);
+        if let Some(lps) = chunk.logprobs {
+            self.logprobs.get_or_insert_with(Vec::new).extend(lps);
+        }
+        if chunk.prompt_logprobs.is_some() {
+            self.prompt_logprobs = chunk.prompt_logprobs;
+        }
+        let Some(finish_reason) = chunk.finish_reason else {
+            return false;
+        };
+        self.id = chunk.id;
+        self.finish_reason = finish_reason;
+        self.usage = chunk.usage.unwrap_or_default();
+        self.timings = chunk.timings.unwrap_or_default();
+        self.cumulative_logprob = chunk.cumulative_logprob;
+        true
     }
 }
 

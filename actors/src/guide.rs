@@ -190,6 +190,11 @@ impl GuideFactory {
 }
 
 /// The guided-decoding fields a request sets.
+/// Whether the request asks for structured output (any guided-decoding field).
+pub fn is_guided(p: &SamplingParams) -> bool {
+    !requested_fields(p).is_empty()
+}
+
 fn requested_fields(p: &SamplingParams) -> Vec<&'static str> {
     let mut set: Vec<&'static str> = Vec::new();
     if p.guided_choice.is_some() {

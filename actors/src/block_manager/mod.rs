@@ -330,22 +330,8 @@ impl BlockManager {
     /// Starts `req.child` as a copy of `req.parent`: its table shares the parent's blocks
     /// that hold the first `req.num_tokens` positions (see [`ForkRequest`]).
     pub fn fork(&mut self, req: &ForkRequest) -> Result<(), BlockError> {
-        if self.seqs.contains_key(&req.child) {
-            return Err(BlockError::DuplicateSequence(req.child));
-        }
-        let parent = self
-            .seqs
-            .get(&req.parent)
-            .ok_or(BlockError::UnknownSequence(req.parent))?;
+        let parent = self.check_fork(req)?;
         let upto = self.config.blocks_for(req.num_tokens);
-        if upto > parent.table.len() {
-            return Err(BlockError::InvalidRequest(format!(
-                "fork of sequence {} for {} tokens: its table holds {} blocks",
-                req.parent,
-                req.num_tokens,
-                parent.table.len()
-            )));
-        }
         let table = parent.table[..upto].to_vec();
         let released = parent.released.min(upto);
         for &b in &table {
@@ -533,21 +519,33 @@ impl BlockManager {
         })
     }
 
+    /// A fork's parent, when the fork can be made: the parent is known, the child is not,
+    /// and the parent's table holds the forked positions.
+    fn check_fork(&self, req: &ForkRequest) -> Result<&SeqBlocks, BlockError> {
+        if self.seqs.contains_key(&req.child) {
+            return Err(BlockError::DuplicateSequence(req.child));
+        }
+        let parent = self
+            .seqs
+            .get(&req.parent)
+            .ok_or(BlockError::UnknownSequence(req.parent))?;
+        if self.config.blocks_for(req.num_tokens) > parent.table.len() {
+            return Err(BlockError::InvalidRequest(format!(
+                "fork of sequence {} for {} tokens: its table holds {} blocks",
+                req.parent,
+                req.num_tokens,
+                parent.table.len()
+            )));
+        }
+        Ok(parent)
+    }
+
     fn validate(&self, req: &StepRequest) -> Result<(), BlockError> {
         let mut forked = HashSet::with_capacity(req.fork.len());
         for f in &req.fork {
-            if !self.seqs.contains_key(&f.parent) {
-                return Err(BlockError::UnknownSequence(f.parent));
-            }
-            if self.seqs.contains_key(&f.child) || !forked.insert(f.child) {
+            self.check_fork(f)?;
+            if !forked.insert(f.child) {
                 return Err(BlockError::DuplicateSequence(f.child));
-            }
-            let parent_blocks = self.seqs.get(&f.parent).map_or(0, |s| s.table.len());
-            if self.config.blocks_for(f.num_tokens) > parent_blocks {
-                return Err(BlockError::InvalidRequest(format!(
-                    "fork of sequence {} for {} tokens: its table holds {parent_blocks} blocks",
-                    f.parent, f.num_tokens
-                )));
             }
         }
         let freed: HashSet<SeqId> = req.free.iter().map(|f| f.seq_id).collect();

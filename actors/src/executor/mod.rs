@@ -395,9 +395,8 @@ impl Executor {
         let mut logits = logits?;
         let vocab = self.device.spec().vocab_size;
         let mut suppress: Vec<TokenId> = Vec::new();
-        // Speculating sequences: drafts kept so far, and those whose verification ended.
+        // Speculating sequences: the drafts kept so far.
         let mut kept: HashMap<SeqId, Vec<TokenId>> = HashMap::new();
-        let mut verified: Vec<SeqId> = Vec::new();
         for (row, row_use) in logits.chunks_exact_mut(vocab).zip(uses) {
             let (seq_id, draft) = match row_use {
                 RowUse::Prompt { seq_id, .. } => (seq_id, None),
@@ -407,7 +406,9 @@ impl Executor {
             if out.failed.iter().chain(failed).any(|f| f.seq_id == seq_id) {
                 continue;
             }
-            if verified.contains(&seq_id) {
+            // A sequence's rows are consecutive: once its token is out, the rest of its rows
+            // checked drafts after a rejected one.
+            if out.sampled.last().is_some_and(|t| t.seq_id == seq_id) {
                 continue;
             }
             let st = self.seqs.get_mut(&seq_id).ok_or_else(|| {
@@ -462,9 +463,6 @@ impl Executor {
                     kept.entry(seq_id).or_default().push(token_id);
                 }
                 Ok(token_id) => {
-                    if draft.is_some() || kept.contains_key(&seq_id) {
-                        verified.push(seq_id);
-                    }
                     if let Some(guide) = st.guide.as_mut() {
                         if let Err(e) = guide.advance(token_id) {
                             out.failed.push(guide_failure(seq_id, &e));

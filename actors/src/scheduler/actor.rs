@@ -321,20 +321,16 @@ impl Handler<AddSequence> for SchedulerActor {
             }
             .to_error_body());
         }
+        let seq_ids: Vec<SeqId> = std::iter::once(msg.seq_id)
+            .chain(msg.forks.iter().copied())
+            .collect();
+        self.policy
+            .add_forked(msg.seq_id, msg.prompt, msg.params, msg.forks)
+            .map_err(|e| e.to_error_body())?;
         let now = now_us();
-        for &id in &msg.forks {
+        for id in seq_ids {
             self.queued_at.insert(id, now);
         }
-        let added = self
-            .policy
-            .add_forked(msg.seq_id, msg.prompt, msg.params, msg.forks.clone());
-        if let Err(e) = added {
-            for id in &msg.forks {
-                self.queued_at.remove(id);
-            }
-            return Err(e.to_error_body());
-        }
-        self.queued_at.insert(msg.seq_id, now);
         self.kick(ctx);
         self.record_stats();
         Ok(())

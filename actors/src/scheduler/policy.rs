@@ -14,6 +14,7 @@ use crate::messages::{
 };
 
 use super::speculation::Speculation;
+use crate::guide::is_guided;
 
 /// Limits of the scheduling policy. (The engine builds this from `config::SchedulerConfig`
 /// plus the resolved context length; the names differ so the two are never confused.)
@@ -395,7 +396,8 @@ impl SchedulerPolicy {
             let mut n = remaining.min(budget);
             s.draft.clear();
             if let (Some(sp), 1, 1) = (speculation, remaining, n) {
-                if s.params.speculate && s.params.logprobs.is_none() && !has_guide(&s.params) {
+                // Not for structured output: its masks follow the sampled tokens one by one.
+                if s.params.speculate && s.params.logprobs.is_none() && !is_guided(&s.params) {
                     // Room: the budget, and drafts plus the token after them must fit in
                     // max_tokens and max_model_len.
                     let room = sp
@@ -953,16 +955,6 @@ fn check_finish(
         return Some(FinishReason::Length);
     }
     None
-}
-
-/// Whether the request asks for structured output (no speculation for it: its masks
-/// follow the sampled tokens one by one).
-fn has_guide(p: &SamplingParams) -> bool {
-    p.guided_choice.is_some()
-        || p.guided_regex.is_some()
-        || p.guided_json.is_some()
-        || p.guided_grammar.is_some()
-        || p.response_format.is_some()
 }
 
 fn scheduled_seq(seq_id: SeqId, s: &Sequence, num_tokens: usize, new: bool) -> ScheduledSeq {
