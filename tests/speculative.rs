@@ -1,7 +1,9 @@
-//! Speculative decoding (n-gram prompt lookup) against the same engine without it, on the
-//! default model: greedy outputs token-identical alone, batched, under preemption and with
-//! stop strings; seeded sampling identical too (so the token frequencies over many samples
-//! are the same); and the drafts really were proposed and accepted.
+//! Speculative decoding, with both proposers (n-gram prompt lookup, and a draft model —
+//! here the default model itself), against the same engine without it, on the default
+//! model: greedy outputs token-identical alone, batched, under preemption and with stop
+//! strings; seeded sampling identical too (so the token frequencies over many samples are
+//! the same); the drafts really were proposed and accepted — every one of them, greedy,
+//! when the draft model is the target; and a draft model that cannot serve is refused.
 
 mod common;
 
@@ -25,8 +27,11 @@ const PROMPTS: [&str; 8] = [
     "def fibonacci(n):",
 ];
 
-fn speculating(mut cfg: EngineConfig) -> EngineConfig {
-    cfg.speculative.method = SpecMethod::Ngram;
+fn speculating(mut cfg: EngineConfig, method: SpecMethod) -> EngineConfig {
+    cfg.speculative.method = method;
+    if method == SpecMethod::Draft {
+        cfg.speculative.draft_model = cfg.model.path.clone();
+    }
     cfg.speculative.num_speculative_tokens = 4;
     // Speculate at every batch size here: the point is exactness, not speed.
     cfg.speculative.max_num_seqs = 64;
@@ -74,9 +79,18 @@ fn same(what: &str, expected: &[Vec<TokenId>], got: &[Vec<TokenId>]) {
 
 #[test]
 fn ngram_speculation_changes_nothing_but_the_number_of_steps() {
+    changes_nothing_but_the_number_of_steps(SpecMethod::Ngram);
+}
+
+#[test]
+fn draft_model_speculation_changes_nothing_but_the_number_of_steps() {
+    changes_nothing_but_the_number_of_steps(SpecMethod::Draft);
+}
+
+fn changes_nothing_but_the_number_of_steps(method: SpecMethod) {
     run(async {
         let off = start(&test_config());
-        let on = start(&speculating(test_config()));
+        let on = start(&speculating(test_config(), method));
         let greedy = greedy(48);
 
         let reference = solo(&off, &greedy).await;
@@ -87,6 +101,13 @@ fn ngram_speculation_changes_nothing_but_the_number_of_steps() {
             spec.accepted_tokens > 20,
             "hardly any draft was accepted on copy-heavy prompts: {spec:?}"
         );
+        if method == SpecMethod::Draft {
+            // The draft is the target: its greedy proposals are the target's greedy tokens.
+            assert_eq!(
+                spec.accepted_tokens, spec.draft_tokens,
+                "a draft model equal to the target accepts every greedy proposal: {spec:?}"
+            );
+        }
         eprintln!(
             "greedy: {} verification runs, {} draft tokens, {} accepted ({:.0} %)",
             spec.drafts,
@@ -148,7 +169,7 @@ fn ngram_speculation_changes_nothing_but_the_number_of_steps() {
         let mut small = test_config();
         small.cache.num_blocks = 14;
         let off = start(&test_config());
-        let on = start(&speculating(small));
+        let on = start(&speculating(small, method));
         let greedy = greedy(64);
         let reference = solo(&off, &greedy).await;
         same(
@@ -160,5 +181,37 @@ fn ngram_speculation_changes_nothing_but_the_number_of_steps() {
         assert!(stats.num_preemptions > 0, "no preemption: {stats:?}");
         assert!(stats.spec.accepted_tokens > 0, "{stats:?}");
         assert_pool_drained(&on).await;
+    });
+}
+
+#[test]
+fn a_draft_model_that_cannot_serve_is_refused_with_a_reason() {
+    run(async {
+        let refused = |path: &str| {
+            let mut cfg = speculating(test_config(), SpecMethod::Draft);
+            cfg.speculative.draft_model = path.to_owned();
+            match Engine::start(&cfg) {
+                Ok(_) => panic!("a draft model at {path} was accepted"),
+                Err(e) => e.to_string(),
+            }
+        };
+        // Another tokenizer: the tiny Qwen2 fixture's.
+        let qwen = format!("{}/tests/fixtures/tiny-qwen2", env!("CARGO_MANIFEST_DIR"));
+        let e = refused(&qwen);
+        assert!(
+            e.contains("speculative.draft_model") && e.contains("tokenizer differs"),
+            "{e}"
+        );
+        let e = refused("/nonexistent/draft.gguf");
+        assert!(e.contains("/nonexistent/draft.gguf"), "{e}");
+        // No path at all.
+        let mut cfg = speculating(test_config(), SpecMethod::Draft);
+        cfg.speculative.draft_model.clear();
+        let e = Engine::start(&cfg).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("needs speculative.draft_model")),
+            "{e:?}"
+        );
     });
 }

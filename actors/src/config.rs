@@ -22,7 +22,7 @@ pub enum SpecMethod {
     Off,
     /// Prompt lookup: n-grams of the sequence found earlier in it.
     Ngram,
-    /// A smaller draft model with the target's tokenizer (not built yet: refused).
+    /// A smaller draft model with the target's tokenizer (`draft_model`).
     Draft,
 }
 
@@ -275,9 +275,9 @@ impl EngineConfig {
             return err("scheduler.max_num_batched_tokens must be >= scheduler.max_num_seqs");
         }
         let sp = &self.speculative;
-        if sp.method == SpecMethod::Draft {
+        if sp.method == SpecMethod::Draft && sp.draft_model.trim().is_empty() {
             return err(
-                "speculative.method = \"draft\" is not supported yet; use \"ngram\" or \"off\"",
+                "speculative.method = \"draft\" needs speculative.draft_model (a GGUF file or a Hugging Face directory with the target's tokenizer)",
             );
         }
         if sp.method != SpecMethod::Off {

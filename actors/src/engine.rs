@@ -18,10 +18,10 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::block_manager::{BlockManager, BlockManagerActor};
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, SpecMethod};
 use crate::detokenizer::DetokenizerActor;
 use crate::executor::backend::{Backend as _, Cpu};
-use crate::executor::models::{self, ModelSpec};
+use crate::executor::models::{self, CausalLm, ModelSpec};
 use crate::executor::weights::LoadError;
 use crate::executor::{num_kv_blocks, open_model, Executor, ExecutorActor};
 use crate::guide::Guides;
@@ -32,7 +32,7 @@ use crate::messages::{
     StreamEvent, Submit, TokenId, MAX_N,
 };
 use crate::metrics::{RequestMetrics, SchedulerMetrics, TokenCounters};
-use crate::scheduler::speculation::{NgramProposer, Speculation};
+use crate::scheduler::speculation::{Drafts, NgramProposer, Speculation};
 use crate::scheduler::{SchedulerActor, SchedulerLimits, SchedulerLinks, SchedulerPolicy};
 use crate::streams::{Generation, Streams};
 use crate::supervisor::Supervisor;
@@ -60,6 +60,8 @@ pub enum EngineError {
     Backend(#[from] crate::executor::backend::ForwardError),
     #[error("kernels: {0}")]
     Kernels(String),
+    #[error("speculative.draft_model {0}")]
+    Draft(String),
     #[error("engine: {0}")]
     Other(String),
 }
@@ -182,10 +184,20 @@ impl EngineCore {
         );
         let model = models::load(&backend, family, &mut src)?;
         drop(src);
+        let draft = match cfg.speculative.method {
+            SpecMethod::Draft => Some(load_draft(cfg, &files, &backend)?),
+            _ => None,
+        };
 
         let block_size = cfg.cache.block_size;
-        let num_blocks = num_kv_blocks(cfg, &files.model_cfg, kv_dtype);
-        let model_len = files.model_len(cfg);
+        let mut specs = vec![&files.model_cfg];
+        specs.extend(draft.as_ref().map(|d| d.spec()));
+        let num_blocks = num_kv_blocks(cfg, &specs, kv_dtype);
+        // The draft proposes at the target's positions: its context bounds the target's.
+        let model_len = match &draft {
+            Some(d) => files.model_len(cfg).min(d.spec().max_position_embeddings),
+            None => files.model_len(cfg),
+        };
         let bm_cfg =
             BlockManagerConfig::new(num_blocks, block_size, cfg.cache.enable_prefix_caching)
                 .with_sliding_window(files.model_cfg.sliding_window);
@@ -216,19 +228,34 @@ impl EngineCore {
             eos_ids.clone(),
         )?;
         let sp = &cfg.speculative;
-        if sp.method == crate::config::SpecMethod::Ngram {
-            tracing::info!(
-                num_speculative_tokens = sp.num_speculative_tokens,
-                prompt_lookup_min = sp.prompt_lookup_min,
-                prompt_lookup_max = sp.prompt_lookup_max,
-                max_num_seqs = sp.max_num_seqs,
-                "speculative decoding: n-gram prompt lookup"
-            );
-            policy = policy.with_speculation(Speculation {
-                proposer: Arc::new(NgramProposer {
+        let drafts = match sp.method {
+            SpecMethod::Off => None,
+            SpecMethod::Ngram => {
+                tracing::info!(
+                    num_speculative_tokens = sp.num_speculative_tokens,
+                    prompt_lookup_min = sp.prompt_lookup_min,
+                    prompt_lookup_max = sp.prompt_lookup_max,
+                    max_num_seqs = sp.max_num_seqs,
+                    "speculative decoding: n-gram prompt lookup"
+                );
+                Some(Drafts::Proposer(Arc::new(NgramProposer {
                     min_n: sp.prompt_lookup_min,
                     max_n: sp.prompt_lookup_max,
-                }),
+                })))
+            }
+            SpecMethod::Draft => {
+                tracing::info!(
+                    num_speculative_tokens = sp.num_speculative_tokens,
+                    max_num_seqs = sp.max_num_seqs,
+                    draft_model = %sp.draft_model,
+                    "speculative decoding: draft model"
+                );
+                Some(Drafts::DraftModel)
+            }
+        };
+        if let Some(drafts) = drafts {
+            policy = policy.with_speculation(Speculation {
+                drafts,
                 num_tokens: sp.num_speculative_tokens,
                 max_num_seqs: sp.max_num_seqs,
             });
@@ -249,8 +276,12 @@ impl EngineCore {
             cfg.cache.enable_prefix_caching,
             kv_dtype.name(),
         );
-        let executor = Executor::new(backend, model, num_blocks, block_size, kv_dtype, eos_ids)?
-            .with_guides(files.guides.clone());
+        let mut executor =
+            Executor::new(backend, model, num_blocks, block_size, kv_dtype, eos_ids)?
+                .with_guides(files.guides.clone());
+        if let Some(draft) = draft {
+            executor = executor.with_draft(backend, draft, kv_dtype)?;
+        }
         // The executor's thread: forward passes block it for milliseconds at a time.
         let exec_guard = supervisor.guard("executor");
         let executor = ExecutorActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
@@ -293,6 +324,45 @@ impl EngineCore {
         };
         Ok((core, files))
     }
+}
+
+/// Loads `[speculative] draft_model` for speculative decoding: any model pagoda loads,
+/// with the target's tokenizer (the same vocabulary, token for token) and no sliding
+/// window on either side (the draft catches up from position 0, which a window's freed
+/// blocks no longer hold).
+fn load_draft(
+    cfg: &EngineConfig,
+    target: &ModelFiles,
+    backend: &Cpu,
+) -> Result<Box<dyn CausalLm<Cpu>>, EngineError> {
+    let path = Path::new(&cfg.speculative.draft_model);
+    let refuse = |why: String| EngineError::Draft(format!("{}: {why}", path.display()));
+    let (mut src, family, spec) = open_model(path).map_err(|e| refuse(e.to_string()))?;
+    let tokenizer = if path.is_dir() {
+        tokenizer_from_hf_dir(path)
+    } else {
+        tokenizer_from_gguf_file(path)
+    }
+    .map_err(|e| refuse(e.to_string()))?;
+    if tokenizer.tokenizer.get_vocab(true) != target.tokenizer.tokenizer.get_vocab(true)
+        || spec.vocab_size != target.model_cfg.vocab_size
+    {
+        return Err(refuse(format!(
+            "its tokenizer differs from the target's ({} tokens, vocabulary {}; the target has {} and {})",
+            tokenizer.tokenizer.get_vocab_size(true),
+            spec.vocab_size,
+            target.tokenizer.tokenizer.get_vocab_size(true),
+            target.model_cfg.vocab_size
+        )));
+    }
+    if spec.sliding_window.is_some() || target.model_cfg.sliding_window.is_some() {
+        return Err(refuse(
+            "a draft model cannot be used with a sliding-window model".to_owned(),
+        ));
+    }
+    tracing::info!(family = family.name, "loading the draft model");
+    let model = models::load(backend, family, &mut src).map_err(|e| refuse(e.to_string()))?;
+    Ok(model)
 }
 
 /// What a frontend sends its sequences to: a core in this process, or a router to cores in

@@ -4,6 +4,7 @@
 //! never on the async reactor.
 
 pub mod backend;
+mod draft;
 pub mod linear;
 pub mod logprobs;
 pub mod models;
@@ -46,12 +47,16 @@ pub fn open_model(path: &Path) -> Result<(WeightSource, &'static Family, ModelSp
     Ok((src, family, spec))
 }
 
-/// How many KV blocks the configuration asks for, for this model.
-pub fn num_kv_blocks(cfg: &EngineConfig, model: &ModelSpec, dtype: KvCacheDtype) -> usize {
+/// How many KV blocks the configuration asks for, for these models (the target, and a
+/// draft model whose pool has as many blocks: a block's bytes are both models').
+pub fn num_kv_blocks(cfg: &EngineConfig, models: &[&ModelSpec], dtype: KvCacheDtype) -> usize {
     if cfg.cache.num_blocks > 0 {
         return cfg.cache.num_blocks;
     }
-    let per_block = backend::kv_bytes_per_block(model.kv, cfg.cache.block_size, dtype);
+    let per_block: usize = models
+        .iter()
+        .map(|m| backend::kv_bytes_per_block(m.kv, cfg.cache.block_size, dtype))
+        .sum();
     ((cfg.cache.kv_cache_bytes as usize) / per_block.max(1)).max(1)
 }
 
@@ -147,6 +152,9 @@ pub struct Executor {
     eos_ids: Vec<TokenId>,
     /// Compiles guided requests' grammars (or says why this model cannot have them).
     guides: Guides,
+    /// Speculative decoding with a draft model: fills the draft positions the scheduler
+    /// reserved.
+    draft: Option<draft::DraftModel>,
 }
 
 impl Executor {
@@ -177,7 +185,44 @@ impl Executor {
             seqs: HashMap::new(),
             eos_ids,
             guides: Guides::unavailable("no vocabulary was given to the executor"),
+            draft: None,
         })
+    }
+
+    /// Speculative decoding with a draft model (same tokenizer as the target): its KV pool
+    /// has the target's block count and block size and is addressed by the same block
+    /// tables (see [`draft`]).
+    pub fn with_draft<B: Backend>(
+        mut self,
+        backend: B,
+        model: Box<dyn CausalLm<B>>,
+        kv_dtype: KvCacheDtype,
+    ) -> Result<Self, ForwardError> {
+        let target = self.device.spec();
+        if model.spec().vocab_size != target.vocab_size {
+            return Err(ForwardError::Shape(format!(
+                "the draft model's vocabulary ({}) differs from the target's ({})",
+                model.spec().vocab_size,
+                target.vocab_size
+            )));
+        }
+        let num_blocks = self.device.num_blocks();
+        let layout = model.spec().kv;
+        let kv = backend.kv_pool(layout, num_blocks, self.block_size, kv_dtype)?;
+        tracing::info!(
+            architecture = %model.spec().architecture,
+            num_blocks,
+            kv_mib = (backend::kv_bytes_per_block(layout, self.block_size, kv_dtype)
+                * num_blocks) as f64
+                / (1024.0 * 1024.0),
+            "draft model's KV pool allocated"
+        );
+        self.draft = Some(draft::DraftModel {
+            device: Box::new(OnBackend { backend, model, kv }),
+            block_size: self.block_size,
+            tokens: draft::DraftTokens::default(),
+        });
+        Ok(self)
     }
 
     /// Enables structured output: `guides` compiles the requests' grammars (or says why
@@ -215,6 +260,9 @@ impl Executor {
         let RunBatch { batch, released } = msg;
         for id in &released {
             self.seqs.remove(id);
+            if let Some(d) = self.draft.as_mut() {
+                d.tokens.forget(*id);
+            }
         }
         if let Some(id) = fault::forward_error(batch.seqs.iter().map(|s| s.seq_id)) {
             return Err(format!(
@@ -231,6 +279,10 @@ impl Executor {
         let mut failed = Vec::new();
         for s in &batch.seqs {
             if let Some(new) = &s.new_seq {
+                if let Some(d) = self.draft.as_mut() {
+                    d.tokens
+                        .start(s.seq_id, &new.prompt_token_ids, &new.output_token_ids);
+                }
                 if !self.seqs.contains_key(&s.seq_id) {
                     match self.new_guide(new) {
                         Ok(guide) => {
@@ -267,6 +319,11 @@ impl Executor {
         }
         let mut out = self.run(&batch.seqs, &failed).map_err(|e| e.to_string())?;
         out.failed.extend(failed);
+        if let Some(d) = self.draft.as_mut() {
+            for t in &out.sampled {
+                d.tokens.accepted(t.seq_id, &t.accepted);
+            }
+        }
         Ok(out)
     }
 
@@ -281,6 +338,11 @@ impl Executor {
             return Ok(StepOutput::default());
         }
         let started = Instant::now();
+        // The draft model proposes first (its own forward passes, on its own pool).
+        let proposals = match self.draft.as_mut() {
+            Some(d) => d.propose(seqs)?,
+            None => HashMap::new(),
+        };
         let bs = self.block_size;
         let num_blocks = self.device.num_blocks();
         let total: usize = seqs.iter().map(|s| s.token_ids.len()).sum();
@@ -313,22 +375,19 @@ impl Executor {
                 }
                 _ => None,
             };
-            for (i, &t) in s.token_ids.iter().enumerate() {
+            // The scheduled tokens, then the drafts: the scheduler's, or the draft model's
+            // in the positions the scheduler reserved for them.
+            let n = s.token_ids.len();
+            let reserved = if s.sample { s.num_draft.min(n - 1) } else { 0 };
+            let (real, drafts) = s.token_ids.split_at(n - reserved);
+            let drafts = proposals
+                .get(&s.seq_id)
+                .map_or(drafts, |p| &p[..p.len().min(reserved)]);
+            for (i, &t) in real.iter().chain(drafts).enumerate() {
                 let pos = s.start_pos + i;
-                let block = *s.block_table.get(pos / bs).ok_or_else(|| {
-                    ForwardError::Shape(format!(
-                        "sequence {}: block table too short for position {pos}",
-                        s.seq_id
-                    ))
-                })? as usize;
-                if block >= num_blocks {
-                    return Err(ForwardError::Shape(format!(
-                        "block id {block} out of range"
-                    )));
-                }
                 tokens.push(t);
                 positions.push(pos);
-                slots.push(block * bs + pos % bs);
+                slots.push(slot_of(&s.block_table, pos, bs, num_blocks, s.seq_id)?);
                 if prompt_len.is_some_and(|n| pos + 1 < n) {
                     logit_rows.push(tokens.len() - 1);
                     uses.push(RowUse::Prompt {
@@ -337,21 +396,21 @@ impl Executor {
                     });
                 }
             }
+            let len = real.len() + drafts.len();
             attn.push(AttnSeq {
                 query_start: start,
-                query_len: s.token_ids.len(),
-                context_len: s.start_pos + s.token_ids.len(),
+                query_len: len,
+                context_len: s.start_pos + len,
                 block_table: &s.block_table,
             });
             if s.sample {
                 // One row per draft (it checks the draft), and the last one.
-                let n = s.token_ids.len();
-                let num_draft = s.num_draft.min(n - 1);
+                let num_draft = drafts.len();
                 for j in 0..=num_draft {
-                    logit_rows.push(start + n - 1 - num_draft + j);
+                    logit_rows.push(start + len - 1 - num_draft + j);
                     uses.push(RowUse::Sample {
                         seq_id: s.seq_id,
-                        draft: (j < num_draft).then(|| s.token_ids[n - num_draft + j]),
+                        draft: drafts.get(j).copied(),
                     });
                 }
             }
@@ -501,6 +560,27 @@ impl Executor {
         );
         Ok(out)
     }
+}
+
+/// The KV-pool slot of position `pos` of a sequence with `block_table`.
+fn slot_of(
+    block_table: &[u32],
+    pos: usize,
+    block_size: usize,
+    num_blocks: usize,
+    seq_id: SeqId,
+) -> Result<usize, ForwardError> {
+    let block = *block_table.get(pos / block_size).ok_or_else(|| {
+        ForwardError::Shape(format!(
+            "sequence {seq_id}: block table too short for position {pos}"
+        ))
+    })? as usize;
+    if block >= num_blocks {
+        return Err(ForwardError::Shape(format!(
+            "block id {block} out of range"
+        )));
+    }
+    Ok(block * block_size + pos % block_size)
 }
 
 /// A guided sequence whose grammar cannot go on: its own request's fault.

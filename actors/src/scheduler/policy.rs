@@ -406,7 +406,7 @@ impl SchedulerPolicy {
                         .min((s.params.max_tokens as usize).saturating_sub(s.num_output() + 1))
                         .min(self.config.max_model_len.saturating_sub(s.tokens.len() + 1));
                     if room > 0 {
-                        sp.proposer.propose(&s.tokens, room, &mut s.draft);
+                        sp.drafts.propose(&s.tokens, room, &mut s.draft);
                         n += s.draft.len();
                     }
                 }
@@ -685,12 +685,10 @@ impl SchedulerPolicy {
             };
             // Drafts kept: those the executor sampled too (a prefix of the proposal). Their
             // K/V is valid; the rejected ones' slots are written over by the next step.
-            let kept = sampled
-                .accepted
-                .iter()
-                .zip(&draft)
-                .take_while(|(a, d)| a == d)
-                .count();
+            let kept = match &self.speculation {
+                Some(sp) => sp.drafts.kept(&draft, &sampled.accepted),
+                None => 0,
+            };
             s.num_computed += e.num_tokens - draft.len() + kept;
             if !draft.is_empty() {
                 self.spec_counts.drafts += 1;

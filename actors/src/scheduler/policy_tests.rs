@@ -1,6 +1,6 @@
 use super::*;
 use crate::messages::SampledToken;
-use crate::scheduler::speculation::NgramProposer;
+use crate::scheduler::speculation::{Drafts, NgramProposer, PLACEHOLDER};
 use proptest::prelude::*;
 
 const EOS: TokenId = 0;
@@ -896,7 +896,7 @@ fn a_parent_that_finishes_on_its_first_token_still_forks() {
 fn speculating(max_num_seqs: usize) -> Engine {
     let mut e = Engine::simple(8, 64, 32, 4);
     e.sched = e.sched.with_speculation(Speculation {
-        proposer: std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 }),
+        drafts: Drafts::Proposer(std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 })),
         num_tokens: 3,
         max_num_seqs,
     });
@@ -956,10 +956,75 @@ fn drafts_are_proposed_verified_and_kept_up_to_the_first_miss() {
 }
 
 #[test]
+fn a_draft_model_gets_reserved_positions_and_its_accepted_tokens_are_kept() {
+    let mut e = Engine::simple(8, 64, 32, 4);
+    e.sched = e.sched.with_speculation(Speculation {
+        drafts: Drafts::DraftModel,
+        num_tokens: 3,
+        max_num_seqs: 4,
+    });
+    e.add(1, vec![1, 2, 3], 10);
+    let (batch, _) = e.step_with(|_| 4);
+    assert_eq!(batch.seqs[0].num_draft, 0, "no drafts in a prefill");
+    // Decode: three placeholder positions after the last token, blocks for all of them.
+    let sched = e.sched.schedule(&mut e.bm).expect("schedule");
+    let s = &sched.seqs[0];
+    assert_eq!(s.token_ids, vec![4, PLACEHOLDER, PLACEHOLDER, PLACEHOLDER]);
+    assert_eq!((s.num_draft, s.start_pos, s.context_len), (3, 3, 7));
+    assert!(s.block_table.len() * 4 >= 7);
+    // The executor's draft model proposed 8 9 5; the target kept 8 9 and sampled 6.
+    let mut t = SampledToken::new(1, 6);
+    t.accepted = vec![8, 9];
+    let outs = e
+        .sched
+        .update(&StepOutput {
+            sampled: vec![t],
+            failed: Vec::new(),
+        })
+        .expect("update");
+    assert_eq!(
+        outs.iter().map(|o| o.token_id).collect::<Vec<_>>(),
+        vec![8, 9, 6]
+    );
+    let view = e.sched.sequence(1).expect("live");
+    assert_eq!(view.output_token_ids, &[4, 8, 9, 6]);
+    assert_eq!(
+        view.num_computed_tokens, 6,
+        "4 8 9 at 3..6; 6 is computed next"
+    );
+    let spec = e.sched.stats().spec;
+    assert_eq!(
+        (spec.drafts, spec.draft_tokens, spec.accepted_tokens),
+        (1, 3, 2)
+    );
+    // Never more kept than reserved, whatever the executor says.
+    let sched = e.sched.schedule(&mut e.bm).expect("schedule");
+    assert_eq!(sched.seqs[0].num_draft, 3);
+    let mut t = SampledToken::new(1, 7);
+    t.accepted = vec![8, 9, 8, 9, 8];
+    let outs = e
+        .sched
+        .update(&StepOutput {
+            sampled: vec![t],
+            failed: Vec::new(),
+        })
+        .expect("update");
+    assert_eq!(
+        outs.iter().map(|o| o.token_id).collect::<Vec<_>>(),
+        vec![8, 9, 8, 7]
+    );
+    while e.sched.has_unfinished() {
+        e.step_verifying(|_| (1, 7));
+    }
+    e.drain_frees();
+    assert_eq!(e.bm.num_free_blocks(), 32);
+}
+
+#[test]
 fn blocks_of_rejected_drafts_go_back() {
     let mut e = Engine::simple(8, 64, 32, 2);
     e.sched = e.sched.with_speculation(Speculation {
-        proposer: std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 }),
+        drafts: Drafts::Proposer(std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 })),
         num_tokens: 3,
         max_num_seqs: 4,
     });
@@ -1095,14 +1160,19 @@ proptest! {
         num_blocks in 6usize..16,
         block_size in 1usize..5,
         caching in any::<bool>(),
-        speculate in any::<bool>(),
+        speculate in 0u8..3,
         ops in prop::collection::vec(op(), 1..120),
     ) {
         let cfg = SchedulerLimits { max_num_seqs, max_num_batched_tokens: budget, max_model_len: 48 };
         let mut e = Engine::new(cfg, num_blocks, block_size, caching);
-        if speculate {
+        // Off, n-gram lookup, or positions reserved for a draft model.
+        if speculate > 0 {
             e.sched = e.sched.with_speculation(Speculation {
-                proposer: std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 3 }),
+                drafts: if speculate == 1 {
+                    Drafts::Proposer(std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 3 }))
+                } else {
+                    Drafts::DraftModel
+                },
                 num_tokens: 3,
                 max_num_seqs: 3,
             });

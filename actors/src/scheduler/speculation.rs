@@ -7,6 +7,13 @@
 //! with probability p(d), and on rejection the sampled token follows p with `d` removed,
 //! renormalised — so the output follows the target's distribution exactly, and with a seed
 //! it is the very sequence non-speculative decoding gives.
+//!
+//! Drafts come from one of two places ([`Drafts`]): a [`Proposer`] here, which sees the
+//! sequence's tokens and proposes before the step is planned (n-gram lookup: the blocks
+//! are reserved only for what it proposes), or the executor's draft model, which needs
+//! compute: the scheduler reserves `num_tokens` positions (budget, blocks, `max_tokens`)
+//! and the executor fills them before the target's forward pass
+//! (`executor::draft`).
 
 use crate::messages::TokenId;
 
@@ -50,11 +57,51 @@ impl Proposer for NgramProposer {
     }
 }
 
-/// How the scheduler speculates: the proposer, how many tokens per step, and up to how
-/// many running sequences it still pays.
+/// Where the drafts come from.
+#[derive(Debug, Clone)]
+pub enum Drafts {
+    /// Proposed here, from the sequence's tokens.
+    Proposer(std::sync::Arc<dyn Proposer>),
+    /// Proposed by the executor's draft model into positions reserved here; the reserved
+    /// tokens are placeholders ([`PLACEHOLDER`]) until the executor fills them.
+    DraftModel,
+}
+
+/// The token a reserved draft position carries to the executor, which replaces it with
+/// the draft model's proposal.
+pub const PLACEHOLDER: TokenId = 0;
+
+impl Drafts {
+    /// Up to `k` drafts for a sequence with `tokens`, into `out` (cleared first).
+    pub fn propose(&self, tokens: &[TokenId], k: usize, out: &mut Vec<TokenId>) {
+        match self {
+            Self::Proposer(p) => p.propose(tokens, k, out),
+            Self::DraftModel => {
+                out.clear();
+                out.resize(k, PLACEHOLDER);
+            }
+        }
+    }
+
+    /// How many of `drafts` the executor kept, given the tokens it accepted: a prefix of
+    /// the proposal (placeholders stand for whatever the draft model proposed).
+    pub fn kept(&self, drafts: &[TokenId], accepted: &[TokenId]) -> usize {
+        match self {
+            Self::Proposer(_) => accepted
+                .iter()
+                .zip(drafts)
+                .take_while(|(a, d)| a == d)
+                .count(),
+            Self::DraftModel => accepted.len().min(drafts.len()),
+        }
+    }
+}
+
+/// How the scheduler speculates: where the drafts come from, how many tokens per step,
+/// and up to how many running sequences it still pays.
 #[derive(Debug, Clone)]
 pub struct Speculation {
-    pub proposer: std::sync::Arc<dyn Proposer>,
+    pub drafts: Drafts,
     /// Draft tokens per sequence and step at most.
     pub num_tokens: usize,
     /// Speculate only while at most this many sequences run: a large batch already keeps
@@ -70,6 +117,24 @@ mod tests {
         let mut out = vec![99];
         p.propose(tokens, k, &mut out);
         out
+    }
+
+    #[test]
+    fn a_draft_model_gets_reserved_positions_and_its_accepted_prefix_counts() {
+        let mut out = vec![5];
+        Drafts::DraftModel.propose(&[1, 2, 3], 3, &mut out);
+        assert_eq!(out, vec![PLACEHOLDER; 3]);
+        assert_eq!(Drafts::DraftModel.kept(&out, &[7, 8]), 2);
+        assert_eq!(Drafts::DraftModel.kept(&out, &[7, 8, 9, 10]), 3);
+        let ngram = Drafts::Proposer(std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 }));
+        ngram.propose(&[1, 2, 3, 1], 2, &mut out);
+        assert_eq!(out, vec![2, 3]);
+        assert_eq!(
+            ngram.kept(&out, &[2, 9]),
+            1,
+            "kept up to the first difference"
+        );
+        assert_eq!(ngram.kept(&out, &[4]), 0);
     }
 
     #[test]
