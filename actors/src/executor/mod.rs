@@ -274,6 +274,13 @@ impl Executor {
             self.device
                 .copy_blocks(&batch.block_copies)
                 .map_err(|e| format!("copying KV blocks: {e}"))?;
+            // The draft's pool follows the same tables: its copy is what the draft
+            // computed there.
+            if let Some(d) = self.draft.as_mut() {
+                d.device
+                    .copy_blocks(&batch.block_copies)
+                    .map_err(|e| format!("copying the draft model's KV blocks: {e}"))?;
+            }
         }
         let vocab = self.device.spec().vocab_size;
         let mut failed = Vec::new();
