@@ -12,11 +12,16 @@
 //! tokens the executor knows (prompt, outputs, accepted drafts) and how many leading
 //! positions hold the draft's K/V. To propose, the draft first catches up on the positions
 //! it lacks — the whole context the first time a sequence speculates, one token after a
-//! step whose drafts were all accepted — then runs greedy one-token steps, all speculating
-//! sequences batched in each pass. A greedy draft proposes one token per position (a point
-//! mass), for which the executor's verification is exact rejection sampling: the output
-//! follows the target's distribution, and with a seed it is the sequence non-speculative
-//! decoding gives.
+//! step whose drafts were all accepted — then runs one-token steps, all speculating
+//! sequences batched in each pass.
+//!
+//! For a greedy request the draft proposes its most likely token, and the target keeps a
+//! draft while it equals the target's own greedy token. For a sampled request the draft
+//! samples from its distribution q (the request's sampling settings on the draft's logits,
+//! with a random stream of its own) and hands q on with the token; the target keeps the
+//! draft with probability min(1, p/q) and otherwise samples from max(0, p − q)
+//! renormalised ([`super::sampler::Sampler::verify_draft`]) — the standard rejection
+//! sampling, so the output follows the target's distribution exactly.
 //!
 //! A sequence's draft K/V is always computed by that sequence (a new or preempted one
 //! starts from position 0), so it never depends on what another sequence sharing a prefix
@@ -28,8 +33,9 @@ use pagoda_kernels::attention::AttnSeq;
 
 use super::backend::ForwardError;
 use super::models::BatchInput;
+use super::sampler::Sampler;
 use super::{slot_of, Device};
-use crate::messages::{ScheduledSeq, SeqId, TokenId};
+use crate::messages::{NewSeqData, ScheduledSeq, SeqId, TokenId};
 
 /// Per-sequence bookkeeping of the draft, no compute: the tokens it needs and how far its
 /// K/V is computed.
@@ -118,7 +124,22 @@ pub(super) struct DraftModel {
     pub(super) device: Box<dyn Device>,
     pub(super) block_size: usize,
     pub(super) tokens: DraftTokens,
+    /// The samplers of sampled (not greedy) requests: the request's settings, a random
+    /// stream of their own. Kept through a preemption, like the target's.
+    samplers: HashMap<SeqId, Sampler>,
 }
+
+/// A sequence's proposals: the tokens, and for a sampled request the distribution each
+/// was drawn from (empty for a greedy one).
+#[derive(Debug, Default)]
+pub(super) struct Proposal {
+    pub tokens: Vec<TokenId>,
+    pub probs: Vec<Vec<f32>>,
+}
+
+/// Mixed into a request's seed for its draft's random stream, so that it does not repeat
+/// the target's.
+const DRAFT_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// One sequence's proposals being made.
 struct Job<'a> {
@@ -128,17 +149,49 @@ struct Job<'a> {
     last_pos: usize,
     /// Drafts wanted.
     want: usize,
-    out: Vec<TokenId>,
+    out: Proposal,
 }
 
 impl DraftModel {
+    pub(super) fn new(device: Box<dyn Device>, block_size: usize) -> Self {
+        Self {
+            device,
+            block_size,
+            tokens: DraftTokens::default(),
+            samplers: HashMap::new(),
+        }
+    }
+
+    /// A sequence (re)starts.
+    pub(super) fn start(&mut self, seq_id: SeqId, new: &NewSeqData) {
+        self.tokens
+            .start(seq_id, &new.prompt_token_ids, &new.output_token_ids);
+        if !self.samplers.contains_key(&seq_id) {
+            let mut params = new.params.clone();
+            params.seed = params.seed.map(|s| s ^ DRAFT_SEED);
+            let sampler = Sampler::new(
+                &params,
+                self.device.spec().vocab_size,
+                &new.prompt_token_ids,
+            );
+            if !sampler.is_greedy() {
+                self.samplers.insert(seq_id, sampler);
+            }
+        }
+    }
+
+    pub(super) fn forget(&mut self, seq_id: SeqId) {
+        self.tokens.forget(seq_id);
+        self.samplers.remove(&seq_id);
+    }
+
     /// Records the step's tokens, then proposes `num_draft` tokens for every sequence of
-    /// the batch that reserved draft positions: the draft model's most likely token, one
-    /// position after another.
+    /// the batch that reserved draft positions, one position after another: the draft
+    /// model's most likely token, or for a sampled request a draw from its distribution.
     pub(super) fn propose(
         &mut self,
         seqs: &[ScheduledSeq],
-    ) -> Result<HashMap<SeqId, Vec<TokenId>>, ForwardError> {
+    ) -> Result<HashMap<SeqId, Proposal>, ForwardError> {
         let mut jobs = Vec::new();
         for s in seqs {
             let real = &s.token_ids[..s.token_ids.len() - s.num_draft.min(s.token_ids.len())];
@@ -149,7 +202,7 @@ impl DraftModel {
                     block_table: &s.block_table,
                     last_pos: s.start_pos + real.len() - 1,
                     want: s.num_draft,
-                    out: Vec::with_capacity(s.num_draft),
+                    out: Proposal::default(),
                 });
             }
         }
@@ -167,7 +220,7 @@ impl DraftModel {
             rows.clear();
             ranges.clear();
             for (i, job) in jobs.iter().enumerate() {
-                if job.out.len() >= job.want {
+                if job.out.tokens.len() >= job.want {
                     continue;
                 }
                 let start = tokens.len();
@@ -179,7 +232,7 @@ impl DraftModel {
                     tokens.extend_from_slice(pending);
                     positions.extend(from..from + pending.len());
                 } else {
-                    tokens.push(job.out[pass - 1]);
+                    tokens.push(job.out.tokens[pass - 1]);
                     positions.push(job.last_pos + pass);
                 }
                 for &pos in &positions[start..] {
@@ -207,9 +260,25 @@ impl DraftModel {
                 seqs: &attn,
                 logit_rows: &rows,
             };
-            let logits = self.device.forward(&input)?;
-            for (&(i, _, _), row) in ranges.iter().zip(logits.chunks_exact(vocab)) {
-                jobs[i].out.push(argmax(row));
+            let mut logits = self.device.forward(&input)?;
+            for (&(i, _, _), row) in ranges.iter().zip(logits.chunks_exact_mut(vocab)) {
+                let job = &mut jobs[i];
+                let sampled = match self.samplers.get_mut(&job.seq_id) {
+                    // A row the sampler cannot use (NaN) falls back to the greedy proposal,
+                    // which the target verifies just as exactly.
+                    Some(sampler) if job.out.probs.len() == job.out.tokens.len() => {
+                        let mut q = row.to_vec();
+                        sampler.draw(&mut q).ok().map(|t| (t, q))
+                    }
+                    _ => None,
+                };
+                match sampled {
+                    Some((t, q)) => {
+                        job.out.tokens.push(t);
+                        job.out.probs.push(q);
+                    }
+                    None => job.out.tokens.push(argmax(row)),
+                }
             }
         }
         let mut proposals = HashMap::with_capacity(jobs.len());
@@ -217,7 +286,7 @@ impl DraftModel {
             // Positions last_pos .. last_pos + drafts − 1 now hold the draft's K/V (the
             // last draft itself was never fed).
             self.tokens
-                .computed(job.seq_id, job.last_pos + job.out.len());
+                .computed(job.seq_id, job.last_pos + job.out.tokens.len());
             proposals.insert(job.seq_id, job.out);
         }
         Ok(proposals)

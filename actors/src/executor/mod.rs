@@ -107,6 +107,8 @@ enum RowUse {
     Sample {
         seq_id: SeqId,
         draft: Option<TokenId>,
+        /// Which draft (the row's index among the sequence's sampling rows).
+        index: usize,
     },
 }
 
@@ -217,11 +219,10 @@ impl Executor {
                 / (1024.0 * 1024.0),
             "draft model's KV pool allocated"
         );
-        self.draft = Some(draft::DraftModel {
-            device: Box::new(OnBackend { backend, model, kv }),
-            block_size: self.block_size,
-            tokens: draft::DraftTokens::default(),
-        });
+        self.draft = Some(draft::DraftModel::new(
+            Box::new(OnBackend { backend, model, kv }),
+            self.block_size,
+        ));
         Ok(self)
     }
 
@@ -261,7 +262,7 @@ impl Executor {
         for id in &released {
             self.seqs.remove(id);
             if let Some(d) = self.draft.as_mut() {
-                d.tokens.forget(*id);
+                d.forget(*id);
             }
         }
         if let Some(id) = fault::forward_error(batch.seqs.iter().map(|s| s.seq_id)) {
@@ -287,8 +288,7 @@ impl Executor {
         for s in &batch.seqs {
             if let Some(new) = &s.new_seq {
                 if let Some(d) = self.draft.as_mut() {
-                    d.tokens
-                        .start(s.seq_id, &new.prompt_token_ids, &new.output_token_ids);
+                    d.start(s.seq_id, new);
                 }
                 if !self.seqs.contains_key(&s.seq_id) {
                     match self.new_guide(new) {
@@ -389,7 +389,7 @@ impl Executor {
             let (real, drafts) = s.token_ids.split_at(n - reserved);
             let drafts = proposals
                 .get(&s.seq_id)
-                .map_or(drafts, |p| &p[..p.len().min(reserved)]);
+                .map_or(drafts, |p| &p.tokens[..p.tokens.len().min(reserved)]);
             for (i, &t) in real.iter().chain(drafts).enumerate() {
                 let pos = s.start_pos + i;
                 tokens.push(t);
@@ -418,6 +418,7 @@ impl Executor {
                     uses.push(RowUse::Sample {
                         seq_id: s.seq_id,
                         draft: drafts.get(j).copied(),
+                        index: j,
                     });
                 }
             }
@@ -464,9 +465,13 @@ impl Executor {
         // Speculating sequences: the drafts kept so far.
         let mut kept: HashMap<SeqId, Vec<TokenId>> = HashMap::new();
         for (row, row_use) in logits.chunks_exact_mut(vocab).zip(uses) {
-            let (seq_id, draft) = match row_use {
-                RowUse::Prompt { seq_id, .. } => (seq_id, None),
-                RowUse::Sample { seq_id, draft } => (seq_id, draft),
+            let (seq_id, draft, index) = match row_use {
+                RowUse::Prompt { seq_id, .. } => (seq_id, None, 0),
+                RowUse::Sample {
+                    seq_id,
+                    draft,
+                    index,
+                } => (seq_id, draft, index),
             };
             // A sequence fails once, alone; the rest of the batch goes on.
             if out.failed.iter().chain(failed).any(|f| f.seq_id == seq_id) {
@@ -522,13 +527,27 @@ impl Executor {
                     }
                 }
             }
-            match st.sampler.sample(row, &suppress) {
-                Ok(token_id) if draft == Some(token_id) => {
+            // A sampled draft comes with the distribution it was drawn from: rejection
+            // sampling against it. Otherwise (greedy, n-gram) a draft is kept when the
+            // target samples it.
+            let q = proposals
+                .get(&seq_id)
+                .and_then(|p| p.probs.get(index))
+                .filter(|_| draft.is_some());
+            let sampled = match (draft, q) {
+                (Some(d), Some(q)) => st.sampler.verify_draft(row, &suppress, d, q),
+                _ => st
+                    .sampler
+                    .sample(row, &suppress)
+                    .map(|t| (t, draft == Some(t))),
+            };
+            match sampled {
+                Ok((token_id, true)) => {
                     // The draft is what the target samples here: keep it, check the next.
                     st.num_output += 1;
                     kept.entry(seq_id).or_default().push(token_id);
                 }
-                Ok(token_id) => {
+                Ok((token_id, false)) => {
                     if let Some(guide) = st.guide.as_mut() {
                         if let Err(e) = guide.advance(token_id) {
                             out.failed.push(guide_failure(seq_id, &e));

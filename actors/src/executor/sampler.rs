@@ -207,6 +207,89 @@ impl Sampler {
         Ok(token)
     }
 
+    /// The distribution [`Sampler::sample`] draws from, normalised, written over `logits`
+    /// (every token's probability, 0 for those the filters removed). Consumes no
+    /// randomness and records nothing.
+    pub fn probabilities(
+        &mut self,
+        logits: &mut [f32],
+        suppress: &[TokenId],
+    ) -> Result<(), SamplingError> {
+        match self.prepare(logits, suppress)? {
+            Prepared::Token(t) => {
+                logits.fill(0.0);
+                if let Some(p) = logits.get_mut(t as usize) {
+                    *p = 1.0;
+                }
+            }
+            Prepared::Dense { total } => {
+                let inv = (1.0 / total) as f32;
+                logits.iter_mut().for_each(|w| *w *= inv);
+            }
+            Prepared::Sparse { total } => {
+                logits.fill(0.0);
+                for c in &self.candidates {
+                    if let Some(p) = logits.get_mut(c.token as usize) {
+                        *p = (c.weight as f64 / total) as f32;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A draw from [`Sampler::probabilities`] (left in `logits`), with one draw of this
+    /// sampler's randomness; records nothing. What a draft model proposes with.
+    pub fn draw(&mut self, logits: &mut [f32]) -> Result<TokenId, SamplingError> {
+        self.probabilities(logits, &[])?;
+        let target = self.rng.gen::<f64>();
+        Ok(draw_weighted(logits, target))
+    }
+
+    /// Speculative decoding with a sampled draft: `draft` was drawn from `q` (a
+    /// distribution over the vocabulary, a draft model's). The standard rejection sampling
+    /// keeps it with probability min(1, p(draft) / q(draft)), where p is the distribution
+    /// [`Sampler::sample`] would draw from for this row, and otherwise draws from
+    /// max(0, p − q) renormalised — so the token follows p exactly, whatever q is. Returns
+    /// the token and whether it is the draft, and records it. `logits` is scratch.
+    pub fn verify_draft(
+        &mut self,
+        logits: &mut [f32],
+        suppress: &[TokenId],
+        draft: TokenId,
+        q: &[f32],
+    ) -> Result<(TokenId, bool), SamplingError> {
+        self.probabilities(logits, suppress)?;
+        let p_draft = logits.get(draft as usize).copied().unwrap_or(0.0) as f64;
+        let q_draft = q.get(draft as usize).copied().unwrap_or(0.0) as f64;
+        let u = self.rng.gen::<f64>();
+        if q_draft > 0.0 && u * q_draft < p_draft {
+            self.record(draft);
+            return Ok((draft, true));
+        }
+        // The residual: where p exceeds q. Its mass is 0 only when p ≤ q everywhere, i.e.
+        // p = q, where every draft is kept; rounding can still get here, and p itself is
+        // the right distribution then.
+        let mut residual = 0f64;
+        for (w, &qi) in logits
+            .iter_mut()
+            .zip(q.iter().chain(std::iter::repeat(&0.0)))
+        {
+            let r = (*w - qi).max(0.0);
+            residual += r as f64;
+            *w = r;
+        }
+        let target = self.rng.gen::<f64>();
+        let token = if residual > 0.0 {
+            draw_weighted(logits, target * residual)
+        } else {
+            self.probabilities(logits, suppress)?;
+            draw_weighted(logits, target)
+        };
+        self.record(token);
+        Ok((token, token == draft))
+    }
+
     /// Applies the penalties to `logits` in place.
     fn apply_penalties(&self, logits: &mut [f32]) {
         if self.tracks_seen() {
@@ -591,6 +674,21 @@ fn draw_dense(weights: &[f32], block_sums: &[f64], target: f64) -> TokenId {
     weights.iter().rposition(|&w| w > 0.0).unwrap_or_default() as TokenId
 }
 
+/// The token at which the running sum of `weights` passes `target` (the last positive one
+/// when rounding leaves it unreached).
+fn draw_weighted(weights: &[f32], target: f64) -> TokenId {
+    let mut cumulative = 0f64;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            cumulative += w as f64;
+            if cumulative > target {
+                return i as TokenId;
+            }
+        }
+    }
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or_default() as TokenId
+}
+
 fn draw_sparse(candidates: &[Candidate], target: f64) -> TokenId {
     let mut cumulative = 0f64;
     for c in candidates {
@@ -906,6 +1004,66 @@ mod tests {
             &ln_probs(&probs),
             20_000,
         );
+        assert_close(&frequencies(&got, 3), &probs, 0.02);
+    }
+
+    #[test]
+    fn verified_drafts_follow_the_target_distribution_whatever_the_draft_proposes() {
+        // Target p (temperature 0.7 of these logits, top-k 3 cuts token 3), draft q.
+        let target = SamplingParams {
+            temperature: 0.7,
+            top_k: 3,
+            ..params()
+        };
+        let logits = ln_probs(&[0.4, 0.3, 0.2, 0.1]);
+        let p = distribution(&mut Sampler::new(&target, 4, &[]), &logits);
+        assert_eq!(p[3], 0.0, "top-k cut the last token");
+        let mut row = logits.clone();
+        Sampler::new(&target, 4, &[])
+            .probabilities(&mut row, &[])
+            .expect("probabilities");
+        let row64: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+        assert_close(&row64, &p, 1e-6);
+
+        for q in [
+            vec![0.1f32, 0.1, 0.1, 0.7],           // mostly a token p never takes
+            vec![0.7, 0.1, 0.1, 0.1],              // over-proposes the likeliest
+            p.iter().map(|&x| x as f32).collect(), // q = p: every draft kept
+        ] {
+            let mut draft_rng = Sampler::new(&params(), 4, &[]);
+            let mut sampler = Sampler::new(&target, 4, &[]);
+            let (mut got, mut kept) = (Vec::new(), 0usize);
+            for _ in 0..60_000 {
+                let mut qrow = q.iter().map(|&x| x.ln()).collect::<Vec<f32>>();
+                let d = draft_rng.draw(&mut qrow).expect("draft");
+                let mut row = logits.clone();
+                let (t, is_draft) = sampler.verify_draft(&mut row, &[], d, &q).expect("verify");
+                assert_eq!(is_draft, t == d);
+                kept += usize::from(is_draft && t == d);
+                got.push(t);
+            }
+            assert_close(&frequencies(&got, 4), &p, 0.01);
+            // The keep rate is Σ min(p, q).
+            let want: f64 = p.iter().zip(&q).map(|(&a, &b)| a.min(b as f64)).sum();
+            let rate = kept as f64 / 60_000.0;
+            assert!(
+                (rate - want).abs() < 0.01,
+                "q {q:?}: kept {rate}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_probabilities_left_in_the_row() {
+        let mut s = Sampler::new(&params(), 3, &[]);
+        let probs = [0.6, 0.3, 0.1];
+        let mut got = Vec::new();
+        for _ in 0..20_000 {
+            let mut row = ln_probs(&probs);
+            got.push(s.draw(&mut row).expect("draw"));
+            let sum: f32 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "{row:?}");
+        }
         assert_close(&frequencies(&got, 3), &probs, 0.02);
     }
 
