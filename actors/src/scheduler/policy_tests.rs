@@ -972,20 +972,22 @@ fn a_draft_model_gets_reserved_positions_and_its_accepted_tokens_are_kept() {
     assert_eq!(s.token_ids, vec![4, PLACEHOLDER, PLACEHOLDER, PLACEHOLDER]);
     assert_eq!((s.num_draft, s.start_pos, s.context_len), (3, 3, 7));
     assert!(s.block_table.len() * 4 >= 7);
+    // What the executor answers: the drafts its model proposed that the target kept, and
+    // the token it sampled after them.
+    let answer = |e: &mut Engine, accepted: Vec<TokenId>, token: TokenId| {
+        let mut t = SampledToken::new(1, token);
+        t.accepted = accepted;
+        let outs = e
+            .sched
+            .update(&StepOutput {
+                sampled: vec![t],
+                failed: Vec::new(),
+            })
+            .expect("update");
+        outs.iter().map(|o| o.token_id).collect::<Vec<_>>()
+    };
     // The executor's draft model proposed 8 9 5; the target kept 8 9 and sampled 6.
-    let mut t = SampledToken::new(1, 6);
-    t.accepted = vec![8, 9];
-    let outs = e
-        .sched
-        .update(&StepOutput {
-            sampled: vec![t],
-            failed: Vec::new(),
-        })
-        .expect("update");
-    assert_eq!(
-        outs.iter().map(|o| o.token_id).collect::<Vec<_>>(),
-        vec![8, 9, 6]
-    );
+    assert_eq!(answer(&mut e, vec![8, 9], 6), vec![8, 9, 6]);
     let view = e.sched.sequence(1).expect("live");
     assert_eq!(view.output_token_ids, &[4, 8, 9, 6]);
     assert_eq!(
@@ -1000,19 +1002,7 @@ fn a_draft_model_gets_reserved_positions_and_its_accepted_tokens_are_kept() {
     // Never more kept than reserved, whatever the executor says.
     let sched = e.sched.schedule(&mut e.bm).expect("schedule");
     assert_eq!(sched.seqs[0].num_draft, 3);
-    let mut t = SampledToken::new(1, 7);
-    t.accepted = vec![8, 9, 8, 9, 8];
-    let outs = e
-        .sched
-        .update(&StepOutput {
-            sampled: vec![t],
-            failed: Vec::new(),
-        })
-        .expect("update");
-    assert_eq!(
-        outs.iter().map(|o| o.token_id).collect::<Vec<_>>(),
-        vec![8, 9, 8, 7]
-    );
+    assert_eq!(answer(&mut e, vec![8, 9, 8, 9, 8], 7), vec![8, 9, 8, 7]);
     while e.sched.has_unfinished() {
         e.step_verifying(|_| (1, 7));
     }
