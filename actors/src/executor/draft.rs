@@ -220,7 +220,8 @@ impl DraftModel {
             rows.clear();
             ranges.clear();
             for (i, job) in jobs.iter().enumerate() {
-                if job.out.tokens.len() >= job.want {
+                // A job takes part while it has a draft from every earlier pass.
+                if job.out.tokens.len() >= job.want || job.out.tokens.len() != pass {
                     continue;
                 }
                 let start = tokens.len();
