@@ -344,9 +344,9 @@ fn load_draft(
         tokenizer_from_gguf_file(path)
     }
     .map_err(|e| refuse(e.to_string()))?;
-    if tokenizer.tokenizer.get_vocab(true) != target.tokenizer.tokenizer.get_vocab(true)
-        || spec.vocab_size != target.model_cfg.vocab_size
-    {
+    // (The models' vocabulary sizes are checked where the draft's pool is made,
+    // `Executor::with_draft`.)
+    if tokenizer.tokenizer.get_vocab(true) != target.tokenizer.tokenizer.get_vocab(true) {
         return Err(refuse(format!(
             "its tokenizer differs from the target's ({} tokens, vocabulary {}; the target has {} and {})",
             tokenizer.tokenizer.get_vocab_size(true),

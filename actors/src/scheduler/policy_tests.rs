@@ -893,10 +893,21 @@ fn a_parent_that_finishes_on_its_first_token_still_forks() {
     assert_eq!(e.bm.num_free_blocks(), 16);
 }
 
+/// 1–2-gram lookup, 3 drafts at most, blocks of 4.
 fn speculating(max_num_seqs: usize) -> Engine {
-    let mut e = Engine::simple(8, 64, 32, 4);
+    speculating_with(ngram(), 4, max_num_seqs)
+}
+
+fn ngram() -> Drafts {
+    Drafts::Proposer(std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 }))
+}
+
+/// An engine (8 seats, budget 64, 32 blocks of `block_size`) that speculates up to 3
+/// tokens with `drafts`.
+fn speculating_with(drafts: Drafts, block_size: usize, max_num_seqs: usize) -> Engine {
+    let mut e = Engine::simple(8, 64, 32, block_size);
     e.sched = e.sched.with_speculation(Speculation {
-        drafts: Drafts::Proposer(std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 })),
+        drafts,
         num_tokens: 3,
         max_num_seqs,
     });
@@ -957,12 +968,7 @@ fn drafts_are_proposed_verified_and_kept_up_to_the_first_miss() {
 
 #[test]
 fn a_draft_model_gets_reserved_positions_and_its_accepted_tokens_are_kept() {
-    let mut e = Engine::simple(8, 64, 32, 4);
-    e.sched = e.sched.with_speculation(Speculation {
-        drafts: Drafts::DraftModel,
-        num_tokens: 3,
-        max_num_seqs: 4,
-    });
+    let mut e = speculating_with(Drafts::DraftModel, 4, 4);
     e.add(1, vec![1, 2, 3], 10);
     let (batch, _) = e.step_with(|_| 4);
     assert_eq!(batch.seqs[0].num_draft, 0, "no drafts in a prefill");
@@ -1012,12 +1018,7 @@ fn a_draft_model_gets_reserved_positions_and_its_accepted_tokens_are_kept() {
 
 #[test]
 fn blocks_of_rejected_drafts_go_back() {
-    let mut e = Engine::simple(8, 64, 32, 2);
-    e.sched = e.sched.with_speculation(Speculation {
-        drafts: Drafts::Proposer(std::sync::Arc::new(NgramProposer { min_n: 1, max_n: 2 })),
-        num_tokens: 3,
-        max_num_seqs: 4,
-    });
+    let mut e = speculating_with(ngram(), 2, 4);
     e.add(1, vec![1, 2, 3, 4, 5, 1, 2], 10);
     e.step_with(|_| 3);
     // Tokens 1 2 3 4 5 1 2 3: [2 3] → propose 4 5 1 at positions 8..10 (blocks of 2).
