@@ -186,6 +186,9 @@ pub(crate) struct Acts {
     pub q: Vec<i8>,
     /// `n × cols` codes of the remainder (only when `precise`).
     pub q2: Vec<i8>,
+    /// `n × cols` combined codes `256 · q + q2` as i16 (only after [`Acts::widen`]; the
+    /// operand of AVX2's Q8_0 kernel, where one `vpmaddwd` replaces two planes).
+    pub wide: Vec<i16>,
     /// `n × blocks` scales.
     pub d: Vec<f32>,
     /// `n × blocks` sums of the combined codes (`256 · q + q2`, or `q`).
@@ -217,6 +220,23 @@ impl Acts {
         );
         let out = BlockOut { q, q2, d, sq, xs };
         quantize_split(&x[..n * cols], out, precise);
+        self.wide.clear();
+    }
+
+    /// Fill [`Acts::wide`] from the two planes (precise activations only): `256 · q + q2`
+    /// lies within ±32 639, so it fits an i16 exactly.
+    pub(crate) fn widen(&mut self) {
+        assert!(
+            self.precise,
+            "only precise activations have two planes to combine"
+        );
+        self.wide.clear();
+        self.wide.extend(
+            self.q
+                .iter()
+                .zip(&self.q2)
+                .map(|(&q, &q2)| 256 * i16::from(q) + i16::from(q2)),
+        );
     }
 }
 

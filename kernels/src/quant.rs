@@ -365,7 +365,11 @@ impl QMatrix {
             let mut local = packed::Acts::default();
             let mut guard = cell.try_borrow_mut().ok();
             let acts = guard.as_deref_mut().unwrap_or(&mut local);
-            acts.quantize(x, n, self.cols, self.precision == Precision::Precise);
+            let precise = self.precision == Precision::Precise;
+            acts.quantize(x, n, self.cols, precise);
+            if int8::wants_wide(level, self.format, precise) {
+                acts.widen();
+            }
             let acts: &packed::Acts = acts;
             let product = int8::Product {
                 format: self.format,

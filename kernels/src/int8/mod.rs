@@ -169,12 +169,23 @@ pub(crate) struct Product<'a, 'o> {
     pub out: &'a OutWriter<'o>,
 }
 
+/// Whether `level` multiplies `format` by the combined i16 codes ([`Acts::widen`], to be
+/// filled before [`groups`]): AVX2's Q8_0 kernel with precise activations.
+pub(crate) fn wants_wide(level: Int8Level, format: QuantFormat, precise: bool) -> bool {
+    cfg!(target_arch = "x86_64")
+        && level == Int8Level::Avx2
+        && level.supported()
+        && precise
+        && format == QuantFormat::Q8_0
+}
+
 /// Groups `g0..g1` of `p` (rows `g0·8..g1·8` for every token) on `level` (the portable
 /// kernel for `Off`, `Portable`, or a level this CPU lacks).
 ///
 /// # Safety
 /// The caller must be the only writer of rows `g0·8..g1·8` of `p.out`; `p.data` must hold
-/// at least `g1` groups of `p.cols` columns and `p.acts` `p.n` tokens.
+/// at least `g1` groups of `p.cols` columns and `p.acts` `p.n` tokens (widened where
+/// [`wants_wide`]).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) unsafe fn groups(level: Int8Level, p: &Product<'_, '_>, g0: usize, g1: usize) {
     // SAFETY (every arm): the level's CPU features were checked just above; the rest is

@@ -180,6 +180,13 @@ fn two_planes_round_trip_within_one_fine_step() {
             .map(|(&a, &b)| 256 * a as i32 + b as i32)
             .collect();
         assert_eq!(acts.sq[i], codes.iter().sum::<i32>());
+        // The i16 operand of AVX2's Q8_0 kernel is the same combined code, exactly.
+        acts.widen();
+        let wide: Vec<i32> = acts.wide[i * 32..(i + 1) * 32]
+            .iter()
+            .map(|&w| i32::from(w))
+            .collect();
+        assert_eq!(wide, codes);
         for (&v, &c) in xb.iter().zip(&codes) {
             // Half a fine step, or one where the remainder's code is clamped at ±127.
             assert!(
