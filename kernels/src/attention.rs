@@ -423,27 +423,44 @@ pub(crate) fn attention_with<E: KvElem>(
 /// Vector primitives the attention loop is generic over, so each
 /// instruction-set variant is compiled as one inlined unit.
 pub(crate) trait VecOps {
-    /// `out[j] = scale · q · rows[j]` for `j < out.len()`, where row `j` is
-    /// `rows[j * stride..j * stride + q.len()]`.
+    /// For every query head `g` of a group (`q` holds `group × hd` values):
+    /// `out[g · bs + j] = scale · q_g · rows[j]` for `j < count`, where row `j` is
+    /// `rows[j * stride..j * stride + hd]`. An implementation may read each row once for
+    /// all the group's heads.
     ///
     /// # Safety
     /// The implementation's target features must be available; `rows` must hold every
-    /// row addressed.
-    unsafe fn scores<E: KvElem>(q: &[f32], rows: &[E], stride: usize, scale: f32, out: &mut [f32]);
+    /// row addressed and `out` `group × bs` values, `count ≤ bs`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scores<E: KvElem>(
+        q: &[f32],
+        hd: usize,
+        rows: &[E],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+        bs: usize,
+        count: usize,
+    );
     /// `s[i] ← exp(s[i] − shift)` for every element; returns the new sum.
     ///
     /// # Safety
     /// As for `scores`.
     unsafe fn exp_shift_sum(s: &mut [f32], shift: f32) -> f32;
-    /// `out ← out · corr + Σ_j p[j] · rows[j]`, where row `j` is
-    /// `rows[j * stride..j * stride + out.len()]`.
+    /// For every head `g` of a group (`out` holds `group × hd` values):
+    /// `out_g ← out_g · corr[g] + Σ_j p[g · bs + j] · rows[j]` over `j < count`, where
+    /// row `j` is `rows[j * stride..j * stride + hd]`.
     ///
     /// # Safety
-    /// As for `scores`; `rows` must hold every row addressed.
+    /// As for `scores`; `p` must hold `group × bs` values.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn rescale_accumulate<E: KvElem>(
         out: &mut [f32],
-        corr: f32,
+        hd: usize,
+        corr: &[f32],
         p: &[f32],
+        bs: usize,
+        count: usize,
         rows: &[E],
         stride: usize,
     );
@@ -459,10 +476,20 @@ pub(crate) struct PortableOps;
 
 impl VecOps for PortableOps {
     #[inline(always)]
-    unsafe fn scores<E: KvElem>(q: &[f32], rows: &[E], stride: usize, scale: f32, out: &mut [f32]) {
-        let len = q.len();
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = dot_elems(q, &rows[j * stride..j * stride + len]) * scale;
+    unsafe fn scores<E: KvElem>(
+        q: &[f32],
+        hd: usize,
+        rows: &[E],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+        bs: usize,
+        count: usize,
+    ) {
+        for (g, qg) in q.chunks_exact(hd).enumerate() {
+            for (j, o) in out[g * bs..g * bs + count].iter_mut().enumerate() {
+                *o = dot_elems(qg, &rows[j * stride..j * stride + hd]) * scale;
+            }
         }
     }
 
@@ -479,21 +506,25 @@ impl VecOps for PortableOps {
     #[inline(always)]
     unsafe fn rescale_accumulate<E: KvElem>(
         out: &mut [f32],
-        corr: f32,
+        hd: usize,
+        corr: &[f32],
         p: &[f32],
+        bs: usize,
+        count: usize,
         rows: &[E],
         stride: usize,
     ) {
-        let len = out.len();
-        if corr != 1.0 {
-            for o in out.iter_mut() {
-                *o *= corr;
+        for (g, og) in out.chunks_exact_mut(hd).enumerate() {
+            if corr[g] != 1.0 {
+                for o in og.iter_mut() {
+                    *o *= corr[g];
+                }
             }
-        }
-        for (j, &pj) in p.iter().enumerate() {
-            let row = &rows[j * stride..j * stride + len];
-            for (o, &r) in out.iter_mut().zip(row) {
-                *o += pj * r.to_f32();
+            for (j, &pj) in p[g * bs..g * bs + count].iter().enumerate() {
+                let row = &rows[j * stride..j * stride + hd];
+                for (o, &r) in og.iter_mut().zip(row) {
+                    *o += pj * r.to_f32();
+                }
             }
         }
     }
@@ -541,9 +572,10 @@ pub(crate) unsafe fn attend_group<O: VecOps, E: KvElem>(
     let group = job.q.len() / hd;
     let stride = shape.slot_len();
     scratch.clear();
-    scratch.resize(group * bs + 2 * group, 0.0);
+    scratch.resize(group * bs + 3 * group, 0.0);
     let (scores, stats) = scratch.split_at_mut(group * bs);
-    let (run_max, run_sum) = stats.split_at_mut(group);
+    let (run_max, stats) = stats.split_at_mut(group);
+    let (run_sum, corr) = stats.split_at_mut(group);
     run_max.fill(f32::NEG_INFINITY);
     out.fill(0.0);
 
@@ -558,20 +590,9 @@ pub(crate) unsafe fn attend_group<O: VecOps, E: KvElem>(
         let k_rows = &job.k_cache[base..rows_end];
         let v_rows = &job.v_cache[base..rows_end];
 
-        for g in 0..group {
-            let q = &job.q[g * hd..(g + 1) * hd];
-            // SAFETY: the caller runs this with `O`'s features available;
-            // `k_rows` holds `count` rows of `hd`.
-            unsafe {
-                O::scores(
-                    q,
-                    k_rows,
-                    stride,
-                    job.scale,
-                    &mut scores[g * bs..g * bs + count],
-                )
-            };
-        }
+        // SAFETY: the caller runs this with `O`'s features available; `k_rows` holds
+        // `count` rows of `hd`, `scores` `group × bs` values.
+        unsafe { O::scores(job.q, hd, k_rows, stride, job.scale, scores, bs, count) };
 
         for g in 0..group {
             let s = &mut scores[g * bs..g * bs + count];
@@ -579,20 +600,21 @@ pub(crate) unsafe fn attend_group<O: VecOps, E: KvElem>(
             let new_max = run_max[g].max(block_max);
             if new_max == f32::NEG_INFINITY {
                 // Every score so far is −inf: nothing carries weight yet.
+                s.fill(0.0);
+                corr[g] = 1.0;
                 continue;
             }
-            let corr = if run_max[g] == f32::NEG_INFINITY {
+            corr[g] = if run_max[g] == f32::NEG_INFINITY {
                 0.0
             } else {
                 (run_max[g] - new_max).exp()
             };
             run_max[g] = new_max;
-            // SAFETY: as above; `v_rows` holds `count` rows of `hd`.
-            unsafe {
-                run_sum[g] = run_sum[g] * corr + O::exp_shift_sum(s, new_max);
-                O::rescale_accumulate(&mut out[g * hd..(g + 1) * hd], corr, s, v_rows, stride);
-            }
+            // SAFETY: as above.
+            run_sum[g] = run_sum[g] * corr[g] + unsafe { O::exp_shift_sum(s, new_max) };
         }
+        // SAFETY: as above; `v_rows` holds `count` rows of `hd`.
+        unsafe { O::rescale_accumulate(out, hd, corr, scores, bs, count, v_rows, stride) };
     }
 
     for g in 0..group {

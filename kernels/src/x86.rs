@@ -519,54 +519,38 @@ pub(crate) struct Avx2Ops;
 
 impl VecOps for Avx2Ops {
     #[inline(always)]
-    unsafe fn scores<E: KvElem>(q: &[f32], rows: &[E], stride: usize, scale: f32, out: &mut [f32]) {
-        let len = q.len();
-        let count = out.len();
+    unsafe fn scores<E: KvElem>(
+        q: &[f32],
+        hd: usize,
+        rows: &[E],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+        bs: usize,
+        count: usize,
+    ) {
         if count == 0 {
             return;
         }
-        assert!(rows.len() >= (count - 1) * stride + len);
-        let full = len - len % 8;
-        // SAFETY: rows `j < count` lie within `rows` by the assert; AVX2/FMA
-        // per the trait contract.
-        unsafe {
-            let qp = q.as_ptr();
-            let r = rows.as_ptr();
-            let sv = _mm_set1_ps(scale);
-            let mut j = 0;
-            // Four keys at a time: four accumulators, one reduction.
-            while j + 4 <= count {
-                let kp: [*const E; 4] = std::array::from_fn(|k| r.add((j + k) * stride));
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i < full {
-                    let qv = _mm256_loadu_ps(qp.add(i));
-                    for k in 0..4 {
-                        acc[k] = _mm256_fmadd_ps(qv, E::load8(kp[k].add(i)), acc[k]);
-                    }
-                    i += 8;
+        let group = q.len() / hd;
+        assert!(rows.len() >= (count - 1) * stride + hd);
+        assert!(out.len() >= group * bs && count <= bs);
+        // Up to three heads at a time, so each key row is loaded (and widened from f16)
+        // once for them all: 4 keys × 3 heads accumulators fit the 16 registers.
+        let mut g = 0;
+        while g < group {
+            let heads = (group - g).min(3);
+            // SAFETY: heads g..g + heads exist in `q` and `out` (asserts above); AVX2/FMA
+            // per the trait contract.
+            unsafe {
+                let (qg, og) = (q.as_ptr().add(g * hd), out.as_mut_ptr().add(g * bs));
+                match heads {
+                    1 => scores_heads::<1, E>(qg, hd, rows, stride, scale, og, bs, count),
+                    2 => scores_heads::<2, E>(qg, hd, rows, stride, scale, og, bs, count),
+                    _ => scores_heads::<3, E>(qg, hd, rows, stride, scale, og, bs, count),
                 }
-                let t0 = _mm256_hadd_ps(acc[0], acc[1]);
-                let t1 = _mm256_hadd_ps(acc[2], acc[3]);
-                let t = _mm256_hadd_ps(t0, t1);
-                let mut sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-                if full < len {
-                    let mut tail = [0f32; 4];
-                    for (k, tk) in tail.iter_mut().enumerate() {
-                        for c in full..len {
-                            *tk += *qp.add(c) * (*kp[k].add(c)).to_f32();
-                        }
-                    }
-                    sums = _mm_add_ps(sums, _mm_loadu_ps(tail.as_ptr()));
-                }
-                _mm_storeu_ps(out.as_mut_ptr().add(j), _mm_mul_ps(sums, sv));
-                j += 4;
             }
-            while j < count {
-                out[j] =
-                    crate::attention::dot_elems(q, &rows[j * stride..j * stride + len]) * scale;
-                j += 1;
-            }
+            g += heads;
         }
     }
 
@@ -608,55 +592,38 @@ impl VecOps for Avx2Ops {
     #[inline(always)]
     unsafe fn rescale_accumulate<E: KvElem>(
         out: &mut [f32],
-        corr: f32,
+        hd: usize,
+        corr: &[f32],
         p: &[f32],
+        bs: usize,
+        count: usize,
         rows: &[E],
         stride: usize,
     ) {
-        let len = out.len();
-        let count = p.len();
+        let group = out.len() / hd;
         if count > 0 {
-            assert!(rows.len() >= (count - 1) * stride + len);
+            assert!(rows.len() >= (count - 1) * stride + hd);
         }
-        // SAFETY: every row `j < count` spans `rows[j * stride..][..len]`,
-        // within bounds by the assert; AVX2/FMA per the trait contract.
-        unsafe {
-            let o = out.as_mut_ptr();
-            let r = rows.as_ptr();
-            let cv = _mm256_set1_ps(corr);
-            let mut c = 0;
-            // Eight accumulators (64 floats) stay in registers across rows.
-            while c + 64 <= len {
-                let mut acc: [__m256; 8] =
-                    std::array::from_fn(|k| _mm256_mul_ps(_mm256_loadu_ps(o.add(c + 8 * k)), cv));
-                for (j, &pj) in p.iter().enumerate() {
-                    let pv = _mm256_set1_ps(pj);
-                    let row = r.add(j * stride + c);
-                    for (k, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(pv, E::load8(row.add(8 * k)), *a);
-                    }
+        assert!(p.len() >= group * bs && corr.len() >= group && count <= bs);
+        // As in `scores`: up to three heads share each value row's loads.
+        let mut g = 0;
+        while g < group {
+            let heads = (group - g).min(3);
+            // SAFETY: heads g..g + heads exist in `out`, `corr` and `p` (asserts above);
+            // AVX2/FMA per the trait contract.
+            unsafe {
+                let (o, c, pg) = (
+                    out.as_mut_ptr().add(g * hd),
+                    corr.as_ptr().add(g),
+                    p.as_ptr().add(g * bs),
+                );
+                match heads {
+                    1 => accumulate_heads::<1, E>(o, hd, c, pg, bs, count, rows, stride),
+                    2 => accumulate_heads::<2, E>(o, hd, c, pg, bs, count, rows, stride),
+                    _ => accumulate_heads::<3, E>(o, hd, c, pg, bs, count, rows, stride),
                 }
-                for (k, a) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(o.add(c + 8 * k), *a);
-                }
-                c += 64;
             }
-            while c + 8 <= len {
-                let mut acc = _mm256_mul_ps(_mm256_loadu_ps(o.add(c)), cv);
-                for (j, &pj) in p.iter().enumerate() {
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(pj), E::load8(r.add(j * stride + c)), acc);
-                }
-                _mm256_storeu_ps(o.add(c), acc);
-                c += 8;
-            }
-            while c < len {
-                let mut acc = *o.add(c) * corr;
-                for (j, &pj) in p.iter().enumerate() {
-                    acc += pj * (*r.add(j * stride + c)).to_f32();
-                }
-                *o.add(c) = acc;
-                c += 1;
-            }
+            g += heads;
         }
     }
 
@@ -664,6 +631,144 @@ impl VecOps for Avx2Ops {
     unsafe fn scale(y: &mut [f32], a: f32) {
         for v in y.iter_mut() {
             *v *= a;
+        }
+    }
+}
+
+/// Scores of `G` query heads (`q`: `G × hd`, `out`: head `h` at `h · bs`) against key
+/// rows `j < count`: four keys at a time, each 8-wide slice of a key loaded once for the
+/// `G` heads, one horizontal reduction per head and four keys.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `q`, `out` and `rows` hold what they address.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn scores_heads<const G: usize, E: KvElem>(
+    q: *const f32,
+    hd: usize,
+    rows: &[E],
+    stride: usize,
+    scale: f32,
+    out: *mut f32,
+    bs: usize,
+    count: usize,
+) {
+    let full = hd - hd % 8;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let r = rows.as_ptr();
+        let sv = _mm_set1_ps(scale);
+        let mut j = 0;
+        while j + 4 <= count {
+            let kp: [*const E; 4] = std::array::from_fn(|k| r.add((j + k) * stride));
+            let mut acc = [[_mm256_setzero_ps(); 4]; G];
+            let mut i = 0;
+            while i < full {
+                for k in 0..4 {
+                    let kv = E::load8(kp[k].add(i));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(h * hd + i)), kv, a[k]);
+                    }
+                }
+                i += 8;
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let t0 = _mm256_hadd_ps(a[0], a[1]);
+                let t1 = _mm256_hadd_ps(a[2], a[3]);
+                let t = _mm256_hadd_ps(t0, t1);
+                let mut sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+                if full < hd {
+                    let mut tail = [0f32; 4];
+                    for (k, tk) in tail.iter_mut().enumerate() {
+                        for c in full..hd {
+                            *tk += *q.add(h * hd + c) * (*kp[k].add(c)).to_f32();
+                        }
+                    }
+                    sums = _mm_add_ps(sums, _mm_loadu_ps(tail.as_ptr()));
+                }
+                _mm_storeu_ps(out.add(h * bs + j), _mm_mul_ps(sums, sv));
+            }
+            j += 4;
+        }
+        while j < count {
+            let row = &rows[j * stride..j * stride + hd];
+            for h in 0..G {
+                let qh = std::slice::from_raw_parts(q.add(h * hd), hd);
+                *out.add(h * bs + j) = crate::attention::dot_elems(qh, row) * scale;
+            }
+            j += 1;
+        }
+    }
+}
+
+/// `out_h ← out_h · corr[h] + Σ_j p[h · bs + j] · rows[j]` for `G` heads: 32 columns at
+/// a time (then 8, then single ones), each value slice loaded once for the `G` heads,
+/// their accumulators in registers across the rows.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `out`, `corr`, `p` and `rows` hold what they address.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn accumulate_heads<const G: usize, E: KvElem>(
+    out: *mut f32,
+    hd: usize,
+    corr: *const f32,
+    p: *const f32,
+    bs: usize,
+    count: usize,
+    rows: &[E],
+    stride: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let r = rows.as_ptr();
+        let cv: [__m256; G] = std::array::from_fn(|h| _mm256_set1_ps(*corr.add(h)));
+        let mut c = 0;
+        while c + 32 <= hd {
+            let mut acc: [[__m256; 4]; G] = std::array::from_fn(|h| {
+                std::array::from_fn(|k| {
+                    _mm256_mul_ps(_mm256_loadu_ps(out.add(h * hd + c + 8 * k)), cv[h])
+                })
+            });
+            for j in 0..count {
+                let row = r.add(j * stride + c);
+                for k in 0..4 {
+                    let v = E::load8(row.add(8 * k));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        a[k] = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(h * bs + j)), v, a[k]);
+                    }
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                for (k, v) in a.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(h * hd + c + 8 * k), *v);
+                }
+            }
+            c += 32;
+        }
+        while c + 8 <= hd {
+            let mut acc: [__m256; G] =
+                std::array::from_fn(|h| _mm256_mul_ps(_mm256_loadu_ps(out.add(h * hd + c)), cv[h]));
+            for j in 0..count {
+                let v = E::load8(r.add(j * stride + c));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(h * bs + j)), v, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(h * hd + c), *a);
+            }
+            c += 8;
+        }
+        while c < hd {
+            for h in 0..G {
+                let mut acc = *out.add(h * hd + c) * *corr.add(h);
+                for j in 0..count {
+                    acc += *p.add(h * bs + j) * (*r.add(j * stride + c)).to_f32();
+                }
+                *out.add(h * hd + c) = acc;
+            }
+            c += 1;
         }
     }
 }

@@ -119,6 +119,9 @@ fn timing_paged_attention() {
         .map(|i| ((i * 13) % 101) as f32 / 101.0 - 0.5)
         .collect();
     let vc = kc.clone();
+    // The engine's default KV cache is f16.
+    let kh: Vec<half::f16> = kc.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let vh = kh.clone();
     let table: Vec<u32> = (0..1100u32).rev().collect();
     // (label, sequences, query_len, context_len)
     for &(label, seqs, qlen, ctx) in &[
@@ -138,21 +141,27 @@ fn timing_paged_attention() {
             .map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5)
             .collect();
         let mut out = vec![0f32; q.len()];
-        let mut best = f64::INFINITY;
-        let cpu0 = thread_cpu_ns();
-        for _ in 0..20 {
-            let start = Instant::now();
-            paged_attention(&shape, &kc, &vc, &q, 9, &specs, &mut out).unwrap();
-            best = best.min(start.elapsed().as_secs_f64());
+        for kv in ["f32", "f16"] {
+            let mut best = f64::INFINITY;
+            let cpu0 = thread_cpu_ns();
+            for _ in 0..20 {
+                let start = Instant::now();
+                if kv == "f32" {
+                    paged_attention(&shape, &kc, &vc, &q, 9, &specs, &mut out).unwrap();
+                } else {
+                    paged_attention(&shape, &kh, &vh, &q, 9, &specs, &mut out).unwrap();
+                }
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            let best_cpu = match (cpu0, thread_cpu_ns()) {
+                (Some(a), Some(b)) => (b - a) as f64 * 1e-9 / 20.0,
+                _ => f64::NAN,
+            };
+            eprintln!(
+                "attention {label} ({kv} cache): wall {:8.1} us  thread-cpu {:8.1} us",
+                best * 1e6,
+                best_cpu * 1e6
+            );
         }
-        let best_cpu = match (cpu0, thread_cpu_ns()) {
-            (Some(a), Some(b)) => (b - a) as f64 * 1e-9 / 20.0,
-            _ => f64::NAN,
-        };
-        eprintln!(
-            "attention {label}: wall {:8.1} us  thread-cpu {:8.1} us",
-            best * 1e6,
-            best_cpu * 1e6
-        );
     }
 }

@@ -208,6 +208,10 @@ fn gqa_mha_mqa_and_odd_sizes() {
         (16, 4, 1, 64),
         (5, 3, 3, 20),
         (32, 2, 2, 3),
+        // Groups of more than three heads (fused three at a time, then the rest) and head
+        // sizes with 32-, 8- and 1-wide column remainders.
+        (16, 2, 7, 40),
+        (4, 1, 5, 75),
     ] {
         let lens = [(23, 5), (1, 1), (50, 50), (31, 2)];
         let b = build(&mut rng, bs, nkv, group, hd, &lens, 4.0, false);
