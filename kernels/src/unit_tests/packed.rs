@@ -303,6 +303,17 @@ fn int8_levels_are_detected_and_forced() {
     let e = parse_setting(Some("avx9")).unwrap_err();
     assert!(e.contains("avx9") && e.contains("avx512_vnni"), "{e}");
     assert!(Int8Level::best() == Int8Level::Off || have.contains(&Int8Level::best()));
+    // `auto` takes the first preferred level this CPU runs: AVX-VNNI before AVX-512 VNNI.
+    if crate::simd::level() != crate::simd::Level::Scalar {
+        let first = Int8Level::PREFERENCE
+            .into_iter()
+            .find(|l| have.contains(l))
+            .unwrap_or(Int8Level::Off);
+        assert_eq!(Int8Level::best(), first);
+        if have.contains(&Int8Level::AvxVnni) {
+            assert_eq!(Int8Level::best(), Int8Level::AvxVnni);
+        }
+    }
 }
 
 /// Q8_0 codes at the extremes (±127 weights against ±127 activations): the AVX2 kernel's
