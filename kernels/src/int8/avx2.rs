@@ -14,8 +14,7 @@ use std::arch::x86_64::*;
 
 use super::tile::{self, Dot};
 use super::Product;
-use crate::gemm::OutWriter;
-use crate::packed::{self, Acts, GROUP};
+use crate::packed::{self, Acts};
 use crate::quant::{QuantFormat, BLOCK_WEIGHTS};
 
 pub(super) fn available() -> bool {
@@ -114,9 +113,9 @@ unsafe fn wide_groups(p: &Product<'_, '_>, g0: usize, g1: usize) {
             // ownership is this function's contract.
             unsafe {
                 match t {
-                    1 => wide_store(out, t0, g, wide_tile::<1>(recs, nb, cols, acts, t0)),
-                    2 => wide_store(out, t0, g, wide_tile::<2>(recs, nb, cols, acts, t0)),
-                    _ => wide_store(out, t0, g, wide_tile::<3>(recs, nb, cols, acts, t0)),
+                    1 => tile::store(out, t0, g, wide_tile::<1>(recs, nb, cols, acts, t0)),
+                    2 => tile::store(out, t0, g, wide_tile::<2>(recs, nb, cols, acts, t0)),
+                    _ => tile::store(out, t0, g, wide_tile::<3>(recs, nb, cols, acts, t0)),
                 }
             }
             t0 += t;
@@ -130,20 +129,6 @@ unsafe fn wide_groups(p: &Product<'_, '_>, g0: usize, g1: usize) {
 unsafe fn hadd_order() -> __m256i {
     // SAFETY: the caller enables AVX.
     unsafe { _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7) }
-}
-
-/// Write a wide tile's eight rows per token, back in row order.
-#[inline(always)]
-unsafe fn wide_store<const T: usize>(out: &OutWriter<'_>, t0: usize, g: usize, acc: [__m256; T]) {
-    for (t, a) in acc.iter().enumerate() {
-        let mut v = [0f32; GROUP];
-        // SAFETY: `v` has eight floats; the caller enables AVX2.
-        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), _mm256_permutevar8x32_ps(*a, hadd_order())) };
-        for (j, &x) in v.iter().enumerate() {
-            // SAFETY: row ownership is the caller's contract.
-            unsafe { out.put(t0 + t, g * GROUP + j, x) };
-        }
-    }
 }
 
 /// One Q8_0 group (8 rows) against tokens `t0..t0 + T`, over all `nb` blocks.
@@ -200,6 +185,10 @@ unsafe fn wide_tile<const T: usize>(
                 let scale = _mm256_mul_ps(dv, _mm256_set1_ps(*acts.d.as_ptr().add(tb)));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
             }
+        }
+        // Back to row order.
+        for a in &mut acc {
+            *a = _mm256_permutevar8x32_ps(*a, order);
         }
         acc
     }

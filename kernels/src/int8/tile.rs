@@ -145,7 +145,12 @@ unsafe fn groups_fmt<D: Dot, F: Fmt, const P: bool>(p: &Product<'_, '_>, g0: usi
 
 /// Write a tile's eight consecutive rows for each of its tokens.
 #[inline(always)]
-unsafe fn store<const T: usize>(out: &OutWriter<'_>, t0: usize, g: usize, acc: [__m256; T]) {
+pub(super) unsafe fn store<const T: usize>(
+    out: &OutWriter<'_>,
+    t0: usize,
+    g: usize,
+    acc: [__m256; T],
+) {
     for (t, a) in acc.iter().enumerate() {
         let mut v = [0f32; GROUP];
         // SAFETY: `v` has eight floats.
