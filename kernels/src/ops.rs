@@ -168,19 +168,54 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::level() != crate::simd::Level::Scalar {
         let full = len - len % 8;
+        let g = gate.as_mut_ptr();
         // SAFETY: AVX2/FMA are present whenever the level is not Scalar; both slices
-        // hold `full` elements.
-        unsafe { crate::x86::silu_mul_avx2(&mut gate[..full], &up[..full]) };
-        silu_mul_portable(&mut gate[full..], &up[full..]);
+        // hold `full` elements, and the kernel allows `out` to be `gate`.
+        unsafe { crate::x86::silu_mul_avx2(g, g, up.as_ptr(), full) };
+        for (g, &u) in gate[full..].iter_mut().zip(&up[full..]) {
+            *g = silu(*g) * u;
+        }
         return;
     }
-    silu_mul_portable(gate, up);
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
 }
 
-fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+/// SwiGLU gating of stacked rows, where a stacked gate/up product left them: each row of
+/// `x` holds `[gate | up]`, `half` values each, and `out` gets `rows × half` values
+/// `silu(gate) · up` (no split into two buffers first).
+pub fn silu_mul_halves(x: &[f32], half: usize, out: &mut [f32]) -> Result<(), KernelError> {
+    if half == 0 || !x.len().is_multiple_of(2 * half) {
+        return Err(KernelError::InvalidShape {
+            what: "silu_mul_halves x",
+            reason: format!("{} values are not rows of 2 × {half}", x.len()),
+        });
     }
+    check_len("silu_mul_halves out", x.len() / 2, out.len())?;
+    for (row, o) in x.chunks_exact(2 * half).zip(out.chunks_exact_mut(half)) {
+        let (gate, up) = row.split_at(half);
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::level() != crate::simd::Level::Scalar {
+            let full = half - half % 8;
+            // SAFETY: AVX2/FMA are present whenever the level is not Scalar; the three
+            // slices hold `full` elements.
+            unsafe { crate::x86::silu_mul_avx2(o.as_mut_ptr(), gate.as_ptr(), up.as_ptr(), full) };
+            for i in full..half {
+                o[i] = silu(gate[i]) * up[i];
+            }
+            continue;
+        }
+        for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+            *o = silu(g) * u;
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
 }
 
 /// Index of the largest value (the first one on ties). NaNs are ignored;

@@ -494,22 +494,24 @@ pub(crate) unsafe fn quantize_acts_avx2(
     }
 }
 
-/// `gate[i] = gate[i] / (1 + e^(−gate[i])) · up[i]`, eight lanes at a time.
+/// `out[i] = gate[i] / (1 + e^(−gate[i])) · up[i]` for `i < len`, eight lanes at a time.
+/// `out` may be `gate` (each element is read before it is written).
 ///
 /// # Safety
-/// AVX2/FMA must be available; both slices must have the same length, a multiple of 8.
+/// AVX2/FMA must be available; `len` is a multiple of 8 and every pointer addresses `len`
+/// floats.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
-    assert!(gate.len() == up.len() && gate.len().is_multiple_of(8));
-    // SAFETY: in bounds by the assert; features enabled on this function.
+pub(crate) unsafe fn silu_mul_avx2(out: *mut f32, gate: *const f32, up: *const f32, len: usize) {
+    assert!(len.is_multiple_of(8));
+    // SAFETY: the caller's contract; features enabled on this function.
     unsafe {
         let one = _mm256_set1_ps(1.0);
-        for i in (0..gate.len()).step_by(8) {
-            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
-            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+        for i in (0..len).step_by(8) {
+            let g = _mm256_loadu_ps(gate.add(i));
+            let u = _mm256_loadu_ps(up.add(i));
             let e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
             let y = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
-            _mm256_storeu_ps(gate.as_mut_ptr().add(i), y);
+            _mm256_storeu_ps(out.add(i), y);
         }
     }
 }

@@ -1,7 +1,7 @@
 use rand::Rng;
 
 use super::{rand_vec, rng};
-use crate::ops::{apply_rope, argmax, rms_norm, silu_mul, RopeStyle, RopeTable};
+use crate::ops::{apply_rope, argmax, rms_norm, silu_mul, silu_mul_halves, RopeStyle, RopeTable};
 use crate::KernelError;
 
 #[test]
@@ -159,6 +159,30 @@ fn rope_position_zero_is_identity_and_errors() {
         apply_rope(&mut y, &[0, 0, 0, 0], 1, 4, &table, RopeStyle::Neox),
         Err(KernelError::InvalidShape { .. })
     ));
+}
+
+/// Gating rows of `[gate | up]` where they lie equals splitting them and gating in place,
+/// bit for bit, with and without a tail of fewer than eight lanes.
+#[test]
+fn silu_mul_halves_equals_split_then_gate() {
+    let mut rng = rng(35);
+    for half in [1usize, 8, 13, 64, 1536] {
+        let rows = 3;
+        let x = rand_vec(&mut rng, rows * 2 * half, 6.0);
+        let mut want = Vec::new();
+        for row in x.chunks_exact(2 * half) {
+            let mut gate = row[..half].to_vec();
+            silu_mul(&mut gate, &row[half..]);
+            want.extend(gate);
+        }
+        let mut got = vec![f32::NAN; rows * half];
+        silu_mul_halves(&x, half, &mut got).unwrap();
+        assert_eq!(got, want, "half {half}");
+    }
+    let mut out = vec![0.0; 4];
+    assert!(silu_mul_halves(&[0.0; 10], 4, &mut out).is_err());
+    assert!(silu_mul_halves(&[0.0; 16], 4, &mut out).is_err());
+    assert!(silu_mul_halves(&[0.0; 8], 0, &mut out).is_err());
 }
 
 #[test]

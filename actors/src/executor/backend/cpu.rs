@@ -3,7 +3,7 @@
 //! the KV pool is [`KvPool`], and a step's index data is the batch description itself.
 
 use pagoda_kernels::attention::KvShape;
-use pagoda_kernels::ops::{apply_rope, rms_norm, silu_mul, RopeStyle, RopeTable};
+use pagoda_kernels::ops::{apply_rope, rms_norm, silu_mul, silu_mul_halves, RopeStyle, RopeTable};
 use pagoda_kernels::quant::Precision;
 
 use super::kv_pool::KvPool;
@@ -217,6 +217,16 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn silu_mul_halves(
+        &self,
+        x: &Vec<f32>,
+        half: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ForwardError> {
+        out.resize(x.len() / 2, 0.0);
+        silu_mul_halves(x, half, out).map_err(|e| shape_err(format!("silu_mul_halves: {e}")))
+    }
+
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<(), ForwardError> {
         if x.len() != y.len() {
             return Err(shape_err(format!("add: {} + {} values", x.len(), y.len())));
@@ -344,6 +354,23 @@ mod tests {
     }
 
     /// Per-head products equal one product per head on that head's columns.
+    #[test]
+    fn silu_mul_halves_gates_stacked_rows_like_the_split_halves() {
+        let b = Cpu::default();
+        let (rows, half) = (2, 11);
+        let x: Vec<f32> = (0..rows * 2 * half).map(|i| i as f32 / 7.0 - 3.0).collect();
+        let mut out = Vec::new();
+        b.silu_mul_halves(&x, half, &mut out).unwrap();
+        assert_eq!(out.len(), rows * half);
+        for (r, row) in x.chunks_exact(2 * half).enumerate() {
+            let mut gate = row[..half].to_vec();
+            b.silu_mul(&mut gate, &row[half..].to_vec()).unwrap();
+            assert_eq!(&out[r * half..(r + 1) * half], &gate[..]);
+        }
+        let err = b.silu_mul_halves(&vec![0.0; 7], 2, &mut out).unwrap_err();
+        assert!(err.to_string().contains("silu_mul_halves"), "{err}");
+    }
+
     #[test]
     fn matmul_heads_runs_each_head_through_its_matrix() {
         let b = Cpu::default();

@@ -138,6 +138,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<(), ForwardError>;
     /// SwiGLU gating in place: `gate = silu(gate) · up`.
     fn silu_mul(&self, gate: &mut Self::Tensor, up: &Self::Tensor) -> Result<(), ForwardError>;
+    /// SwiGLU gating of a stacked gate/up product: each row of `x` holds `[gate | up]`,
+    /// `half` values each; `out` becomes the rows' `silu(gate) · up` (`rows × half`).
+    fn silu_mul_halves(
+        &self,
+        x: &Self::Tensor,
+        half: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<(), ForwardError>;
     /// `x += y`.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), ForwardError>;
     /// Sets `t` to `len` copies of `value`.
