@@ -164,22 +164,9 @@ pub fn apply_rope(
 /// `silu(g) = g / (1 + e^(−g))`. Only the common length is processed.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     let len = gate.len().min(up.len());
-    let (gate, up) = (&mut gate[..len], &up[..len]);
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::level() != crate::simd::Level::Scalar {
-        let full = len - len % 8;
-        let g = gate.as_mut_ptr();
-        // SAFETY: AVX2/FMA are present whenever the level is not Scalar; both slices
-        // hold `full` elements, and the kernel allows `out` to be `gate`.
-        unsafe { crate::x86::silu_mul_avx2(g, g, up.as_ptr(), full) };
-        for (g, &u) in gate[full..].iter_mut().zip(&up[full..]) {
-            *g = silu(*g) * u;
-        }
-        return;
-    }
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
-    }
+    let g = gate.as_mut_ptr();
+    // SAFETY: both slices hold `len` elements; `out` may be `gate`.
+    unsafe { silu_mul_raw(g, g, up.as_ptr(), len) };
 }
 
 /// SwiGLU gating of stacked rows, where a stacked gate/up product left them: each row of
@@ -195,27 +182,35 @@ pub fn silu_mul_halves(x: &[f32], half: usize, out: &mut [f32]) -> Result<(), Ke
     check_len("silu_mul_halves out", x.len() / 2, out.len())?;
     for (row, o) in x.chunks_exact(2 * half).zip(out.chunks_exact_mut(half)) {
         let (gate, up) = row.split_at(half);
-        #[cfg(target_arch = "x86_64")]
-        if crate::simd::level() != crate::simd::Level::Scalar {
-            let full = half - half % 8;
-            // SAFETY: AVX2/FMA are present whenever the level is not Scalar; the three
-            // slices hold `full` elements.
-            unsafe { crate::x86::silu_mul_avx2(o.as_mut_ptr(), gate.as_ptr(), up.as_ptr(), full) };
-            for i in full..half {
-                o[i] = silu(gate[i]) * up[i];
-            }
-            continue;
-        }
-        for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-            *o = silu(g) * u;
-        }
+        // SAFETY: the three slices hold `half` elements.
+        unsafe { silu_mul_raw(o.as_mut_ptr(), gate.as_ptr(), up.as_ptr(), half) };
     }
     Ok(())
 }
 
-#[inline(always)]
-fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
+/// `out[i] = silu(gate[i]) · up[i]` for `i < len`: AVX2 eight lanes at a time where the
+/// level allows, the rest one by one. `out` may be `gate` (each element is read before
+/// it is written).
+///
+/// # Safety
+/// Every pointer addresses `len` floats.
+unsafe fn silu_mul_raw(out: *mut f32, gate: *const f32, up: *const f32, len: usize) {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() != crate::simd::Level::Scalar {
+        done = len - len % 8;
+        // SAFETY: AVX2/FMA are present whenever the level is not Scalar; the caller's
+        // contract covers `done ≤ len` elements.
+        unsafe { crate::x86::silu_mul_avx2(out, gate, up, done) };
+    }
+    for i in done..len {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let g = *gate.add(i);
+            *out.add(i) = g / (1.0 + (-g).exp()) * *up.add(i);
+        }
+    }
 }
 
 /// Index of the largest value (the first one on ties). NaNs are ignored;

@@ -72,12 +72,17 @@ impl Dot for Avx2 {
 pub(super) unsafe fn groups(p: &Product<'_, '_>, g0: usize, g1: usize) {
     // SAFETY: features enabled on this function; the rest is forwarded.
     unsafe {
-        if p.format == QuantFormat::Q8_0 && p.acts.precise {
+        if wide(p.format, p.acts.precise) {
             wide_groups(p, g0, g1)
         } else {
             tile::groups::<Avx2>(p, g0, g1)
         }
     }
+}
+
+/// Whether a product of `format` runs [`wide_tile`] (and needs [`Acts::widen`]).
+pub(super) fn wide(format: QuantFormat, precise: bool) -> bool {
+    format == QuantFormat::Q8_0 && precise
 }
 
 /// Tokens per [`wide_tile`]: two i32 and one f32 accumulator each, beside the two weight

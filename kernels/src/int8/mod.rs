@@ -177,12 +177,13 @@ pub(crate) struct Product<'a, 'o> {
 
 /// Whether `level` multiplies `format` by the combined i16 codes ([`Acts::widen`], to be
 /// filled before [`groups`]): AVX2's Q8_0 kernel with precise activations.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) fn wants_wide(level: Int8Level, format: QuantFormat, precise: bool) -> bool {
-    cfg!(target_arch = "x86_64")
-        && level == Int8Level::Avx2
-        && level.supported()
-        && precise
-        && format == QuantFormat::Q8_0
+    #[cfg(target_arch = "x86_64")]
+    if level == Int8Level::Avx2 && level.supported() {
+        return avx2::wide(format, precise);
+    }
+    false
 }
 
 /// Groups `g0..g1` of `p` (rows `g0·8..g1·8` for every token) on `level` (the portable

@@ -69,6 +69,29 @@ impl<B: Backend> Projections<B> {
         }
         Ok(())
     }
+
+    /// SwiGLU of a gate/up pair (parts `[gate, up]`): `out = silu(x · gateᵀ) · (x · upᵀ)`.
+    /// A stacked pair is gated where its product lands (rows of `[gate | up]`), with no
+    /// split into two buffers; separate parts go through `up`.
+    pub fn swiglu(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        stacked: &mut B::Tensor,
+        up: &mut B::Tensor,
+        out: &mut B::Tensor,
+    ) -> Result<(), ForwardError> {
+        match self {
+            Projections::Stacked { m, rows } if rows.len() == 2 && rows[0] == rows[1] => {
+                b.matmul(m, x, stacked)?;
+                b.silu_mul_halves(stacked, rows[0], out)
+            }
+            _ => {
+                self.forward(b, x, &mut [&mut *out, &mut *up], stacked)?;
+                b.silu_mul(out, up)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -383,18 +383,8 @@ impl<B: Backend> FeedForward<B> for Mlp<B> {
         s: &mut Scratch<B>,
         out: &mut B::Tensor,
     ) -> Result<(), ForwardError> {
-        match &self.gate_up {
-            // One product, gated where it landed (rows of [gate | up]): no split.
-            Projections::Stacked { m, rows } if rows.len() == 2 && rows[0] == rows[1] => {
-                b.matmul(m, x, &mut s.stacked)?;
-                b.silu_mul_halves(&s.stacked, rows[0], &mut s.gate)?;
-            }
-            _ => {
-                self.gate_up
-                    .forward(b, x, &mut [&mut s.gate, &mut s.up], &mut s.stacked)?;
-                b.silu_mul(&mut s.gate, &s.up)?;
-            }
-        }
+        self.gate_up
+            .swiglu(b, x, &mut s.stacked, &mut s.up, &mut s.gate)?;
         b.matmul(&self.down, &s.gate, out)
     }
 }
