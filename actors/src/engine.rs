@@ -180,6 +180,7 @@ impl EngineCore {
             family = family.name,
             backend = backend.name(),
             int8_kernel = %int8,
+            kernel_threads = pagoda_kernels::pool::threads(),
             "loading"
         );
         let model = models::load(&backend, family, &mut src)?;

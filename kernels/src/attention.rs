@@ -7,8 +7,6 @@
 //! softmax, so no score buffer larger than one block per head is ever
 //! materialised, whatever the context length.
 
-use rayon::prelude::*;
-
 use crate::error::{check_len, checked_product, KernelError};
 use crate::simd::{Level, LANES};
 
@@ -407,15 +405,24 @@ pub(crate) fn attention_with<E: KvElem>(
         }
     };
     let macs = work.saturating_mul(num_heads).saturating_mul(hd);
-    if macs < crate::gemm::PARALLEL_MIN_MACS || rayon::current_num_threads() <= 1 {
+    let threads = crate::pool::threads();
+    if macs < crate::gemm::PARALLEL_MIN_MACS || threads <= 1 {
         let mut scratch = Vec::new();
         out.chunks_mut(chunk)
             .enumerate()
             .for_each(|item| task(&mut scratch, item));
     } else {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each_init(Vec::new, task);
+        // Runs of (token, KV head) items, about eight per thread: their costs differ
+        // with each sequence's context.
+        let items = out.len() / chunk;
+        let per = items.div_ceil((threads * 8).min(items).max(1));
+        let parts: Vec<(usize, &mut [f32])> = out.chunks_mut(per * chunk).enumerate().collect();
+        crate::pool::for_each(parts, |(p, part)| {
+            let mut scratch = Vec::new();
+            for (j, out_g) in part.chunks_mut(chunk).enumerate() {
+                task(&mut scratch, (p * per + j, out_g));
+            }
+        });
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use crate::simd::{self, Level};
 /// `out (n × rows) = x (n × cols) · Wᵀ`, where `w` is `rows × cols` row-major.
 ///
 /// `w`, `x` and `out` must hold exactly `rows × cols`, `n × cols` and
-/// `n × rows` values. Rows are split across rayon tasks.
+/// `n × rows` values. Rows are split across the kernel pool's tasks.
 pub fn matmul_f32(
     w: &[f32],
     rows: usize,

@@ -65,7 +65,7 @@ impl<'a> OutWriter<'a> {
 /// How many rows one parallel task handles: about four tasks per worker,
 /// a multiple of [`ROW_TILE`], and at most `max_rows`.
 pub(crate) fn rows_per_task(rows: usize, max_rows: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::pool::threads();
     let target = rows.div_ceil(threads * 4);
     let rounded = target.div_ceil(ROW_TILE) * ROW_TILE;
     rounded.clamp(ROW_TILE, max_rows.max(ROW_TILE))
@@ -264,10 +264,9 @@ pub(crate) fn run_tasks<F>(count: usize, macs: usize, task: F)
 where
     F: Fn(usize) + Sync + Send,
 {
-    use rayon::prelude::*;
-    if count <= 1 || macs < PARALLEL_MIN_MACS || rayon::current_num_threads() <= 1 {
+    if macs < PARALLEL_MIN_MACS {
         (0..count).for_each(task);
     } else {
-        (0..count).into_par_iter().for_each(task);
+        crate::pool::run(count, &task);
     }
 }

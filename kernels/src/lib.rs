@@ -5,8 +5,8 @@
 //! Every kernel validates its arguments and returns [`KernelError`] on a
 //! shape or format mismatch. Hot loops dispatch at run time to AVX2/FMA code
 //! on x86-64 machines that support it and otherwise run portable Rust that
-//! the compiler vectorises for the target's baseline. Parallel kernels use
-//! the global rayon pool. Setting `PAGODA_KERNELS_SCALAR=1` in the environment
+//! the compiler vectorises for the target's baseline. Parallel kernels run on
+//! the kernels' own thread pool ([`pool`]). Setting `PAGODA_KERNELS_SCALAR=1` in the environment
 //! forces the portable path (useful when chasing a numerical difference);
 //! `PAGODA_KERNELS_INT8` picks the int8 kernel of quantized products ([`int8`]).
 
@@ -17,6 +17,7 @@ mod gemm;
 pub mod int8;
 pub mod ops;
 mod packed;
+pub mod pool;
 pub mod quant;
 mod simd;
 #[cfg(test)]

@@ -250,46 +250,59 @@ pub(crate) struct BlockOut<'a> {
     pub xs: &'a mut [f32],
 }
 
-/// Blocks below which quantizing on one thread beats handing half to another.
-const SPLIT_BLOCKS: usize = 2048;
+/// Blocks per part when quantizing is split across the kernel pool (a prefill step
+/// quantizes hundreds of thousands of activations per matmul, a 32-sequence decode step
+/// tens of thousands).
+const SPLIT_BLOCKS: usize = 256;
 
-/// Quantize `x` into `out`, halving the work across rayon while it is large (prefill
-/// steps quantize hundreds of thousands of activations per matmul).
+/// Quantize `x` into `out`, split across the kernel pool while it is large.
 fn quantize_split(x: &[f32], out: BlockOut<'_>, precise: bool) {
     let blocks = out.d.len();
-    if blocks >= 2 * SPLIT_BLOCKS && rayon::current_num_threads() > 1 {
-        let mid = blocks / 2;
-        let w = mid * BLOCK_WEIGHTS;
-        let (xa, xb) = x.split_at(w);
-        let (qa, qb) = out.q.split_at_mut(w);
-        let (q2a, q2b) = if precise {
-            out.q2.split_at_mut(w)
-        } else {
-            (&mut [][..], &mut [][..])
-        };
-        let (da, db) = out.d.split_at_mut(mid);
-        let (sa, sb) = out.sq.split_at_mut(mid);
-        let (xsa, xsb) = out.xs.split_at_mut(mid);
-        let a = BlockOut {
-            q: qa,
-            q2: q2a,
-            d: da,
-            sq: sa,
-            xs: xsa,
-        };
-        let b = BlockOut {
-            q: qb,
-            q2: q2b,
-            d: db,
-            sq: sb,
-            xs: xsb,
-        };
-        rayon::join(
-            || quantize_split(xa, a, precise),
-            || quantize_split(xb, b, precise),
-        );
+    let threads = crate::pool::threads();
+    if blocks >= 2 * SPLIT_BLOCKS && threads > 1 {
+        let per = blocks.div_ceil((blocks / SPLIT_BLOCKS).min(threads * 4));
+        let mut parts = Vec::with_capacity(blocks.div_ceil(per));
+        let BlockOut {
+            mut q,
+            mut q2,
+            mut d,
+            mut sq,
+            mut xs,
+        } = out;
+        let mut x = x;
+        while !d.is_empty() {
+            let b = per.min(d.len());
+            let w = b * BLOCK_WEIGHTS;
+            let (xa, xr) = x.split_at(w);
+            let (qa, qr) = q.split_at_mut(w);
+            let (q2a, q2r) = if precise {
+                q2.split_at_mut(w)
+            } else {
+                (&mut [][..], &mut [][..])
+            };
+            let (da, dr) = d.split_at_mut(b);
+            let (sa, sr) = sq.split_at_mut(b);
+            let (xsa, xsr) = xs.split_at_mut(b);
+            parts.push((
+                xa,
+                BlockOut {
+                    q: qa,
+                    q2: q2a,
+                    d: da,
+                    sq: sa,
+                    xs: xsa,
+                },
+            ));
+            (x, q, q2, d, sq, xs) = (xr, qr, q2r, dr, sr, xsr);
+        }
+        crate::pool::for_each(parts, |(x, out)| quantize_part(x, out, precise));
         return;
     }
+    quantize_part(x, out, precise);
+}
+
+/// Quantize `x` into `out` on this thread.
+fn quantize_part(x: &[f32], out: BlockOut<'_>, precise: bool) {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::level() != crate::simd::Level::Scalar {
         // SAFETY: AVX2/FMA are present whenever the level is not Scalar.

@@ -277,7 +277,7 @@ impl QMatrix {
     ///
     /// `x` must hold exactly `n × cols` and `out` exactly `n × rows` values.
     /// Each weight block is decoded once per call and used for all `n`
-    /// tokens; rows are split across rayon tasks.
+    /// tokens; rows are split across the kernel pool's tasks.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<(), KernelError> {
         self.matmul_with(simd::level(), x, n, out)
     }
@@ -352,7 +352,7 @@ impl QMatrix {
     }
 
     /// The int8 product of a packed matrix: activations quantized once, then groups of
-    /// eight rows split across rayon tasks.
+    /// eight rows split across the kernel pool's tasks.
     fn packed_matmul(
         &self,
         level: Int8Level,
@@ -380,7 +380,7 @@ impl QMatrix {
                 out,
             };
             let groups = self.rows / packed::GROUP;
-            let tasks = (rayon::current_num_threads() * 4).clamp(1, groups);
+            let tasks = (crate::pool::threads() * 4).clamp(1, groups);
             let chunk = groups.div_ceil(tasks);
             gemm::run_tasks(groups.div_ceil(chunk), macs, |c| {
                 let g0 = c * chunk;

@@ -659,24 +659,16 @@ fn sampling_failure(e: &SamplingError, row: &[f32], suppress: &[TokenId]) -> Err
     }
 }
 
-/// The executor actor: a thin shell around [`Executor`] on its own thread.
+/// The executor actor: a thin shell around [`Executor`] on its own thread (which takes
+/// part in the kernels' parallel calls: see `pagoda_kernels::pool`).
 pub struct ExecutorActor {
     pub executor: Executor,
-    /// The kernels' thread pool, with this actor's thread as one of its workers, so a
-    /// step's parallel calls run here and on (cores − 1) other threads instead of waking
-    /// a pool of `cores` threads while this one sleeps. None until started (or if the
-    /// pool cannot be built: the global pool is used then).
-    pool: Option<rayon::ThreadPool>,
     guard: LifeGuard,
 }
 
 impl ExecutorActor {
     pub fn new(executor: Executor, guard: LifeGuard) -> Self {
-        Self {
-            executor,
-            pool: None,
-            guard,
-        }
+        Self { executor, guard }
     }
 }
 
@@ -685,16 +677,6 @@ impl Actor for ExecutorActor {
 
     fn started(&mut self, _: &mut Context<Self>) {
         self.guard.watch_this_thread();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        match rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .use_current_thread()
-            .thread_name(|i| format!("pagoda-kernel-{i}"))
-            .build()
-        {
-            Ok(pool) => self.pool = Some(pool),
-            Err(e) => tracing::warn!(error = %e, "kernel thread pool: using rayon's global pool"),
-        }
     }
 }
 
@@ -702,12 +684,6 @@ impl Handler<RunBatch> for ExecutorActor {
     type Result = Result<StepOutput, String>;
     fn handle(&mut self, msg: RunBatch, _: &mut Context<Self>) -> Self::Result {
         fault::panic_if_armed("executor", msg.batch.seqs.iter().map(|s| s.seq_id));
-        match &self.pool {
-            Some(pool) => {
-                let executor = &mut self.executor;
-                pool.install(|| executor.execute(msg))
-            }
-            None => self.executor.execute(msg),
-        }
+        self.executor.execute(msg)
     }
 }
