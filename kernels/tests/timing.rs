@@ -2,7 +2,7 @@
 //! `cargo test -p pagoda-kernels --release --test timing -- --ignored --nocapture`
 //!
 //! Reports the best wall time over many short trials and, on Linux, the CPU
-//! time of the calling thread per call (meaningful with `RAYON_NUM_THREADS=1`,
+//! time of the calling thread per call (meaningful with `PAGODA_KERNEL_THREADS=1`,
 //! where small jobs run on the caller), which sees through load from other
 //! processes on a shared machine.
 
