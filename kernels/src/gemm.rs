@@ -262,7 +262,7 @@ pub(crate) unsafe fn store<const R: usize, const T: usize>(
 /// Run `count` independent tasks, in parallel unless the whole job is small.
 pub(crate) fn run_tasks<F>(count: usize, macs: usize, task: F)
 where
-    F: Fn(usize) + Sync + Send,
+    F: Fn(usize) + Sync,
 {
     if macs < PARALLEL_MIN_MACS {
         (0..count).for_each(task);

@@ -58,7 +58,6 @@ struct Shared {
 // it (closed and unheld, see `run`), and read by helpers only while they hold the open
 // job; the task it points to is `Sync`.
 unsafe impl Sync for Shared {}
-unsafe impl Send for Shared {}
 
 struct Pool {
     shared: &'static Shared,

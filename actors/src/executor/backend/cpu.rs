@@ -353,7 +353,6 @@ mod tests {
         Linear::dense(w, rows, cols).unwrap()
     }
 
-    /// Per-head products equal one product per head on that head's columns.
     #[test]
     fn silu_mul_halves_gates_stacked_rows_like_the_split_halves() {
         let b = Cpu::default();
@@ -371,6 +370,7 @@ mod tests {
         assert!(err.to_string().contains("silu_mul_halves"), "{err}");
     }
 
+    /// Per-head products equal one product per head on that head's columns.
     #[test]
     fn matmul_heads_runs_each_head_through_its_matrix() {
         let b = Cpu::default();
