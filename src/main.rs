@@ -169,6 +169,11 @@ struct BenchArgs {
     /// with --seed + i, so runs compare the same samples.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Measure each concurrency level this many times, the targets' order reversed in
+    /// every other pass (A B, B A, …); with --compare-nats-url, prints each pass's
+    /// nats / in-process ratio and their median. Noisy machines need several.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Write the reports (baselines included) as JSON to this file.
     #[arg(long, value_name = "FILE.json")]
     save_result: Option<PathBuf>,
@@ -590,45 +595,62 @@ fn bench(mut config: Config, mut args: BenchArgs) -> anyhow::Result<()> {
                 guided_json: guided_json.clone(),
             };
             let mut row = Vec::new();
-            for target in &targets {
-                let masks_before = pagoda_actors::guide::MaskTotals::now();
-                let spec_before = bench::spec_counts(target).await;
-                let report = bench::run(target, &spec).await;
-                report.print();
-                if let (Some(a), Some(b)) = (spec_before, bench::spec_counts(target).await) {
-                    let (runs, proposed, kept) = (
-                        b.drafts - a.drafts,
-                        b.draft_tokens - a.draft_tokens,
-                        b.accepted_tokens - a.accepted_tokens,
-                    );
-                    if runs > 0 {
+            for round in 0..args.rounds as usize {
+                for i in bench::round_order(targets.len(), round) {
+                    let target = &targets[i];
+                    let masks_before = pagoda_actors::guide::MaskTotals::now();
+                    let spec_before = bench::spec_counts(target).await;
+                    let mut report = bench::run(target, &spec).await;
+                    report.round = round;
+                    report.print();
+                    if let (Some(a), Some(b)) = (spec_before, bench::spec_counts(target).await) {
+                        let (runs, proposed, kept) = (
+                            b.drafts - a.drafts,
+                            b.draft_tokens - a.draft_tokens,
+                            b.accepted_tokens - a.accepted_tokens,
+                        );
+                        if runs > 0 {
+                            println!(
+                                "speculative decoding (in-process engine): {runs} verifications, {proposed} draft tokens, {kept} accepted ({:.1} %), {:.2} tokens per verification step",
+                                100.0 * kept as f64 / proposed.max(1) as f64,
+                                1.0 + kept as f64 / runs as f64,
+                            );
+                        }
+                    }
+                    let masks = pagoda_actors::guide::MaskTotals::now().since(masks_before);
+                    if masks.steps > 0 {
                         println!(
-                            "speculative decoding (in-process engine): {runs} verifications, {proposed} draft tokens, {kept} accepted ({:.1} %), {:.2} tokens per verification step",
-                            100.0 * kept as f64 / proposed.max(1) as f64,
-                            1.0 + kept as f64 / runs as f64,
+                            "guided masks (in-process engine): {:.3} ms per step ({} steps, {:.1} masks per step, {:.1} µs per mask), computed while the forward pass runs",
+                            masks.nanos as f64 / 1e6 / masks.steps as f64,
+                            masks.steps,
+                            masks.masks as f64 / masks.steps as f64,
+                            masks.nanos as f64 / 1e3 / masks.masks.max(1) as f64,
                         );
                     }
+                    row.push(report);
                 }
-                let masks = pagoda_actors::guide::MaskTotals::now().since(masks_before);
-                if masks.steps > 0 {
+                let this = |t: &str| row.iter().find(|r| r.target == t && r.round == round);
+                if let (Some(a), Some(b)) = (this("in-process"), this("nats")) {
+                    let pass = if args.rounds > 1 {
+                        format!(", pass {}", round + 1)
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "guided masks (in-process engine): {:.3} ms per step ({} steps, {:.1} masks per step, {:.1} µs per mask), computed while the forward pass runs",
-                        masks.nanos as f64 / 1e6 / masks.steps as f64,
-                        masks.steps,
-                        masks.masks as f64 / masks.steps as f64,
-                        masks.nanos as f64 / 1e3 / masks.masks.max(1) as f64,
+                        "ratio nats / in-process at concurrency {c}{pass}: output throughput {:.3}, TTFT p50 {:+.1} ms, TTFT p99 {:+.1} ms",
+                        b.output_throughput / a.output_throughput.max(f64::MIN_POSITIVE),
+                        b.ttft_ms.p50 - a.ttft_ms.p50,
+                        b.ttft_ms.p99 - a.ttft_ms.p99,
                     );
                 }
-                row.push(report);
             }
-            let direct = row.iter().find(|r| r.target == "in-process");
-            let nats = row.iter().find(|r| r.target == "nats");
-            if let (Some(a), Some(b)) = (direct, nats) {
+            let ratios = bench::nats_ratios(&row, c);
+            if let (true, Some(m)) = (args.rounds > 1, bench::median(&ratios)) {
+                let each: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
                 println!(
-                    "ratio nats / in-process at concurrency {c}: output throughput {:.3}, TTFT p50 {:+.1} ms, TTFT p99 {:+.1} ms",
-                    b.output_throughput / a.output_throughput.max(f64::MIN_POSITIVE),
-                    b.ttft_ms.p50 - a.ttft_ms.p50,
-                    b.ttft_ms.p99 - a.ttft_ms.p99,
+                    "ratio nats / in-process at concurrency {c}, median of {} passes: {m:.3} ({})",
+                    ratios.len(),
+                    each.join(", ")
                 );
             }
             reports.extend(row);

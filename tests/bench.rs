@@ -4,11 +4,14 @@
 //! llama.cpp build), never faked here.
 
 mod common;
+#[path = "common/nats.rs"]
+mod nats_server;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{model_path, repo_root};
+use nats_server::NatsServer;
 use serde_json::Value;
 
 fn pagoda(args: &[&str]) -> Output {
@@ -193,6 +196,86 @@ fn bench_dataset_file_with_text_and_token_prompts() {
     // At most 3 + 4 + 3 tokens (EOS may stop a request early).
     let output = r["total_output_tokens"].as_u64().unwrap();
     assert!((3..=10).contains(&output), "{r}");
+}
+
+/// `--compare-nats-url` with `--rounds`: the engine serves on a real nats-server, each pass
+/// measures both paths (the order reversed every other pass), and the report prints every
+/// pass's nats / in-process ratio and their median.
+#[test]
+fn bench_compares_nats_and_in_process_in_alternating_passes() {
+    let nats = NatsServer::start();
+    let model = model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("x.json");
+    let out = pagoda(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--compare-nats-url",
+        &nats.url(),
+        "--num-prompts",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--sweep",
+        "2",
+        "--rounds",
+        "3",
+        "--save-result",
+        json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let reports = read_json(&json);
+    let order: Vec<(String, u64)> = reports
+        .iter()
+        .map(|r| {
+            assert_eq!(r["successful"], 2, "{r}");
+            assert_eq!(r["total_output_tokens"], 2 * 4, "{r}");
+            (
+                r["target"].as_str().unwrap().to_string(),
+                r["round"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64)> = [
+        ("in-process", 0),
+        ("nats", 0),
+        ("nats", 1),
+        ("in-process", 1),
+        ("in-process", 2),
+        ("nats", 2),
+    ]
+    .iter()
+    .map(|(t, r)| (t.to_string(), *r))
+    .collect();
+    assert_eq!(order, want);
+    for pass in 1..=3 {
+        let line = format!("ratio nats / in-process at concurrency 2, pass {pass}: ");
+        assert!(stdout.contains(&line), "no {line:?}:\n{stdout}");
+    }
+    let median = stdout
+        .lines()
+        .find(|l| l.starts_with("ratio nats / in-process at concurrency 2, median of 3 passes: "))
+        .unwrap_or_else(|| panic!("no median line:\n{stdout}"));
+    // The median is one of the three ratios listed after it.
+    let (value, listed) = median
+        .rsplit_once(": ")
+        .map(|(_, rest)| rest.split_once(" (").unwrap())
+        .unwrap();
+    let listed: Vec<&str> = listed.trim_end_matches(')').split(", ").collect();
+    assert_eq!(listed.len(), 3, "{median}");
+    assert!(listed.contains(&value), "{median}");
+
+    let zero = pagoda(&["bench", "--rounds", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(
+        text(&zero.stderr).contains("--rounds"),
+        "{}",
+        text(&zero.stderr)
+    );
 }
 
 /// Bad input fails before any work with `error: …` naming the problem.

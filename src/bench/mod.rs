@@ -173,6 +173,9 @@ pub struct BenchReport {
     /// The int8 kernel of an in-process engine (empty for other targets).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub int8_kernel: String,
+    /// Which pass of `--rounds` ran it, from 0.
+    #[serde(default)]
+    pub round: usize,
 }
 
 /// The CPU features that decide which kernels run, as `/proc/cpuinfo` spells them.
@@ -505,6 +508,7 @@ fn summarize(
         },
         cpu_features: cpu_features(),
         int8_kernel: String::new(),
+        round: 0,
         ttft_ms: Stats::of(ok.iter().map(|t| ms(t.ttft)).collect()),
         tpot_ms: tpot_stats,
         itl_ms: Stats::of(
@@ -588,6 +592,43 @@ pub fn print_ratios(reports: &[BenchReport]) {
             r.ttft_ratio()
         );
     }
+}
+
+/// The order in which `targets` targets run in pass `round` (from 0) of `--rounds`: as
+/// given in even passes, reversed in odd ones (A B, B A, A B, …), so that a path's share
+/// of a slow phase of the machine, or of the first touches of the KV pool, does not
+/// depend on its place in the list.
+pub fn round_order(targets: usize, round: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..targets).collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// NATS against in-process at one concurrency: output throughput nats / in-process of
+/// every pass that measured both successfully, in pass order.
+pub fn nats_ratios(reports: &[BenchReport], concurrency: usize) -> Vec<f64> {
+    let find = |target: &str, round: usize| {
+        reports.iter().find(|r| {
+            r.target == target
+                && r.round == round
+                && r.max_concurrency == concurrency
+                && r.successful > 0
+        })
+    };
+    let last = reports.iter().map(|r| r.round).max().unwrap_or(0);
+    (0..=last)
+        .filter_map(|round| {
+            let (a, b) = (find("in-process", round)?, find("nats", round)?);
+            Some(b.output_throughput / a.output_throughput.max(f64::MIN_POSITIVE))
+        })
+        .collect()
+}
+
+/// The median of `xs` (None when empty).
+pub fn median(xs: &[f64]) -> Option<f64> {
+    (!xs.is_empty()).then(|| Stats::of(xs.to_vec()).p50)
 }
 
 /// One line per report: the numbers to compare at a glance.
@@ -713,6 +754,49 @@ mod tests {
         r.output_throughput = tok_s;
         r.ttft_ms.p50 = ttft;
         r
+    }
+
+    #[test]
+    fn rounds_alternate_the_order_of_the_targets() {
+        assert_eq!(round_order(2, 0), [0, 1]);
+        assert_eq!(round_order(2, 1), [1, 0]);
+        assert_eq!(round_order(3, 2), [0, 1, 2]);
+        assert_eq!(round_order(3, 3), [2, 1, 0]);
+        assert!(round_order(0, 1).is_empty());
+    }
+
+    #[test]
+    fn nats_ratios_pair_the_paths_of_each_round() {
+        let at = |target: &str, c: usize, round: usize, tok_s: f64| {
+            let mut r = report(target, c, tok_s, 1.0);
+            r.round = round;
+            r
+        };
+        let mut failed = at("nats", 8, 2, 50.0);
+        failed.successful = 0;
+        let reports = vec![
+            at("in-process", 8, 0, 100.0),
+            at("nats", 8, 0, 97.0),
+            at("in-process", 32, 0, 300.0),
+            at("nats", 32, 0, 330.0),
+            at("nats", 8, 1, 104.0),
+            at("in-process", 8, 1, 100.0),
+            at("in-process", 8, 2, 100.0),
+            failed,
+            at("nats", 8, 3, 90.0),
+            at("in-process", 8, 3, 100.0),
+        ];
+        let r8 = nats_ratios(&reports, 8);
+        assert_eq!(r8.len(), 3, "{r8:?}");
+        for (got, want) in r8.iter().zip([0.97, 1.04, 0.90]) {
+            assert!((got - want).abs() < 1e-9, "{r8:?}");
+        }
+        let r32 = nats_ratios(&reports, 32);
+        assert!(r32.len() == 1 && (r32[0] - 1.1).abs() < 1e-9, "{r32:?}");
+        assert!(nats_ratios(&reports, 1).is_empty());
+        assert_eq!(median(&r8), Some(0.97));
+        assert_eq!(median(&[1.0, 2.0]), Some(1.5));
+        assert_eq!(median(&[]), None);
     }
 
     #[test]
