@@ -22,7 +22,10 @@ struct Avx512Vnni;
 
 impl Dot for Avx512Vnni {
     const MAX_TOKENS_FAST: usize = 8;
-    const MAX_TOKENS_PRECISE: usize = 6;
+
+    fn max_tokens_precise() -> usize {
+        6
+    }
     const SIGNED_Q8: bool = false;
 
     #[inline(always)]

@@ -16,7 +16,10 @@ struct AvxVnni;
 
 impl Dot for AvxVnni {
     const MAX_TOKENS_FAST: usize = 4;
-    const MAX_TOKENS_PRECISE: usize = 2;
+
+    fn max_tokens_precise() -> usize {
+        2
+    }
     const SIGNED_Q8: bool = false;
 
     #[inline(always)]

@@ -31,6 +31,9 @@ mod avx_vnni;
 #[cfg(target_arch = "x86_64")]
 mod tile;
 
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) use avx2::force_precise_tile as force_avx2_precise_tile;
+
 /// Which int8 kernel quantized matmuls use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Int8Level {

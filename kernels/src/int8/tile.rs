@@ -15,7 +15,7 @@ pub(super) trait Dot {
     /// Most tokens per tile with one activation plane and with two: weight registers,
     /// `T` accumulators and `T` partial sums per plane must fit the register file.
     const MAX_TOKENS_FAST: usize;
-    const MAX_TOKENS_PRECISE: usize;
+    fn max_tokens_precise() -> usize;
     /// Whether Q8_0 weights are used signed (`code ^ 0x80`, no bias correction): an
     /// unsigned code up to 255 times an i8 would overflow `vpmaddubsw`'s i16 pairs.
     const SIGNED_Q8: bool;
@@ -114,7 +114,7 @@ unsafe fn groups_fmt<D: Dot, F: Fmt, const P: bool>(p: &Product<'_, '_>, g0: usi
     assert!(!P || acts.q2.len() >= n * cols);
     assert!(acts.sq.len() >= n * nb && acts.xs.len() >= n * nb);
     let max = if P {
-        D::MAX_TOKENS_PRECISE
+        D::max_tokens_precise()
     } else {
         D::MAX_TOKENS_FAST
     }

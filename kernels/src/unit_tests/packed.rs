@@ -103,6 +103,44 @@ fn packed_matmul_matches_naive_on_exact_activations() {
     }
 }
 
+/// AVX2's precise tile width depends on the CPU's vendor (4 tokens on AMD, 2 elsewhere):
+/// every width, forced, gives the portable kernel's sums, whichever CPU runs the test.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_precise_tiles_of_every_width_match() {
+    if !Int8Level::available().contains(&Int8Level::Avx2) {
+        // Like the other kernel tests: only the levels this CPU runs.
+        return;
+    }
+    let mut seed = 900;
+    for width in [1, 2, 3, 4, 8] {
+        crate::int8::force_avx2_precise_tile(width);
+        for format in FORMATS {
+            for n in [1, 3, 4, 5, 9] {
+                seed += 1;
+                let mut rng = rng(seed);
+                let (rows, cols) = (16, 96);
+                let v = rand_vec(&mut rng, rows * cols, 0.1);
+                let p = QMatrix::from_f32(format, rows, cols, &v)
+                    .unwrap()
+                    .into_packed()
+                    .with_precision(Precision::Precise);
+                let x = exact_activations(&mut rng, n, cols);
+                let (mut want, mut got) = (vec![0f32; n * rows], vec![f32::NAN; n * rows]);
+                p.int8_matmul_at(Int8Level::Portable, &x, n, &mut want);
+                p.int8_matmul_at(Int8Level::Avx2, &x, n, &mut got);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{format:?} width {width} n={n}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+    crate::int8::force_avx2_precise_tile(0);
+}
+
 #[test]
 fn packed_matmul_model_shapes() {
     // SmolLM2-135M: fused qkv (960×576), o (576×576), fused gate/up (3072×576),
