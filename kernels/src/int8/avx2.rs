@@ -55,8 +55,7 @@ pub(crate) fn force_precise_tile(tokens: usize) {
 
 /// Whether the CPU's vendor string is AMD's.
 fn amd() -> bool {
-    // SAFETY: `cpuid` leaf 0 exists on every x86_64 CPU.
-    let r = unsafe { __cpuid(0) };
+    let r = __cpuid(0);
     let mut vendor = [0u8; 12];
     for (i, reg) in [r.ebx, r.edx, r.ecx].into_iter().enumerate() {
         vendor[4 * i..4 * i + 4].copy_from_slice(&reg.to_le_bytes());
