@@ -4,7 +4,7 @@
 #
 #   benches/compare_llamacpp.sh [--sweep 1,8,32] [--input-len 128] [--output-len 128]
 #                               [--num-prompts N] [--out DIR] [--no-nats] [--build-only]
-#                               [--wait-idle SECONDS] [--cpu native|avx2]
+#                               [--wait-idle SECONDS] [--cpu native|avx2] [--repeat N]
 #
 # 1. Builds llama-server (CPU only, -DGGML_NATIVE=ON, only the server target) from the
 #    llama.cpp that the PyPI sdist of llama-cpp-python vendors, into
@@ -21,6 +21,10 @@
 # --cpu avx2 measures both engines as on an AVX2-only machine, on any newer x86 CPU:
 # llama-server is built with GGML_NATIVE=OFF and only AVX/AVX2/FMA/F16C (no AVX-512, no
 # VNNI; a separate build directory) and pagoda runs with PAGODA_KERNELS_INT8=avx2.
+#
+# --repeat N measures the pair N times in turn (llama-server, pagoda, llama-server, …),
+# each into --out/runK, then prints every run's ratios and their median per row: on a
+# noisy machine one run says little (llama.cpp swings by ±10-30 % between runs).
 #
 # Environment: PAGODA_CACHE (cache root), LLAMA_CPP_PYTHON_VERSION (default below),
 # PAGODA_THREADS (llama-server -t, default: nproc), PAGODA_MODEL (default: the model that
@@ -45,6 +49,7 @@ nats=1
 build_only=0
 wait_idle=0
 cpu=native
+repeat=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --sweep) sweep="$2"; shift 2 ;;
@@ -56,12 +61,15 @@ while [ $# -gt 0 ]; do
     --build-only) build_only=1; shift ;;
     --wait-idle) wait_idle="$2"; shift 2 ;;
     --cpu) cpu="$2"; shift 2 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    --repeat) repeat="$2"; shift 2 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 say() { echo "compare_llamacpp: $*" >&2; }
+
+case "$repeat" in ''|*[!0-9]*|0) say "error: --repeat takes a positive integer, got $repeat"; exit 2 ;; esac
 
 case "$cpu" in
   native) isa_flags=(-DGGML_NATIVE=ON) ;;
@@ -210,27 +218,6 @@ check_quiet() {
 }
 
 # ---------------------------------------------------------------------------------------
-# 3. llama-server, alone on the machine
-port=$(free_port)
-say "starting llama-server on 127.0.0.1:$port: -np $max_c --cont-batching -t $threads -c $ctx"
-"$server" -m "$model" -np "$max_c" --cont-batching -t "$threads" -c "$ctx" \
-  --host 127.0.0.1 --port "$port" >"$out/llama-server.log" 2>&1 &
-llama_pid=$!
-pids+=("$llama_pid")
-for _ in $(seq 1 240); do
-  http_ok "http://127.0.0.1:$port/health" && break
-  kill -0 "$llama_pid" 2>/dev/null || { say "error: llama-server exited; see $out/llama-server.log"; tail -20 "$out/llama-server.log" >&2; exit 1; }
-  sleep 0.5
-done
-http_ok "http://127.0.0.1:$port/health" || { say "error: llama-server not healthy after 120 s"; exit 1; }
-
-check_quiet "llama-server"
-say "benchmarking llama-server"
-"$pagoda" bench --llama-server-url "http://127.0.0.1:$port" "${common[@]}" \
-  --save-result "$out/llama-server.json" | tee "$out/llama-server.txt"
-stop "$llama_pid"
-
-# ---------------------------------------------------------------------------------------
 # 4. pagoda, alone on the machine (in-process, and through NATS)
 targets=(--in-process)
 if [ "$nats" = 1 ]; then
@@ -249,10 +236,61 @@ if [ "$nats" = 1 ]; then
   fi
 fi
 
-check_quiet "pagoda"
-say "benchmarking pagoda (${targets[*]})"
-"$pagoda" bench "${targets[@]}" "${common[@]}" --baseline "$out/llama-server.json" \
-  --save-result "$out/pagoda.json" --plot "$out/compare.png" | tee "$out/pagoda.txt"
+# ---------------------------------------------------------------------------------------
+# 3 and 4, --repeat times: llama-server alone on the machine, then pagoda alone.
+measure() {
+  local run_out=$1
+  mkdir -p "$run_out"
+  port=$(free_port)
+  say "starting llama-server on 127.0.0.1:$port: -np $max_c --cont-batching -t $threads -c $ctx"
+  "$server" -m "$model" -np "$max_c" --cont-batching -t "$threads" -c "$ctx" \
+    --host 127.0.0.1 --port "$port" >"$run_out/llama-server.log" 2>&1 &
+  llama_pid=$!
+  pids+=("$llama_pid")
+  for _ in $(seq 1 240); do
+    http_ok "http://127.0.0.1:$port/health" && break
+    kill -0 "$llama_pid" 2>/dev/null || { say "error: llama-server exited; see $run_out/llama-server.log"; tail -20 "$run_out/llama-server.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  http_ok "http://127.0.0.1:$port/health" || { say "error: llama-server not healthy after 120 s"; exit 1; }
+
+  check_quiet "llama-server"
+  say "benchmarking llama-server"
+  "$pagoda" bench --llama-server-url "http://127.0.0.1:$port" "${common[@]}" \
+    --save-result "$run_out/llama-server.json" | tee "$run_out/llama-server.txt"
+  stop "$llama_pid"
+
+  check_quiet "pagoda"
+  say "benchmarking pagoda (${targets[*]})"
+  "$pagoda" bench "${targets[@]}" "${common[@]}" --baseline "$run_out/llama-server.json" \
+    --save-result "$run_out/pagoda.json" --plot "$run_out/compare.png" | tee "$run_out/pagoda.txt"
+}
+
+if [ "$repeat" = 1 ]; then
+  measure "$out"
+else
+  for rep in $(seq 1 "$repeat"); do
+    say "run $rep of $repeat"
+    measure "$out/run$rep"
+  done
+  # Every run's ratio rows (concurrency, target, ratio), then the median of each row.
+  echo "========== pagoda / llama-server over $repeat runs (output tok/s ratio) =========="
+  for rep in $(seq 1 "$repeat"); do
+    awk -v rep="$rep" '/pagoda \/ llama.cpp/ {on = 1; next} on && $1 ~ /^[0-9]+$/ {print rep, $1, $2, $5}' \
+      "$out/run$rep/pagoda.txt"
+  done | sort -k2,2n -k3,3 -k1,1n | awk '
+    function flush(   i, j, x) {
+      for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+      if (n) { m = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+        printf "%11s  %-10s  %s  median %.2fx\n", c, t, list, m } n = 0; list = "" }
+    { key = $2 " " $3; if (key != last) { flush(); last = key; c = $2; t = $3 }
+      r = $4; sub(/x$/, "", r); v[++n] = r + 0; list = list (list == "" ? "" : " ") $4 }
+    END { flush() }'
+fi
 
 say "llama-server: $("$server" --version 2>&1 | grep -m1 -i version || true) (llama-cpp-python $version)"
-say "results: $out/pagoda.json (all rows), $out/compare.png, logs in $out"
+if [ "$repeat" = 1 ]; then
+  say "results: $out/pagoda.json (all rows), $out/compare.png, logs in $out"
+else
+  say "results: $out/run1 … $out/run$repeat (pagoda.json with all rows, compare.png, logs)"
+fi
