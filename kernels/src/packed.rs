@@ -250,6 +250,29 @@ pub(crate) struct BlockOut<'a> {
     pub xs: &'a mut [f32],
 }
 
+impl<'a> BlockOut<'a> {
+    /// The first `blocks` blocks and the rest (`q2` is empty, and stays so, with one
+    /// plane).
+    fn split_at(self, blocks: usize) -> (Self, Self) {
+        let w = blocks * BLOCK_WEIGHTS;
+        let (q, qr) = self.q.split_at_mut(w);
+        let (q2, q2r) = self.q2.split_at_mut(w.min(self.q2.len()));
+        let (d, dr) = self.d.split_at_mut(blocks);
+        let (sq, sqr) = self.sq.split_at_mut(blocks);
+        let (xs, xsr) = self.xs.split_at_mut(blocks);
+        (
+            Self { q, q2, d, sq, xs },
+            Self {
+                q: qr,
+                q2: q2r,
+                d: dr,
+                sq: sqr,
+                xs: xsr,
+            },
+        )
+    }
+}
+
 /// Blocks per part when quantizing is split across the kernel pool (a prefill step
 /// quantizes hundreds of thousands of activations per matmul, a 32-sequence decode step
 /// tens of thousands).
@@ -262,38 +285,13 @@ fn quantize_split(x: &[f32], out: BlockOut<'_>, precise: bool) {
     if blocks >= 2 * SPLIT_BLOCKS && threads > 1 {
         let per = blocks.div_ceil((blocks / SPLIT_BLOCKS).min(threads * 4));
         let mut parts = Vec::with_capacity(blocks.div_ceil(per));
-        let BlockOut {
-            mut q,
-            mut q2,
-            mut d,
-            mut sq,
-            mut xs,
-        } = out;
-        let mut x = x;
-        while !d.is_empty() {
-            let b = per.min(d.len());
-            let w = b * BLOCK_WEIGHTS;
-            let (xa, xr) = x.split_at(w);
-            let (qa, qr) = q.split_at_mut(w);
-            let (q2a, q2r) = if precise {
-                q2.split_at_mut(w)
-            } else {
-                (&mut [][..], &mut [][..])
-            };
-            let (da, dr) = d.split_at_mut(b);
-            let (sa, sr) = sq.split_at_mut(b);
-            let (xsa, xsr) = xs.split_at_mut(b);
-            parts.push((
-                xa,
-                BlockOut {
-                    q: qa,
-                    q2: q2a,
-                    d: da,
-                    sq: sa,
-                    xs: xsa,
-                },
-            ));
-            (x, q, q2, d, sq, xs) = (xr, qr, q2r, dr, sr, xsr);
+        let (mut x, mut out) = (x, out);
+        while !out.d.is_empty() {
+            let b = per.min(out.d.len());
+            let (xa, xr) = x.split_at(b * BLOCK_WEIGHTS);
+            let (a, rest) = out.split_at(b);
+            parts.push((xa, a));
+            (x, out) = (xr, rest);
         }
         crate::pool::for_each(parts, |(x, out)| quantize_part(x, out, precise));
         return;

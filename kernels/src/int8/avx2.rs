@@ -11,6 +11,7 @@
 //! per four rows — half the instructions, the same exact integer sum.
 
 use std::arch::x86_64::*;
+#[cfg(test)]
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::tile::{self, Dot};
@@ -30,9 +31,6 @@ pub(super) fn available() -> bool {
 
 struct Avx2;
 
-/// Tokens per tile with two activation planes ([`precise_tile`]); 0: by CPU vendor.
-static PRECISE_TILE: AtomicUsize = AtomicUsize::new(0);
-
 /// Tokens per precise tile. The best width depends on the core, not the instruction set:
 /// on an AMD Zen 4 (AVX2 forced) 4 tokens ran the model's Q4_1 matrices 4–5 % faster
 /// than 2 at 8 and 32 tokens, while on an Intel Xeon (Sapphire Rapids class) 3 or 4 were
@@ -40,17 +38,22 @@ static PRECISE_TILE: AtomicUsize = AtomicUsize::new(0);
 pub(super) fn precise_tile() -> usize {
     use std::sync::OnceLock;
     static BY_VENDOR: OnceLock<usize> = OnceLock::new();
-    match PRECISE_TILE.load(Ordering::Relaxed) {
-        0 => *BY_VENDOR.get_or_init(|| if amd() { 4 } else { 2 }),
-        t => t,
+    #[cfg(test)]
+    if let t @ 1.. = FORCED_TILE.load(Ordering::Relaxed) {
+        return t;
     }
+    *BY_VENDOR.get_or_init(|| if amd() { 4 } else { 2 })
 }
+
+/// A width forced by the tests (0: none).
+#[cfg(test)]
+static FORCED_TILE: AtomicUsize = AtomicUsize::new(0);
 
 /// Forces the precise tile width (1..=8; 0 goes back to the vendor's), so tests cover
 /// every width on any CPU. Any width computes the same sums.
 #[cfg(test)]
 pub(crate) fn force_precise_tile(tokens: usize) {
-    PRECISE_TILE.store(tokens.min(8), Ordering::Relaxed);
+    FORCED_TILE.store(tokens.min(8), Ordering::Relaxed);
 }
 
 /// Whether the CPU's vendor string is AMD's.
