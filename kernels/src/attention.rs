@@ -476,6 +476,12 @@ pub(crate) trait VecOps {
     /// # Safety
     /// As for `scores`.
     unsafe fn scale(y: &mut [f32], a: f32);
+
+    /// A hint that `count` rows of `hd` elements, `stride` apart from `rows`, are read
+    /// soon (the next KV block: paged, so the hardware prefetchers cannot guess it). It
+    /// only warms the cache: any address is allowed, none is dereferenced.
+    #[inline(always)]
+    fn prefetch_rows<E>(_rows: *const E, _count: usize, _stride: usize, _hd: usize) {}
 }
 
 /// Portable vector primitives.
@@ -586,8 +592,17 @@ pub(crate) unsafe fn attend_group<O: VecOps, E: KvElem>(
     run_max.fill(f32::NEG_INFINITY);
     out.fill(0.0);
 
-    for bi in job.first_key / bs..job.n_keys.div_ceil(bs) {
+    let last_block = job.n_keys.div_ceil(bs);
+    for bi in job.first_key / bs..last_block {
         let block = job.block_table[bi] as usize;
+        if bi + 1 < last_block {
+            // The next block's rows for this KV head load while this one computes.
+            let next = job.block_table[bi + 1] as usize;
+            let rows = bs.min(job.n_keys - (bi + 1) * bs);
+            let at = next * bs * stride + job.kv_head * hd;
+            O::prefetch_rows(job.k_cache.as_ptr().wrapping_add(at), rows, stride, hd);
+            O::prefetch_rows(job.v_cache.as_ptr().wrapping_add(at), rows, stride, hd);
+        }
         // The window may start inside this block.
         let lo = job.first_key.saturating_sub(bi * bs);
         let count = bs.min(job.n_keys - bi * bs) - lo;

@@ -635,6 +635,26 @@ impl VecOps for Avx2Ops {
             *v *= a;
         }
     }
+
+    #[inline(always)]
+    fn prefetch_rows<E>(rows: *const E, count: usize, stride: usize, hd: usize) {
+        let bytes = hd * std::mem::size_of::<E>();
+        if bytes == 0 {
+            return;
+        }
+        for j in 0..count {
+            let row = rows.wrapping_add(j * stride) as *const i8;
+            let mut at = 0;
+            while at < bytes {
+                // SAFETY: a prefetch never faults, whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at)) };
+                at += 64;
+            }
+            // The row's last line, when it does not start on a line.
+            // SAFETY: as above.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(bytes - 1)) };
+        }
+    }
 }
 
 /// Scores of `G` query heads (`q`: `G × hd`, `out`: head `h` at `h · bs`) against key
