@@ -218,7 +218,7 @@ check_quiet() {
 }
 
 # ---------------------------------------------------------------------------------------
-# 4. pagoda, alone on the machine (in-process, and through NATS)
+# 3. what pagoda is measured as: in-process, and (unless --no-nats) through NATS
 targets=(--in-process)
 if [ "$nats" = 1 ]; then
   if nats_bin=$("$root/scripts/nats-server.sh"); then
@@ -237,7 +237,7 @@ if [ "$nats" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------------------------------
-# 3 and 4, --repeat times: llama-server alone on the machine, then pagoda alone.
+# 4. --repeat times: llama-server alone on the machine, then pagoda alone.
 measure() {
   local run_out=$1
   mkdir -p "$run_out"
