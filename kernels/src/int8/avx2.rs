@@ -57,7 +57,7 @@ pub(crate) fn force_precise_tile(tokens: usize) {
 }
 
 /// Whether the CPU's vendor string is AMD's.
-fn amd() -> bool {
+pub(super) fn amd() -> bool {
     let r = __cpuid(0);
     let mut vendor = [0u8; 12];
     for (i, reg) in [r.ebx, r.edx, r.ecx].into_iter().enumerate() {

@@ -12,7 +12,8 @@
 //! that multiplies four u8 weights by four i8 activations into an i32 lane ([`tile::Dot`]).
 //!
 //! `PAGODA_KERNELS_INT8` picks the level: unset or `auto` takes the best this CPU has
-//! ([`Int8Level::PREFERENCE`]: AVX-VNNI, then AVX-512 VNNI, then AVX2; none — the ggml
+//! ([`Int8Level::preference`]: AVX-VNNI, then AVX-512 VNNI, then AVX2 — the two VNNI
+//! levels the other way round on AMD; none — the ggml
 //! layout with f32 activations — on a CPU without AVX2/FMA/F16C or with
 //! `PAGODA_KERNELS_SCALAR=1`); `off` (or `0`) keeps the ggml layout; `portable`, `avx2`,
 //! `avx_vnni`, `avx512_vnni` force one, so a machine with a higher level measures and
@@ -88,19 +89,31 @@ impl Int8Level {
         }
     }
 
-    /// The SIMD levels `auto` picks from, best first. AVX-VNNI comes before AVX-512 VNNI:
-    /// on the Intel Xeons measured with both (docs/performance.md) the VEX kernel was
-    /// ahead at every batch size end to end (+5–17 % on the default model).
-    pub const PREFERENCE: [Int8Level; 3] =
-        [Int8Level::AvxVnni, Int8Level::Avx512Vnni, Int8Level::Avx2];
+    /// The SIMD levels `auto` picks from on this CPU's vendor, best first. Where a CPU has
+    /// both VNNI forms (docs/performance.md): on the Intel Xeons measured, the VEX kernel
+    /// (AVX-VNNI) was ahead at every batch size end to end (+5–17 % on the default model);
+    /// on an AMD Zen 5, with a full-width AVX-512 unit, the EVEX kernel was (+10–36 % at
+    /// one stream, level or ahead at 32).
+    pub fn preference() -> [Int8Level; 3] {
+        Self::preference_for(cpu_is_amd())
+    }
 
-    /// The best SIMD level this CPU runs ([`Int8Level::PREFERENCE`]), or `Off` (also when
+    /// [`Self::preference`] on an AMD CPU (`amd`) or any other.
+    pub fn preference_for(amd: bool) -> [Int8Level; 3] {
+        if amd {
+            [Int8Level::Avx512Vnni, Int8Level::AvxVnni, Int8Level::Avx2]
+        } else {
+            [Int8Level::AvxVnni, Int8Level::Avx512Vnni, Int8Level::Avx2]
+        }
+    }
+
+    /// The best SIMD level this CPU runs ([`Int8Level::preference`]), or `Off` (also when
     /// the portable kernels are forced with `PAGODA_KERNELS_SCALAR=1`).
     pub fn best() -> Int8Level {
         if crate::simd::level() == crate::simd::Level::Scalar {
             return Int8Level::Off;
         }
-        Self::PREFERENCE
+        Self::preference()
             .into_iter()
             .find(|l| l.supported())
             .unwrap_or(Int8Level::Off)
@@ -112,6 +125,19 @@ impl Int8Level {
             .into_iter()
             .filter(|l| *l != Int8Level::Off && l.supported())
             .collect()
+    }
+}
+
+/// Whether the CPU's vendor is AMD (the kernels' choices that depend on the
+/// microarchitecture go by vendor).
+pub(crate) fn cpu_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::amd()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 

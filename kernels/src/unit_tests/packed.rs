@@ -341,16 +341,28 @@ fn int8_levels_are_detected_and_forced() {
     let e = parse_setting(Some("avx9")).unwrap_err();
     assert!(e.contains("avx9") && e.contains("avx512_vnni"), "{e}");
     assert!(Int8Level::best() == Int8Level::Off || have.contains(&Int8Level::best()));
-    // `auto` takes the first preferred level this CPU runs: AVX-VNNI before AVX-512 VNNI.
+    // `auto` takes the first preferred level this CPU runs: AVX-VNNI before AVX-512 VNNI,
+    // except on AMD.
     if crate::simd::level() != crate::simd::Level::Scalar {
-        let first = Int8Level::PREFERENCE
+        let first = Int8Level::preference()
             .into_iter()
             .find(|l| have.contains(l))
             .unwrap_or(Int8Level::Off);
         assert_eq!(Int8Level::best(), first);
-        if have.contains(&Int8Level::AvxVnni) {
+        let amd = crate::int8::cpu_is_amd();
+        if have.contains(&Int8Level::AvxVnni) && !(amd && have.contains(&Int8Level::Avx512Vnni)) {
             assert_eq!(Int8Level::best(), Int8Level::AvxVnni);
         }
+        if amd && have.contains(&Int8Level::Avx512Vnni) {
+            assert_eq!(Int8Level::best(), Int8Level::Avx512Vnni);
+        }
+    }
+    // Both orders hold every SIMD level once, AVX2 last.
+    for amd in [false, true] {
+        let order = Int8Level::preference_for(amd);
+        assert_eq!(order[2], Int8Level::Avx2);
+        assert!(order.contains(&Int8Level::AvxVnni) && order.contains(&Int8Level::Avx512Vnni));
+        assert_eq!(order[0] == Int8Level::Avx512Vnni, amd);
     }
 }
 
