@@ -42,7 +42,7 @@ pub(super) fn precise_tile() -> usize {
     if let t @ 1.. = FORCED_TILE.load(Ordering::Relaxed) {
         return t;
     }
-    *BY_VENDOR.get_or_init(|| if amd() { 4 } else { 2 })
+    *BY_VENDOR.get_or_init(|| if super::cpu_is_amd() { 4 } else { 2 })
 }
 
 /// A width forced by the tests (0: none).
@@ -54,16 +54,6 @@ static FORCED_TILE: AtomicUsize = AtomicUsize::new(0);
 #[cfg(test)]
 pub(crate) fn force_precise_tile(tokens: usize) {
     FORCED_TILE.store(tokens.min(8), Ordering::Relaxed);
-}
-
-/// Whether the CPU's vendor string is AMD's.
-pub(super) fn amd() -> bool {
-    let r = __cpuid(0);
-    let mut vendor = [0u8; 12];
-    for (i, reg) in [r.ebx, r.edx, r.ecx].into_iter().enumerate() {
-        vendor[4 * i..4 * i + 4].copy_from_slice(&reg.to_le_bytes());
-    }
-    &vendor == b"AuthenticAMD"
 }
 
 impl Dot for Avx2 {

@@ -128,12 +128,17 @@ impl Int8Level {
     }
 }
 
-/// Whether the CPU's vendor is AMD (the kernels' choices that depend on the
+/// Whether the CPU's vendor string is AMD's (the kernels' choices that depend on the
 /// microarchitecture go by vendor).
 pub(crate) fn cpu_is_amd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        avx2::amd()
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut vendor = [0u8; 12];
+        for (i, reg) in [r.ebx, r.edx, r.ecx].into_iter().enumerate() {
+            vendor[4 * i..4 * i + 4].copy_from_slice(&reg.to_le_bytes());
+        }
+        &vendor == b"AuthenticAMD"
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
