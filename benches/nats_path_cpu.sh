@@ -37,13 +37,10 @@ done
 say() { echo "nats_path_cpu: $*" >&2; }
 
 cd "$root"
-./scripts/fetch-model.sh >/dev/null
-nats_bin=$(./scripts/nats-server.sh)
-cargo build --release --quiet
-bin="${CARGO_TARGET_DIR:-$root/target}/release/pagoda"
+# shellcheck source=benches/common.sh
+. benches/common.sh
+bench_prepare
 mkdir -p "$out"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-url="nats://127.0.0.1:$port"
 # shellcheck disable=SC2086 # NATS_ENV etc. are lists of K=V words
 env ${NATS_ENV:-} "$nats_bin" -a 127.0.0.1 -p "$port" >"$out/nats.log" 2>&1 &
 nats_pid=$!
@@ -60,12 +57,7 @@ export PAGODA_CACHE__ENABLE_PREFIX_CACHING=false PAGODA_LOG__STATS_INTERVAL_S=0
 env ${SERVE_ENV:-} RUST_LOG=info "$bin" serve --nats-url "$url" --metrics-listen "" \
   >"$out/serve.log" 2>&1 &
 serve_pid=$!
-for _ in $(seq 1 600); do
-  grep -q "serving" "$out/serve.log" && break
-  kill -0 "$serve_pid" 2>/dev/null || { say "pagoda serve exited (see $out/serve.log)"; exit 1; }
-  sleep 0.1
-done
-grep -q "serving" "$out/serve.log" || { say "pagoda serve did not start in 60 s"; exit 1; }
+wait_ready "$out/serve.log" "serving" "$serve_pid"
 
 # thread name, on-CPU ns, context switches: one line per name (threads of one name summed)
 snap() {

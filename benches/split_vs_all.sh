@@ -34,13 +34,10 @@ done
 say() { echo "split_vs_all: $*" >&2; }
 
 cd "$root"
-./scripts/fetch-model.sh >/dev/null
-nats_bin=$(./scripts/nats-server.sh)
-cargo build --release --quiet
-bin="${CARGO_TARGET_DIR:-$root/target}/release/pagoda"
+# shellcheck source=benches/common.sh
+. benches/common.sh
+bench_prepare
 mkdir -p "$out"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-url="nats://127.0.0.1:$port"
 "$nats_bin" -a 127.0.0.1 -p "$port" >"$out/nats.log" 2>&1 &
 nats_pid=$!
 pids=()
@@ -62,10 +59,6 @@ serve() { # name, role
 stop_all() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   pids=()
-}
-wait_ready() { # log file, needle
-  for _ in $(seq 1 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  say "timed out waiting for '$2' in $1"; cat "$1" >&2; exit 1
 }
 bench() { # label
   "$bin" bench --nats-url "$url" --sweep "$sweep" --input-len "$input_len" \
