@@ -43,6 +43,9 @@ pub struct SchedulerActor {
     policy: SchedulerPolicy,
     links: SchedulerLinks,
     in_flight: bool,
+    /// A kick came while a step was in flight: whatever asked for it (a new sequence, a
+    /// finish) is not in that step's plan, so the step's end must plan again.
+    kick_missed: bool,
     /// StepTokens sent and not yet handled by their receiver.
     token_messages_in_flight: usize,
     /// Sequences that ended since the last batch: the executor drops their state.
@@ -71,6 +74,7 @@ impl SchedulerActor {
             policy,
             links,
             in_flight: false,
+            kick_missed: false,
             token_messages_in_flight: 0,
             released: Vec::new(),
             queued_at: HashMap::new(),
@@ -105,9 +109,11 @@ impl SchedulerActor {
     /// Starts a step unless one is running, the token path is backed up, or there is
     /// nothing to do.
     fn kick(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight
-            || self.token_messages_in_flight >= MAX_TOKEN_MESSAGES_IN_FLIGHT
-            || !self.policy.has_work()
+        if self.in_flight {
+            self.kick_missed = true;
+            return;
+        }
+        if self.token_messages_in_flight >= MAX_TOKEN_MESSAGES_IN_FLIGHT || !self.policy.has_work()
         {
             return;
         }
@@ -119,6 +125,7 @@ impl SchedulerActor {
             }
         };
         self.in_flight = true;
+        self.kick_missed = false;
         self.step_started = Some(Instant::now());
         self.links
             .block_manager
@@ -135,19 +142,20 @@ impl SchedulerActor {
     ) {
         let resp = match res {
             Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return self.fail_step(format!("block manager: {e}")),
-            Err(e) => return self.fail_step(format!("block manager unreachable: {e}")),
+            Ok(Err(e)) => return self.fail_step(format!("block manager: {e}"), ctx),
+            Err(e) => return self.fail_step(format!("block manager unreachable: {e}"), ctx),
         };
         let batch = match self.policy.commit(resp) {
             Ok(b) => b,
-            Err(e) => return self.fail_step(format!("commit: {e}")),
+            Err(e) => return self.fail_step(format!("commit: {e}"), ctx),
         };
         if batch.is_empty() {
             self.in_flight = false;
             self.record_stats();
             // Nothing runnable (e.g. only frees were sent): don't spin on waiting
-            // sequences that cannot be admitted until something else changes.
-            if self.policy.num_running() > 0 {
+            // sequences that cannot be admitted until something else changes — but a
+            // sequence that arrived during this round trip was not in its plan.
+            if self.policy.num_running() > 0 || self.kick_missed {
                 self.kick(ctx);
             }
             return;
@@ -281,11 +289,15 @@ impl SchedulerActor {
         }
     }
 
-    /// The block manager round trip failed: nothing ran; try again on the next message.
-    fn fail_step(&mut self, error: String) {
+    /// The block manager round trip failed: nothing ran; try again on the next message, or
+    /// at once if one came during the round trip.
+    fn fail_step(&mut self, error: String, ctx: &mut Context<Self>) {
         tracing::error!(%error, "engine step failed");
         self.policy.cancel_step();
         self.in_flight = false;
+        if self.kick_missed {
+            self.kick(ctx);
+        }
     }
 
     /// The executor failed on a whole batch: its sequences end with `internal`, the engine
@@ -363,5 +375,179 @@ impl Handler<GetSchedulerStats> for SchedulerActor {
     type Result = MessageResult<GetSchedulerStats>;
     fn handle(&mut self, _: GetSchedulerStats, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.policy.stats())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_manager::{BlockManager, BlockManagerConfig};
+    use crate::messages::{BlockError, SampledToken, SamplingParams, StepResponse, TokenId};
+    use crate::scheduler::SchedulerLimits;
+    use crate::supervisor::Supervisor;
+    use std::time::Duration;
+    use tokio::sync::{mpsc, oneshot};
+
+    const EOS: TokenId = 0;
+    const TOK: TokenId = 7;
+
+    /// The real block manager, except that its answer to a step that schedules nothing
+    /// (frees only) waits until the test lets it go.
+    struct GatedBlocks {
+        bm: BlockManager,
+        held: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    }
+
+    impl Actor for GatedBlocks {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<StepRequest> for GatedBlocks {
+        type Result = ResponseFuture<Result<StepResponse, BlockError>>;
+        fn handle(&mut self, req: StepRequest, _: &mut Context<Self>) -> Self::Result {
+            let frees_only = req.grow.is_empty() && req.admit.is_empty() && req.fork.is_empty();
+            let res = self.bm.apply(req);
+            if !frees_only {
+                return Box::pin(async move { res });
+            }
+            let (release, wait) = oneshot::channel();
+            self.held
+                .send(release)
+                .expect("the test holds the receiver");
+            Box::pin(async move {
+                // Err: the test ended with this step still held; nothing waits for it.
+                wait.await.ok();
+                res
+            })
+        }
+    }
+
+    /// Samples `TOK` for every sequence that samples.
+    struct Executor;
+
+    impl Actor for Executor {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<RunBatch> for Executor {
+        type Result = Result<StepOutput, String>;
+        fn handle(&mut self, msg: RunBatch, _: &mut Context<Self>) -> Self::Result {
+            Ok(StepOutput {
+                sampled: msg
+                    .batch
+                    .seqs
+                    .iter()
+                    .filter(|s| s.sample)
+                    .map(|s| SampledToken::new(s.seq_id, TOK))
+                    .collect(),
+                failed: Vec::new(),
+            })
+        }
+    }
+
+    /// Passes every step's tokens and stream ends to the test.
+    struct Sink(mpsc::UnboundedSender<SeqOutput>);
+
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<StepTokens> for Sink {
+        type Result = ();
+        fn handle(&mut self, msg: StepTokens, _: &mut Context<Self>) {
+            for o in msg.outputs {
+                self.0.send(o).expect("the test holds the receiver");
+            }
+        }
+    }
+
+    impl Handler<StreamEnd> for Sink {
+        type Result = ();
+        fn handle(&mut self, msg: StreamEnd, _: &mut Context<Self>) {
+            panic!("no stream should end without a token here: {msg:?}");
+        }
+    }
+
+    /// The next item of `rx`, which must come within 5 s.
+    async fn within<T>(what: &str, rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within 5 s"))
+            .unwrap_or_else(|| panic!("the channel of {what} closed"))
+    }
+
+    fn add(seq_id: SeqId, max_tokens: u32) -> AddSequence {
+        AddSequence {
+            seq_id,
+            prompt: vec![TOK; 4],
+            params: SamplingParams {
+                max_tokens,
+                ..SamplingParams::default()
+            },
+            forks: Vec::new(),
+        }
+    }
+
+    /// A sequence added while the step that frees the previous one's blocks is at the
+    /// block manager is not in that step's plan; the engine must still run it, without
+    /// waiting for another message (seen in split placement: a client's next request,
+    /// sent the moment its previous one ended, waited until the request after it came).
+    #[test]
+    fn a_sequence_added_during_a_frees_only_step_is_scheduled() {
+        System::new().block_on(async {
+            let supervisor = Supervisor::new(None);
+            let cache = BlockManagerConfig::new(64, 16, false);
+            let limits = SchedulerLimits {
+                max_num_seqs: 4,
+                max_num_batched_tokens: 256,
+                max_model_len: 512,
+            };
+            let policy = SchedulerPolicy::new(limits, cache.clone(), vec![EOS]).expect("config");
+            let (held_tx, mut held) = mpsc::unbounded_channel();
+            let blocks = GatedBlocks {
+                bm: BlockManager::new(cache).expect("config"),
+                held: held_tx,
+            }
+            .start();
+            let (out_tx, mut outputs) = mpsc::unbounded_channel();
+            let sink = Sink(out_tx).start();
+            let scheduler = SchedulerActor::new(
+                policy,
+                SchedulerLinks {
+                    block_manager: blocks.recipient(),
+                    executor: Executor.start().recipient(),
+                    tokens: sink.clone().recipient(),
+                    ends: sink.recipient(),
+                },
+                Arc::new(EngineLoad::new(64)),
+                supervisor.guard("scheduler"),
+            )
+            .start();
+
+            // Sequence 1 runs one token and ends; the step that frees its blocks is held.
+            scheduler
+                .send(add(1, 1))
+                .await
+                .expect("mailbox")
+                .expect("added");
+            let out = within("sequence 1's token", &mut outputs).await;
+            assert_eq!((out.seq_id, out.finish_reason.is_some()), (1, true));
+            let release = within("the frees-only step", &mut held).await;
+
+            // Sequence 2 arrives while that step is in flight; then the step comes back.
+            scheduler
+                .send(add(2, 2))
+                .await
+                .expect("mailbox")
+                .expect("added");
+            release.send(()).expect("the step waits");
+
+            let mut tokens = 0;
+            while tokens < 2 {
+                let out = within("sequence 2's tokens", &mut outputs).await;
+                assert_eq!(out.seq_id, 2);
+                tokens += 1;
+            }
+        });
     }
 }
