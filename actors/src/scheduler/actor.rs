@@ -106,8 +106,8 @@ impl SchedulerActor {
         }
     }
 
-    /// Starts a step unless one is running, the token path is backed up, or there is
-    /// nothing to do.
+    /// Starts a step unless one is running (its end then plans again), the token path is
+    /// backed up (the delivery's answer kicks), or there is nothing to do.
     fn kick(&mut self, ctx: &mut Context<Self>) {
         if self.in_flight {
             self.kick_missed = true;
